@@ -1,0 +1,23 @@
+# `make test` and `make demo` do all the set-up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test install
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first: on the dev/CI machines torch==2.13.0 resolves to a local CPU wheel
+# (a plain `torch` would pull a multi-GB CUDA build); on a user's Linux box it is the usual build.
+$(STAMP): $(BIN)/python setup.py
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests

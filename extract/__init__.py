@@ -1,0 +1,1 @@
+"""Running the frozen backbone once: feature/attention capture, batching, `refseg-extract`."""
