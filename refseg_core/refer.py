@@ -1,0 +1,426 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg reader, in the manner of the `refer` API (DESIGN §3).
+
+Layout::
+
+    <data_root>/<dataset>/refs(<split_by>).p    pickled list of refs (read with `safe_pickle`)
+    <data_root>/<dataset>/instances.json        COCO images + annotations of those refs
+    images: image_root, else <data_root>/<dataset>/images/ if it exists (the synthetic set),
+            else <data_root>/images/mscoco/images/train2014/
+
+One sample is one sentence of one ref. Image file names come from instances.json; the ref's own
+`file_name` (``COCO_train2014_..._<ann_id>.jpg``) names no real file and is ignored.
+
+Masks follow `refer.getMask` + LAVT/VPD: each polygon of the annotation is rasterised by
+pycocotools at the original size, the per-polygon masks are summed and pixels equal to 1 are the
+object (rule ``vpd``), so where two polygons of one annotation overlap the pixels are background.
+Rule ``union`` keeps any pixel covered by a polygon. Crowd annotations are RLE (counts a list =
+uncompressed, or a string = compressed) and give the same mask under both rules.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from refseg_core.errors import DataError, RefsegError
+from refseg_core.safe_pickle import safe_load
+
+MASK_RULES = ("vpd", "union")
+TEXT_FIELDS = ("sent", "raw")
+# Order used when listing splits; anything else follows alphabetically.
+_SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sentence of one ref: the unit of extraction and evaluation."""
+
+    sent_id: int
+    ref_id: int
+    ann_id: int
+    image_id: int
+    image_path: Path
+    sentence: str
+    category_id: int
+
+
+def decode_rle(rle):
+    """`pycocotools.mask.decode`, without the NumPy 2 DeprecationWarning it emits on every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
+def _rle_string_counts(counts: str | bytes) -> list[int] | None:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString), None if corrupt.
+
+    Each run is a little-endian series of 5-bit groups stored as chr(48 + group), bit 0x20 meaning
+    "more groups follow" and 0x10 in the last group the sign; from the third run on, a run is stored
+    as the difference to the run two places before it.
+    """
+    try:
+        data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    except UnicodeEncodeError:
+        return None
+    runs: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                return None  # the string ends inside a number
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _split_sort_key(name: str):
+    return (_SPLIT_ORDER.index(name), "") if name in _SPLIT_ORDER else (len(_SPLIT_ORDER), name)
+
+
+class ReferDataset:
+    """The refs of one dataset/split_by, their COCO annotations and image locations.
+
+    ``ReferDataset(data_root, "refcoco", "unc").samples("testA")`` gives one `Sample` per sentence;
+    ``.mask(ref_id)`` gives the ground truth as a bool (H, W) array at the image's original size.
+    Everything is read and checked on construction, so a malformed file fails here, naming itself.
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        dataset: str,
+        split_by: str = "unc",
+        image_root: str | Path | None = None,
+        text_field: str = "sent",
+    ):
+        if text_field not in TEXT_FIELDS:
+            raise RefsegError(f"unknown text field {text_field!r}; choose one of: {', '.join(TEXT_FIELDS)}")
+        self.data_root = Path(data_root)
+        self.dataset = dataset
+        self.split_by = split_by
+        self.text_field = text_field
+
+        if not self.data_root.is_dir():
+            raise DataError(f"data root not found: {self.data_root}")
+        self.dataset_dir = self.data_root / dataset
+        if not self.dataset_dir.is_dir():
+            present = sorted(p.name for p in self.data_root.iterdir() if p.is_dir())
+            raise DataError(
+                f"dataset folder not found: {self.dataset_dir} "
+                f"(folders in {self.data_root}: {', '.join(present) or 'none'})"
+            )
+        self.refs_path = self.dataset_dir / f"refs({split_by}).p"
+        self.instances_path = self.dataset_dir / "instances.json"
+        if not self.refs_path.is_file():
+            present = sorted(p.name for p in self.dataset_dir.glob("refs(*).p"))
+            raise DataError(
+                f"refs file not found: {self.refs_path} "
+                f"(refs files in {self.dataset_dir}: {', '.join(present) or 'none'})"
+            )
+        if not self.instances_path.is_file():
+            raise DataError(f"instances file not found: {self.instances_path}")
+
+        if image_root is not None:
+            self.image_root = Path(image_root)
+        elif (self.dataset_dir / "images").is_dir():
+            self.image_root = self.dataset_dir / "images"
+        else:
+            self.image_root = self.data_root / "images" / "mscoco" / "images" / "train2014"
+
+        self._images, self._anns, self._categories = self._read_instances()
+        self._refs = self._read_refs()
+        self._refs_by_id = {ref["ref_id"]: ref for ref in self._refs}
+
+    # ------------------------------------------------------------------ reading and checking
+
+    def _read_instances(self):
+        path = self.instances_path
+        try:
+            with open(path, "rb") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"malformed JSON in {path}: not UTF-8 text ({exc.reason})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"malformed {path}: expected a JSON object with 'images' and 'annotations'")
+        for key in ("images", "annotations"):
+            if not isinstance(data.get(key), list):
+                raise DataError(f"malformed {path}: '{key}' is missing or not a list")
+
+        images: dict[int, dict] = {}
+        for i, img in enumerate(data["images"]):
+            where = f"{path}: images[{i}]"
+            if not isinstance(img, dict):
+                raise DataError(f"malformed {where}: not an object")
+            for field, ok, kind in (
+                ("id", _is_int, "an integer"),
+                ("file_name", lambda v: isinstance(v, str) and v != "", "a file name"),
+                ("height", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                ("width", lambda v: _is_int(v) and v > 0, "a positive integer"),
+            ):
+                if field not in img:
+                    raise DataError(f"malformed {where}: field '{field}' is missing")
+                if not ok(img[field]):
+                    raise DataError(f"malformed {where}: field '{field}' must be {kind}, got {img[field]!r}")
+            images[img["id"]] = img
+
+        anns: dict[int, dict] = {}
+        for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+                raise DataError(f"malformed {path}: annotations[{i}] has no integer 'id'")
+            anns[ann["id"]] = ann
+
+        categories = {}
+        for cat in data.get("categories") or []:
+            if isinstance(cat, dict) and _is_int(cat.get("id")):
+                categories[cat["id"]] = cat
+        return images, anns, categories
+
+    def _read_refs(self) -> list[dict]:
+        path = self.refs_path
+        refs = safe_load(path)
+        if not isinstance(refs, list):
+            raise DataError(f"malformed refs file {path}: expected a list of refs, got {type(refs).__name__}")
+        seen_refs: set[int] = set()
+        seen_sents: set[int] = set()
+        for index, ref in enumerate(refs):
+            if not isinstance(ref, dict):
+                raise DataError(f"malformed refs file {path}: ref #{index} is a {type(ref).__name__}, not a dict")
+            name = f"ref #{index}" + (f" (ref_id {ref['ref_id']})" if _is_int(ref.get("ref_id")) else "")
+
+            def bad(field: str, expected: str) -> DataError:
+                if field not in ref:
+                    return DataError(f"malformed refs file {path}: {name} lacks field '{field}'")
+                return DataError(
+                    f"malformed refs file {path}: {name} field '{field}' must be {expected}, got {ref[field]!r:.60}"
+                )
+
+            for field in ("ref_id", "ann_id", "image_id", "category_id"):
+                if not _is_int(ref.get(field)):
+                    raise bad(field, "an integer")
+            if not isinstance(ref.get("split"), str) or not ref["split"]:
+                raise bad("split", "a split name")
+            if not isinstance(ref.get("sentences"), list) or not ref["sentences"]:
+                raise bad("sentences", "a non-empty list")
+            for j, sent in enumerate(ref["sentences"]):
+                if not isinstance(sent, dict):
+                    raise DataError(f"malformed refs file {path}: {name} sentence #{j} is not a dict")
+                if not _is_int(sent.get("sent_id")):
+                    raise DataError(f"malformed refs file {path}: {name} sentence #{j} has no integer 'sent_id'")
+                if not isinstance(sent.get(self.text_field), str):
+                    raise DataError(
+                        f"malformed refs file {path}: {name} sentence #{j} (sent_id {sent['sent_id']}) "
+                        f"has no text field '{self.text_field}'"
+                    )
+                if sent["sent_id"] in seen_sents:
+                    raise DataError(f"malformed refs file {path}: {name} repeats sent_id {sent['sent_id']}")
+                seen_sents.add(sent["sent_id"])
+
+            ref_id = ref["ref_id"]
+            if ref_id in seen_refs:
+                raise DataError(f"malformed refs file {path}: ref_id {ref_id} appears twice (ref #{index})")
+            seen_refs.add(ref_id)
+            if ref["image_id"] not in self._images:
+                raise DataError(
+                    f"{name} in {path} refers to image_id {ref['image_id']}, which {self.instances_path} lacks"
+                )
+            ann = self._anns.get(ref["ann_id"])
+            if ann is None:
+                raise DataError(
+                    f"{name} in {path} refers to ann_id {ref['ann_id']}, which {self.instances_path} lacks"
+                )
+            if ann.get("image_id") != ref["image_id"]:
+                raise DataError(
+                    f"{name} in {path}: annotation {ref['ann_id']} belongs to image {ann.get('image_id')!r}, "
+                    f"not to the ref's image {ref['image_id']}"
+                )
+            self._check_segmentation(ann)
+        return refs
+
+    def _check_segmentation(self, ann: dict) -> None:
+        """Reject segmentations pycocotools would misread (a 4-number polygon is taken for a box)."""
+        where = f"annotation {ann['id']} in {self.instances_path}"
+        seg = ann.get("segmentation")
+        img = self._images[ann["image_id"]]
+        if isinstance(seg, dict):
+            self._check_rle(seg, img, where)
+            return
+        if not isinstance(seg, list) or not seg:
+            raise DataError(f"{where}: 'segmentation' must be a list of polygons or an RLE, got {seg!r:.60}")
+        for k, part in enumerate(seg):
+            if isinstance(part, dict):
+                self._check_rle(part, img, f"{where} part #{k}")
+                continue
+            if not isinstance(part, list) or not all(_is_number(v) for v in part):
+                raise DataError(f"{where}: polygon #{k} is not a flat list of x, y numbers")
+            if len(part) % 2:
+                raise DataError(f"{where}: polygon #{k} has an odd number of coordinates ({len(part)})")
+            if len(part) < 6:
+                raise DataError(f"{where}: polygon #{k} has {len(part) // 2} points; a polygon needs at least 3")
+
+    @staticmethod
+    def _check_rle(rle: dict, img: dict, where: str) -> None:
+        size, counts = rle.get("size"), rle.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r:.40}")
+        if list(size) != [img["height"], img["width"]]:
+            raise DataError(
+                f"{where}: RLE size {size} differs from the image's {img['height']}x{img['width']}"
+            )
+        if isinstance(counts, (str, bytes)):
+            # pycocotools decodes a corrupt string into uninitialised memory rather than failing
+            counts = _rle_string_counts(counts)
+            if counts is None:
+                raise DataError(f"{where}: compressed RLE 'counts' string is corrupt")
+        elif not isinstance(counts, list):
+            raise DataError(f"{where}: RLE 'counts' must be a list or a string")
+        if not all(_is_int(v) and v >= 0 for v in counts) or sum(counts) != size[0] * size[1]:
+            raise DataError(f"{where}: RLE counts do not add up to height*width ({size[0]}x{size[1]})")
+
+    # ------------------------------------------------------------------ queries
+
+    def splits(self) -> dict[str, dict[str, int]]:
+        """Split name → {"refs", "sentences", "images"}, for the split names the refs file holds."""
+        stats: dict[str, dict] = {}
+        for ref in self._refs:
+            s = stats.setdefault(ref["split"], {"refs": 0, "sentences": 0, "images": set()})
+            s["refs"] += 1
+            s["sentences"] += len(ref["sentences"])
+            s["images"].add(ref["image_id"])
+        return {
+            name: {"refs": s["refs"], "sentences": s["sentences"], "images": len(s["images"])}
+            for name, s in sorted(stats.items(), key=lambda kv: _split_sort_key(kv[0]))
+        }
+
+    def available_splits(self) -> list[str]:
+        """Split names `samples` accepts: those in the file, plus `test` when testA/testB exist."""
+        names = list(self.splits())
+        if "test" not in names and any("test" in n for n in names):
+            names.append("test")
+        return sorted(names, key=_split_sort_key)
+
+    def refs(self, split: str) -> list[dict]:
+        """The refs of `split` (``test`` = every split whose name contains ``test``, as `refer` does)."""
+        if split == "test":
+            chosen = [r for r in self._refs if "test" in r["split"]]
+        else:
+            chosen = [r for r in self._refs if r["split"] == split]
+        if not chosen:
+            raise DataError(
+                f"unknown split {split!r} for {self.dataset} ({self.refs_path.name}); "
+                f"available: {', '.join(self.available_splits())}"
+            )
+        return chosen
+
+    def samples(self, split: str) -> list[Sample]:
+        """One `Sample` per sentence of every ref of `split`, in file order."""
+        out = []
+        for ref in self.refs(split):
+            path = self.image_path(ref["image_id"])
+            for sent in ref["sentences"]:
+                out.append(
+                    Sample(
+                        sent_id=sent["sent_id"],
+                        ref_id=ref["ref_id"],
+                        ann_id=ref["ann_id"],
+                        image_id=ref["image_id"],
+                        image_path=path,
+                        sentence=sent[self.text_field],
+                        category_id=ref["category_id"],
+                    )
+                )
+        return out
+
+    def ref(self, ref_id: int) -> dict:
+        try:
+            return self._refs_by_id[ref_id]
+        except KeyError:
+            raise DataError(f"no ref with ref_id {ref_id} in {self.refs_path}") from None
+
+    def image(self, image_id: int) -> dict:
+        """The COCO image entry (id, file_name, height, width, ...)."""
+        try:
+            return dict(self._images[image_id])
+        except KeyError:
+            raise DataError(f"no image with id {image_id} in {self.instances_path}") from None
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_root / self.image(image_id)["file_name"]
+
+    def annotation(self, ann_id: int) -> dict:
+        try:
+            return self._anns[ann_id]
+        except KeyError:
+            raise DataError(f"no annotation with id {ann_id} in {self.instances_path}") from None
+
+    def category_name(self, category_id: int) -> str:
+        cat = self._categories.get(category_id)
+        return str(cat.get("name", category_id)) if cat else str(category_id)
+
+    def mask(self, ref_id: int, rule: str = "vpd") -> np.ndarray:
+        """Ground-truth mask of a ref: bool (H, W) at the image's original size."""
+        if rule not in MASK_RULES:
+            raise RefsegError(f"unknown mask rule {rule!r}; choose one of: {', '.join(MASK_RULES)}")
+        ref = self.ref(ref_id)
+        ann = self._anns[ref["ann_id"]]
+        img = self._images[ann["image_id"]]
+        h, w = img["height"], img["width"]
+        seg = ann["segmentation"]
+        try:
+            parts = [seg] if isinstance(seg, dict) else seg
+            stack = np.zeros((h, w), dtype=np.int32)
+            polygons = [p for p in parts if isinstance(p, list)]
+            if polygons:
+                # one RLE per polygon, decoded as an (H, W, n) stack, as refer.getMask does
+                decoded = decode_rle(mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], h, w))
+                stack += decoded.astype(np.int32).sum(axis=2)
+            for part in parts:
+                if isinstance(part, dict):
+                    stack += self._rle_part_mask(part, h, w)
+        except DataError:
+            raise
+        except Exception as exc:  # pycocotools reports garbled RLE strings as ValueError/others
+            raise DataError(f"cannot rasterise annotation {ann['id']} in {self.instances_path}: {exc}") from None
+        return stack == 1 if rule == "vpd" else stack >= 1
+
+    @staticmethod
+    def _rle_part_mask(rle: dict, h: int, w: int) -> np.ndarray:
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            encoded = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        else:
+            encoded = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        m = decode_rle(encoded)
+        if m.ndim == 3:
+            m = m[..., 0]
+        return m.astype(np.int32)
+
+    def __repr__(self) -> str:
+        return (f"ReferDataset({str(self.data_root)!r}, {self.dataset!r}, split_by={self.split_by!r}, "
+                f"refs={len(self._refs)})")

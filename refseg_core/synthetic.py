@@ -1,0 +1,452 @@
+"""A synthetic RefCOCO-format world: coloured shapes, and sentences that need the text to pick one.
+
+Each scene holds 2–5 shapes (`SHAPES`) in `COLOURS` and `SIZES` on a plain or lightly textured
+background, rendered without antialiasing. Shapes are polygons (a circle has 32 vertices) and the
+pixels are painted from the pycocotools rasterisation of those very polygons, so the COCO
+segmentation matches the drawn pixels exactly (before JPEG compression).
+
+About 30% of the objects are annotated as **two overlapping polygons** (the shape cut vertically
+into a left and a right part that share a band in the middle), as real COCO objects made of several
+polygons are. Those are the annotations whose ``segmentation`` holds two polygons: there the `vpd`
+mask rule (per-polygon sum == 1) drops the shared band while the `union` rule keeps it, so the two
+rules differ on them and agree everywhere else. Distinct objects never overlap each other.
+
+Referred objects get 1–3 sentences, each checked to identify exactly one object of its scene:
+attributes ("the big red circle"), position among look-alikes ("the square on the left"), or a
+relation to another uniquely named object ("the star next to the blue circle", "the red one above
+the green square"). Every word used is in `VOCABULARY`.
+
+Output (DESIGN §3): ``<out>/refcoco-synth/{instances.json, refs(unc).p, images/*.jpg}``, splits
+train/val/testA/testB by image (≈70/10/10/10%). The same seed gives the same bytes in every file;
+image i depends only on (seed, i), so a smaller set is a prefix of a larger one (splits aside).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from refseg_core.refer import decode_rle
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle", "diamond", "star")
+SIZES = ("small", "big")
+POSITIONS = ("left", "right", "top", "bottom", "middle")
+
+# Every word a synthetic sentence (`sent`, `raw`) or caption (`describe_scene`) can contain.
+VOCABULARY = tuple(sorted(set(COLOURS + SHAPES + SIZES + POSITIONS + (
+    "a", "above", "and", "at", "below", "in", "next", "of", "on", "one", "shape", "the", "to",
+))))
+
+DATASET_NAME = "refcoco-synth"
+SPLIT_BY = "unc"
+
+RGB = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 205, 35),
+    "purple": (135, 55, 175),
+    "orange": (245, 135, 25),
+}
+# Object radius (centre to farthest vertex) as a share of the image side.
+RADIUS = {"small": (0.07, 0.09), "big": (0.13, 0.16)}
+SPLIT_PROBABILITY = 0.3  # share of objects annotated as two overlapping polygons
+CIRCLE_VERTICES = 32
+
+
+@dataclass
+class SceneObject:
+    colour: str
+    shape: str
+    size: str
+    center: tuple[float, float]
+    radius: float
+    polygons: list[list[float]]  # COCO polygons: flat [x0, y0, x1, y1, ...]; two when split
+    bbox: list[float] = field(default_factory=list)  # COCO [x, y, w, h] of the drawn pixels
+    area: float = 0.0  # drawn pixels (the union of the polygons)
+
+    @property
+    def x(self) -> float:
+        return self.center[0]
+
+    @property
+    def y(self) -> float:
+        return self.center[1]
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    objects: list[SceneObject]
+    size: int
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def _shape_vertices(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """(K, 2) polygon vertices of `shape` centred at (cx, cy) with circumradius r."""
+    if shape == "circle":
+        a = np.arange(CIRCLE_VERTICES) * (2 * np.pi / CIRCLE_VERTICES)
+        pts = np.stack([np.cos(a), np.sin(a)], 1)
+    elif shape == "square":
+        s = 0.8
+        pts = np.array([[-s, -s], [s, -s], [s, s], [-s, s]])
+    elif shape == "triangle":
+        a = np.pi / 2 + np.arange(3) * (2 * np.pi / 3)  # pointing up (y grows downwards)
+        pts = np.stack([np.cos(a), -np.sin(a)], 1)
+        pts[:, 1] += 0.2  # centre the triangle's height on cy
+    elif shape == "diamond":
+        pts = np.array([[0.0, -1.0], [0.75, 0.0], [0.0, 1.0], [-0.75, 0.0]])
+    elif shape == "star":
+        a = -np.pi / 2 + np.arange(10) * (np.pi / 5)
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        pts = np.stack([np.cos(a) * radii, np.sin(a) * radii], 1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return pts * r + np.array([cx, cy])
+
+
+def _clip_x(pts: np.ndarray, x0: float, keep_left: bool) -> np.ndarray:
+    """Sutherland–Hodgman clip of a polygon by the half-plane x <= x0 (or x >= x0)."""
+    inside = (lambda p: p[0] <= x0) if keep_left else (lambda p: p[0] >= x0)
+    out = []
+    n = len(pts)
+    for i in range(n):
+        cur, nxt = pts[i], pts[(i + 1) % n]
+        if inside(cur):
+            out.append(cur)
+        if inside(cur) != inside(nxt):
+            t = (x0 - cur[0]) / (nxt[0] - cur[0])
+            out.append(cur + t * (nxt - cur))
+    return np.array(out)
+
+
+def _flat(pts: np.ndarray) -> list[float]:
+    return [round(float(v), 2) for v in pts.reshape(-1)]
+
+
+def _rasterise(polygons: list[list[float]], size: int) -> np.ndarray:
+    """Union of the polygons as pycocotools rasterises them: bool (size, size)."""
+    rles = mask_utils.frPyObjects(polygons, size, size)
+    return decode_rle(rles).any(axis=2)
+
+
+# ---------------------------------------------------------------------------- scenes
+
+
+def _place_objects(rng: np.random.Generator, image_size: int) -> list[SceneObject]:
+    n = int(rng.integers(2, 6))
+    # Few colours and shapes per scene, so look-alikes are common and the text must disambiguate.
+    colours = rng.choice(len(COLOURS), size=int(rng.integers(1, 4)), replace=False)
+    shapes = rng.choice(len(SHAPES), size=int(rng.integers(1, 4)), replace=False)
+    objects: list[SceneObject] = []
+    for _ in range(n):
+        colour = COLOURS[int(rng.choice(colours))]
+        shape = SHAPES[int(rng.choice(shapes))]
+        size = SIZES[int(rng.integers(0, 2))]
+        r = float(rng.uniform(*RADIUS[size])) * image_size
+        split = bool(rng.random() < SPLIT_PROBABILITY)
+        for _attempt in range(60):
+            cx = float(rng.uniform(r + 1, image_size - r - 1))
+            cy = float(rng.uniform(r + 1, image_size - r - 1))
+            gap = 0.03 * image_size
+            if all(np.hypot(cx - o.x, cy - o.y) > r + o.radius + gap for o in objects):
+                break
+        else:
+            continue  # no room left: the scene gets fewer objects
+        pts = _shape_vertices(shape, cx, cy, r)
+        if split:
+            band = 0.2 * r
+            polygons = [_flat(_clip_x(pts, cx + band, True)), _flat(_clip_x(pts, cx - band, False))]
+        else:
+            polygons = [_flat(pts)]
+        objects.append(SceneObject(colour, shape, size, (cx, cy), r, polygons))
+    return objects
+
+
+def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
+    base = rng.integers(200, 246, size=3).astype(np.float32)
+    img = np.broadcast_to(base, (image_size, image_size, 3)).copy()
+    if rng.random() < 0.5:  # lightly textured: a soft gradient and faint grain
+        ramp = np.linspace(-1.0, 1.0, image_size, dtype=np.float32)
+        direction = rng.uniform(-8, 8, size=2).astype(np.float32)
+        img += (ramp[None, :, None] * direction[0] + ramp[:, None, None] * direction[1])
+        img += rng.normal(0.0, 2.5, size=img.shape).astype(np.float32)
+    return img
+
+
+def render_scene(rng: np.random.Generator, image_size: int = 128) -> Scene:
+    """Draw one scene of 2–5 non-overlapping shapes (`Scene.image` is an RGB PIL image)."""
+    objects: list[SceneObject] = []
+    while len(objects) < 2:
+        objects = _place_objects(rng, image_size)
+    canvas = _background(rng, image_size)
+    for obj in objects:
+        drawn = _rasterise(obj.polygons, image_size)
+        jitter = rng.integers(-12, 13, size=3)
+        canvas[drawn] = np.clip(np.array(RGB[obj.colour]) + jitter, 0, 255)
+        rle = mask_utils.encode(np.asfortranarray(drawn.astype(np.uint8)))
+        obj.area = float(mask_utils.area(rle))
+        obj.bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
+    return Scene(image=image, objects=objects, size=image_size)
+
+
+# ---------------------------------------------------------------------------- language
+
+
+def _position_phrase(obj: SceneObject, image_size: int) -> str:
+    col = ("left", "middle", "right")[min(2, int(3 * obj.x / image_size))]
+    row = ("top", "middle", "bottom")[min(2, int(3 * obj.y / image_size))]
+    if row == "middle" and col == "middle":
+        return "in the middle"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "middle":
+        return f"at the {row}"
+    return f"at the {row} {col}"
+
+
+def describe_scene(scene: Scene) -> str:
+    """Caption naming every object (size, colour, shape, position), left to right."""
+    parts = [
+        f"a {o.size} {o.colour} {o.shape} {_position_phrase(o, scene.size)}"
+        for o in sorted(scene.objects, key=lambda o: (o.x, o.y))
+    ]
+    return " and ".join(parts)
+
+
+# A descriptor names some of (size, colour, shape); "one"/"shape" stands in for a missing shape.
+_DESCRIPTORS = (
+    ("colour", "shape"),
+    ("shape",),
+    ("colour",),
+    ("size", "shape"),
+    ("size", "colour", "shape"),
+    ("size", "colour"),
+    ("size",),
+    (),
+)
+
+
+def _matches(desc: tuple[str, ...], target: SceneObject, other: SceneObject) -> bool:
+    return all(getattr(other, attr) == getattr(target, attr) for attr in desc)
+
+
+def _phrase(desc: tuple[str, ...], obj: SceneObject) -> str:
+    words = [getattr(obj, attr) for attr in ("size", "colour") if attr in desc]
+    if "shape" in desc:
+        words.append(obj.shape)
+    else:
+        words.append("one" if words else "shape")
+    return "the " + " ".join(words)
+
+
+def _unique_descriptors(obj: SceneObject, objects: list[SceneObject]) -> list[tuple[str, ...]]:
+    return [
+        d for d in _DESCRIPTORS
+        if d and not any(_matches(d, obj, o) for o in objects if o is not obj)
+    ]
+
+
+def _candidate_sentences(target: SceneObject, scene: Scene) -> dict[str, list[str]]:
+    """Sentences that identify `target` and nothing else in the scene, grouped by kind."""
+    objects, size = scene.objects, scene.size
+    margin = 0.1 * size
+    out: dict[str, list[str]] = {"attribute": [], "position": [], "relation": []}
+
+    for d in _unique_descriptors(target, objects):
+        out["attribute"].append(_phrase(d, target))
+
+    # Position among look-alikes: the target is the extreme one, by a clear margin.
+    axes = (("on the left", 0, -1), ("on the right", 0, 1), ("at the top", 1, -1), ("at the bottom", 1, 1))
+    for d in _DESCRIPTORS:
+        group = [o for o in objects if _matches(d, target, o)]
+        if len(group) < 2:
+            continue
+        for words, axis, sign in axes:
+            key = lambda o: sign * o.center[axis]  # noqa: E731
+            if all(key(target) - key(o) >= margin for o in group if o is not target):
+                out["position"].append(f"{_phrase(d, target)} {words}")
+
+    # Relations to an anchor that its own words pick out uniquely.
+    for anchor in objects:
+        if anchor is target:
+            continue
+        anchor_descs = _unique_descriptors(anchor, objects)
+        if not anchor_descs:
+            continue
+        anchor_words = _phrase(anchor_descs[0], anchor)
+        dist = lambda o: float(np.hypot(o.x - anchor.x, o.y - anchor.y))  # noqa: E731
+        nearest_overall = min((o for o in objects if o is not anchor), key=dist)
+        for d in _DESCRIPTORS:
+            group = [o for o in objects if o is not anchor and _matches(d, target, o)]
+            others = [o for o in group if o is not target]
+            # "next to": the target is the nearest of its look-alikes, clearly, and really is close.
+            near_ok = (all(dist(target) <= 0.7 * dist(o) for o in others)
+                       if others else nearest_overall is target)
+            if near_ok and dist(target) <= 0.45 * size:
+                out["relation"].append(f"{_phrase(d, target)} next to {anchor_words}")
+            for words, axis, sign in (("above", 1, -1), ("below", 1, 1),
+                                      ("to the left of", 0, -1), ("to the right of", 0, 1)):
+                cross = 1 - axis
+
+                def loosely(o):  # on that side at all, roughly in line
+                    return sign * (o.center[axis] - anchor.center[axis]) > 0 and \
+                        abs(o.center[cross] - anchor.center[cross]) < 0.4 * size
+
+                def clearly(o):
+                    return sign * (o.center[axis] - anchor.center[axis]) >= margin + target.radius and \
+                        abs(o.center[cross] - anchor.center[cross]) < 0.25 * size
+
+                if clearly(target) and not any(loosely(o) for o in others):
+                    out["relation"].append(f"{_phrase(d, target)} {words} {anchor_words}")
+    for kind in out:
+        out[kind] = list(dict.fromkeys(out[kind]))  # dedupe, keep order
+    return out
+
+
+def _choose_sentences(rng: np.random.Generator, candidates: dict[str, list[str]]) -> list[str]:
+    """1–3 sentences, drawn round-robin from the kinds available so they differ in style."""
+    pools = {k: list(v) for k, v in candidates.items() if v}
+    if not pools:
+        return []
+    wanted = int(rng.integers(1, 4))
+    kinds = sorted(pools)
+    order = [kinds[i] for i in rng.permutation(len(kinds))]
+    chosen: list[str] = []
+    while len(chosen) < wanted and any(pools.values()):
+        for kind in order:
+            if pools[kind] and len(chosen) < wanted:
+                chosen.append(pools[kind].pop(int(rng.integers(0, len(pools[kind])))))
+    return chosen
+
+
+def refer_scene(rng: np.random.Generator, scene: Scene) -> list[tuple[int, list[str]]]:
+    """Pick the referred objects of a scene: [(object index, sentences)], at least one."""
+    referable = []
+    for i, obj in enumerate(scene.objects):
+        sentences = _choose_sentences(rng, _candidate_sentences(obj, scene))
+        if sentences:
+            referable.append((i, sentences))
+    if not referable:
+        return []
+    k = int(rng.integers(min(2, len(referable)), len(referable) + 1))
+    keep = sorted(rng.choice(len(referable), size=k, replace=False).tolist())
+    return [referable[j] for j in keep]
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+def _split_names(n_images: int, rng: np.random.Generator) -> list[str]:
+    """Split of each image: ≈70/10/10/10 train/val/testA/testB, each non-empty when n >= 8."""
+    if n_images >= 8:
+        k = max(1, round(0.1 * n_images))
+        names = ["val"] * k + ["testA"] * k + ["testB"] * k
+        names += ["train"] * (n_images - len(names))
+    else:
+        names = (["train", "val", "testA", "testB"] + ["train"] * 4)[:n_images]
+    return [names[i] for i in rng.permutation(n_images)]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def generate(out_root: str | Path, images: int = 200, seed: int = 0, image_size: int = 128) -> Path:
+    """Write the synthetic dataset under ``out_root/refcoco-synth``; returns that folder."""
+    if images < 1:
+        raise ValueError("images must be at least 1")
+    if image_size < 32:
+        raise ValueError("image_size must be at least 32")
+    root = Path(out_root) / DATASET_NAME
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+
+    splits = _split_names(images, np.random.default_rng([seed, 2**31]))
+    coco_images, annotations, refs = [], [], []
+    ann_id, ref_id, sent_id = 1, 0, 0
+    for index in range(images):
+        image_id = index + 1
+        rng = np.random.default_rng([seed, index])
+        while True:
+            scene = render_scene(rng, image_size)
+            referred = refer_scene(rng, scene)
+            if referred:
+                break
+        file_name = f"synth_{image_id:06d}.jpg"
+        buf = _jpeg_bytes(scene.image)
+        target = image_dir / file_name
+        if not target.is_file() or target.read_bytes() != buf:
+            _write_atomic(target, buf)
+        coco_images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
+        ann_ids = []
+        for obj in scene.objects:
+            annotations.append({
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": SHAPES.index(obj.shape) + 1,
+                "segmentation": obj.polygons,
+                "area": obj.area,
+                "bbox": obj.bbox,
+                "iscrowd": 0,
+            })
+            ann_ids.append(ann_id)
+            ann_id += 1
+        for obj_index, sentences in referred:
+            obj = scene.objects[obj_index]
+            sents = []
+            for text in sentences:
+                sents.append({"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()})
+                sent_id += 1
+            refs.append({
+                "ref_id": ref_id,
+                "ann_id": ann_ids[obj_index],
+                "image_id": image_id,
+                "category_id": SHAPES.index(obj.shape) + 1,
+                "split": splits[index],
+                "sent_ids": [s["sent_id"] for s in sents],
+                "sentences": sents,
+                # like the real files: image name + ann id; no such file exists, readers ignore it
+                "file_name": f"COCO_train2014_{image_id:012d}_{ann_ids[obj_index]}.jpg",
+            })
+            ref_id += 1
+
+    # A smaller re-run into the same folder must not leave images of the larger one behind.
+    wanted = {img["file_name"] for img in coco_images}
+    for stale in image_dir.glob("synth_*.jpg"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+    instances = {
+        "info": {
+            "description": "refseg synthetic shapes (annotations with two polygons overlap in a band)",
+            "seed": seed,
+            "image_size": image_size,
+        },
+        "images": coco_images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)],
+    }
+    _write_atomic(root / "instances.json", json.dumps(instances, separators=(",", ":")).encode())
+    _write_atomic(root / f"refs({SPLIT_BY}).p", pickle.dumps(refs, protocol=2))
+    return root
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95, optimize=False, progressive=False, subsampling=0)
+    return buf.getvalue()

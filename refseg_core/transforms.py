@@ -1,0 +1,64 @@
+"""Image and mask transforms of the VPD protocol (DESIGN §5, §8).
+
+Images are squashed (no aspect-preserving padding) to S×S with bilinear resampling and scaled to
+[-1, 1]; ground-truth masks are squashed to S×S with nearest-neighbour resampling.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from refseg_core.errors import DataError
+
+
+def load_image(path: str | Path, target_size: int | None = None) -> Image.Image:
+    """Open and fully decode an image; unreadable, truncated or bomb-sized files raise `DataError`.
+
+    With `target_size`, a JPEG much larger than the target is decoded at a reduced scale (libjpeg's
+    DCT scaling via `Image.draft`, never below 2×target), which bounds memory for huge photos.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (DecompressionBombWarning) between 1x and 2x its pixel limit; treat as fine.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if target_size is not None and img.format == "JPEG":
+                img.draft("RGB", (target_size * 2, target_size * 2))
+            img.load()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"image path is a directory: {path}") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} is too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        # truncated files raise OSError("image file is truncated ..."), garbage UnidentifiedImageError
+        raise DataError(f"cannot read image {path}: {exc}") from None
+    return img
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image (any mode) → float32 tensor (3, size, size) in [-1, 1], squashed bilinearly."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # L, P, CMYK, RGBA (alpha dropped), I;16 ...
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy()).div_(127.5).sub_(1.0)
+
+
+def mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
+    """Bool/0-1 mask (H, W) → uint8 (size, size) of 0/1, nearest-neighbour squash."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    pil = Image.fromarray((mask != 0).astype(np.uint8))
+    if pil.size != (size, size):
+        pil = pil.resize((size, size), Image.NEAREST)
+    return np.asarray(pil, dtype=np.uint8).copy()

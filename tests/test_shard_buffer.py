@@ -1,0 +1,30 @@
+"""ShardBuffer turns rows arriving in any batch size into whole shards; BackgroundWriter re-raises."""
+
+import numpy as np
+import pytest
+
+from extract.shard_buffer import BackgroundWriter, ShardBuffer
+
+
+def test_rows_in_any_order_make_whole_shards():
+    flushed = []
+    shards = [slice(0, 3), slice(3, 6), slice(6, 7)]
+    buf = ShardBuffer(shards, lambda s, a, skipped: flushed.append((s, a["x"].copy(), skipped.copy())))
+    for row in [3, 0, 6, 1, 4, 5, 2]:
+        buf.add(row, {"x": np.full((2,), row, np.int32)}, skipped=(row == 4))
+    assert [f[0] for f in flushed] == [slice(6, 7), slice(3, 6), slice(0, 3)]
+    s, x, skipped = flushed[1]
+    assert x[:, 0].tolist() == [3, 4, 5] and skipped.tolist() == [False, True, False]
+    assert buf.pending_rows == 0
+
+
+def test_background_writer_raises_first_error_and_drops_the_rest():
+    done = []
+    io = BackgroundWriter()
+    io.submit(done.append, 1)
+    io.submit(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        for i in range(2, 50):
+            io.submit(done.append, i)
+        io.close()
+    assert done == [1]  # writes after the failed one are dropped, never half-applied
