@@ -1,0 +1,174 @@
+"""`FeatureDataset`: one noise level of a cache as a torch Dataset (one item per finished sample).
+
+The store is opened lazily in each process that reads it: the dataset keeps the path, and a
+DataLoader worker (forked or spawned) opens its own handles on first use. `preload=True` reads the
+selected arrays into RAM once instead; `FeatureDataset.preload_bytes(...)` says how much that takes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from cache.reader import Cache, open_cache
+from refseg_core.errors import CacheError
+
+_PRELOAD_BLOCK_BYTES = 256 * 2**20  # read this much at a time while preloading
+
+
+def _available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where that does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Items: {"features": {name: f16 (C,H,W)}, "gt": u8 (S,S), "text_embedding": f16 (L,D),
+    "text_mask": bool (L,), "row": int}. `text=False` leaves out the two text entries."""
+
+    def __init__(self, path, noise_t: int, names=None, rows=None, text: bool = True, preload: bool = False):
+        self.path = os.fspath(path)
+        self.noise_t = int(noise_t)
+        self.text = bool(text)
+        cache = open_cache(self.path)  # used here only; each process opens its own on first read
+        self.spec = cache.spec
+        self.fingerprint = cache.fingerprint
+        self.names = self._check_names(cache, names)
+        self.rows = self._select_rows(cache, self.noise_t, rows)
+        self._cache: Cache | None = None
+        self._pid: int | None = None
+        self._data: dict[str, np.ndarray] | None = None
+        if preload:
+            self._data = self._preload(cache)
+
+    # ---- selection ----------------------------------------------------------------------------
+    @staticmethod
+    def _check_names(cache: Cache, names) -> list[str]:
+        if names is None:
+            return list(cache.spec.names)
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in cache.spec]
+        if missing:
+            raise CacheError(f"tensor(s) {', '.join(missing)} not in cache {cache.path} "
+                             f"(it has {', '.join(cache.spec.names)})")
+        return names
+
+    @staticmethod
+    def _select_rows(cache: Cache, noise_t: int, rows) -> np.ndarray:
+        done = cache.done(noise_t)
+        if rows is None:
+            selected = np.flatnonzero(done).astype(np.int64)
+            if len(selected) == 0:
+                raise CacheError(f"cache {cache.path} has no finished samples at T={noise_t} yet")
+            return selected
+        selected = np.asarray(rows, dtype=np.int64).reshape(-1)
+        outside = selected[(selected < 0) | (selected >= cache.n_samples)]
+        if len(outside):
+            raise CacheError(f"rows {outside[:5].tolist()} are outside cache {cache.path} ({cache.n_samples} samples)")
+        unfinished = selected[~done[selected]]
+        if len(unfinished):
+            raise CacheError(f"{len(unfinished)} selected rows have no features at T={noise_t} in cache "
+                             f"{cache.path} yet (e.g. rows {unfinished[:5].tolist()})")
+        return selected
+
+    # ---- preload ------------------------------------------------------------------------------
+    @staticmethod
+    def _row_bytes(spec, names, text: bool) -> int:
+        n = sum(spec[name].nbytes(2) for name in names) + spec.image_size**2  # features f16 + gt u8
+        if text:
+            n += spec.token_length * spec.text_dim * 2 + spec.token_length  # embedding f16 + mask bool
+        return n
+
+    @classmethod
+    def preload_bytes(cls, path, noise_t: int, names=None, rows=None, text: bool = True) -> int:
+        """Bytes of RAM `FeatureDataset(path, noise_t, names, rows, text, preload=True)` needs."""
+        cache = open_cache(os.fspath(path))
+        names = cls._check_names(cache, names)
+        n = len(cls._select_rows(cache, int(noise_t), rows))
+        return n * cls._row_bytes(cache.spec, names, text)
+
+    def nbytes(self) -> int:
+        """Bytes of RAM this dataset's preloaded arrays take (or would take)."""
+        return len(self.rows) * self._row_bytes(self.spec, self.names, self.text)
+
+    def _preload(self, cache: Cache) -> dict[str, np.ndarray]:
+        need = self.nbytes()
+        available = _available_ram()
+        if available is not None and need > available:
+            raise CacheError(f"preloading {len(self.rows)} samples of {cache.path} needs {_gb(need)} of RAM "
+                             f"but {_gb(available)} is available; read from disk instead (no preload) "
+                             f"or select fewer rows/tensors")
+        n = len(self.rows)
+        sources = {name: (lambda r, name=name: cache.read_rows(self.noise_t, r, name)) for name in self.names}
+        shapes = {name: self.spec[name].shape for name in self.names}
+        sources["gt"], shapes["gt"] = cache.gt, (self.spec.image_size,) * 2
+        if self.text:
+            L, D = self.spec.token_length, self.spec.text_dim
+            sources["text_embedding"], shapes["text_embedding"] = cache.embeddings, (L, D)
+            sources["text_mask"], shapes["text_mask"] = cache.attention_mask, (L,)
+        dtypes = {"gt": np.uint8, "text_mask": bool}
+        data = {}
+        block = max(cache.shard_size, _PRELOAD_BLOCK_BYTES // max(1, self._row_bytes(self.spec, self.names, self.text)))
+        for key, read in sources.items():
+            out = np.empty((n, *shapes[key]), dtype=dtypes.get(key, np.float16))
+            for start in range(0, n, block):
+                part = self.rows[start:start + block]
+                contiguous = bool(np.all(np.diff(part) == 1))
+                out[start:start + len(part)] = read(slice(int(part[0]), int(part[-1]) + 1) if contiguous else part)
+            data[key] = out
+        return data
+
+    # ---- lazy, per-process store --------------------------------------------------------------
+    def _open(self) -> Cache:
+        if self._cache is None or self._pid != os.getpid():
+            self._cache = open_cache(self.path)
+            self._pid = os.getpid()
+        return self._cache
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None  # no zarr object travels to a worker; it opens its own
+        state["_pid"] = None
+        return state
+
+    # ---- items --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i) -> dict:
+        i = int(i)
+        row = int(self.rows[i])  # IndexError past the end, as a sequence should
+        if self._data is not None:
+            j = i if i >= 0 else len(self.rows) + i
+            features = {name: self._data[name][j] for name in self.names}
+            gt = self._data["gt"][j]
+            if self.text:
+                embedding, mask = self._data["text_embedding"][j], self._data["text_mask"][j]
+        else:
+            cache = self._open()
+            features = cache.read(self.noise_t, row, self.names)
+            gt = cache.gt(row)
+            if self.text:
+                embedding, mask = cache.embeddings(row), cache.attention_mask(row).astype(bool)
+        item = {"features": {name: torch.from_numpy(a) for name, a in features.items()},
+                "gt": torch.from_numpy(gt), "row": row}
+        if self.text:
+            item["text_embedding"] = torch.from_numpy(embedding)
+            item["text_mask"] = torch.from_numpy(mask)
+        return item
+
+    def __repr__(self) -> str:
+        return (f"FeatureDataset({self.path!r}, T={self.noise_t}, {len(self)} samples, names={self.names}"
+                f"{', preloaded' if self._data is not None else ''})")

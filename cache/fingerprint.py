@@ -1,0 +1,99 @@
+"""The store's fingerprint: what makes two extractions interchangeable, and how to say why they are not.
+
+It covers the three settings dicts (backbone identity, extraction settings, dataset selection), the
+FeatureSpec, and the exact samples (their sent_ids, in order). It does **not** cover the noise levels
+(they are groups added to the same store) or storage choices (shard size, codec).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from cache.layout import SETTINGS_KEYS
+from refseg_core.feature_spec import FeatureSpec
+
+
+def canonical(obj):
+    """`obj` as it reads back from JSON (tuples become lists, keys sorted), so stored and new compare equal."""
+    return json.loads(canonical_json(obj))
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_jsonable)
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable: {obj!r}")
+
+
+def sample_selection(sent_ids) -> dict:
+    """A short description of which samples a store holds (their count and a digest of the ids)."""
+    ids = np.ascontiguousarray(np.asarray(sent_ids, dtype="<i8"))
+    return {"n": int(len(ids)), "sent_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
+
+
+def fingerprint_payload(settings: dict, spec: FeatureSpec, sent_ids) -> dict:
+    """Everything the fingerprint covers, as plain JSON data (also what is stored in the root attrs)."""
+    if not isinstance(settings, dict) or set(settings) != set(SETTINGS_KEYS):
+        got = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
+        raise ValueError(f"settings must be a dict with exactly the keys {list(SETTINGS_KEYS)}, got {got}")
+    payload = {key: settings[key] for key in SETTINGS_KEYS}
+    payload["spec"] = spec.to_dict()
+    payload["samples"] = sample_selection(sent_ids)
+    return canonical(payload)
+
+
+def compute_fingerprint(payload: dict) -> str:
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+_ABSENT = object()
+
+
+def diff(stored, requested, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(key path, stored value, requested value) for every leaf that differs, in key order."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        out = []
+        for key in sorted(set(stored) | set(requested), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += diff(stored.get(key, _ABSENT), requested.get(key, _ABSENT), path)
+        return out
+    if isinstance(stored, list) and isinstance(requested, list) and len(stored) == len(requested):
+        out = []
+        for i, (a, b) in enumerate(zip(stored, requested)):
+            out += diff(a, b, f"{prefix}[{i}]")
+        return out
+    if stored == requested and type(stored) is type(requested):
+        return []
+    return [(prefix or "(root)", stored, requested)]
+
+
+def _show(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def mismatch_message(path: str, stored: dict, requested: dict) -> str:
+    """One line naming each differing key path with both values.
+
+    The spec follows from the backbone and extraction settings, so when those differ the spec's own
+    differences are summarised instead of listed.
+    """
+    found = diff(stored, requested)
+    settings_differ = any(key.split(".")[0].split("[")[0] in SETTINGS_KEYS for key, _, _ in found)
+    parts = [f"{key} is {_show(a)} in the store but {_show(b)} now" for key, a, b in found
+             if not (settings_differ and key.startswith("spec"))]
+    if settings_differ and any(key.startswith("spec") for key, _, _ in found):
+        parts.append("the feature spec differs accordingly")
+    if not parts:  # same payload, different fingerprint: the stored fingerprint was edited by hand
+        parts = ["its fingerprint attribute does not match its own settings"]
+    return f"cache {path} was made with different settings: {'; '.join(parts)} (use --overwrite to replace it)"

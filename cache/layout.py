@@ -1,0 +1,302 @@
+"""What a refseg cache store holds and where: names, shapes, chunking, codecs, and the sample tables.
+
+The store is plain Zarr v3 (DESIGN §6)::
+
+    CACHE.zarr/   attrs: refseg_cache, fingerprint, backbone, extraction, dataset, spec, samples,
+                         shard_size, codec  (+ "bad" once a sample was recorded as bad)
+      index/   sent_id ref_id ann_id image_id image_row (N,) int64   text (N,) string
+      images/  image_id (M,) int64  orig_hw (M,2) int32  latent (M,C,h,w) f16  done (M,) bool
+      text/    input_ids (N,L) int32  attention_mask (N,L) uint8  embedding (N,L,D) f16  done (N,) bool
+      masks/   gt (N,S,S) uint8
+      tNNNN/   attrs: noise_t, timestep
+               done (N,) bool  skipped (N,) bool  s8 s16 ... (N,C,H,W) f16  attn_s16 ... (N,L,H,W) f16
+
+Per-sample arrays hold one sample per chunk and `shard_size` samples per shard (one file per shard),
+so one sample can be read alone and a writer writes whole files. `done`/`skipped` flags are chunked
+by the shard size, so each shard's flags are one file too, written after the shard's data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from refseg_core.errors import CacheError
+from refseg_core.feature_spec import FeatureSpec
+
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 16  # SD1.5 at 512px: ~87 MB of features per shard; a benchmark may retune it
+CODECS = ("none", "zstd", "blosc")
+
+FORMAT_ATTR = "refseg_cache"
+# Set on the root while a store is being created and replaced by the real attributes at the end,
+# so a creation that was interrupted is recognised (and redone) rather than mistaken for a cache.
+CREATING_ATTR = "refseg_cache_creating"
+SETTINGS_KEYS = ("backbone", "extraction", "dataset")
+INDEX_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "image_row")
+
+_NOISE_GROUP = re.compile(r"^t(\d{4})$")
+
+
+def noise_group_name(t: int) -> str:
+    """The group holding noise level `t`: 5 -> "t0005"."""
+    t = int(t)
+    if not 0 <= t <= 9999:
+        raise ValueError(f"noise level must be in 0..9999, got {t}")
+    return f"t{t:04d}"
+
+
+def parse_noise_group(name: str) -> int | None:
+    """The noise level of a group name ("t0005" -> 5), or None for any other name."""
+    m = _NOISE_GROUP.match(name)
+    return int(m.group(1)) if m else None
+
+
+class CacheNotFoundError(CacheError):
+    """No store at the path."""
+
+
+class IncompleteCacheError(CacheError):
+    """The store's creation was interrupted before it was finished."""
+
+
+class NewerFormatError(CacheError):
+    """The store was written by a newer refseg, in a format this one does not know."""
+
+
+# ---- sample tables ------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleTable:
+    """One row per sample (sentence), sorted by (image_id, sent_id). `image_row` indexes `ImageTable`."""
+
+    sent_id: np.ndarray
+    ref_id: np.ndarray
+    ann_id: np.ndarray
+    image_id: np.ndarray
+    image_row: np.ndarray
+    text: list[str]
+
+    def __post_init__(self):
+        for name in INDEX_FIELDS:
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(-1))
+        self.text = [str(s) for s in self.text]
+        lengths = {name: len(getattr(self, name)) for name in (*INDEX_FIELDS, "text")}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"SampleTable columns differ in length: {lengths}")
+
+    def __len__(self) -> int:
+        return len(self.sent_id)
+
+
+@dataclass
+class ImageTable:
+    """One row per image, sorted by image_id; `orig_hw` is the original (height, width)."""
+
+    image_id: np.ndarray
+    orig_hw: np.ndarray
+
+    def __post_init__(self):
+        self.image_id = np.asarray(self.image_id, dtype=np.int64).reshape(-1)
+        self.orig_hw = np.asarray(self.orig_hw, dtype=np.int32).reshape(-1, 2)
+        if len(self.orig_hw) != len(self.image_id):
+            raise ValueError(f"ImageTable: {len(self.image_id)} image ids but {len(self.orig_hw)} sizes")
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+def build_tables(samples, orig_hw) -> tuple[SampleTable, ImageTable]:
+    """Sorted tables from `samples` and `orig_hw` (image_id -> (height, width)).
+
+    A sample is a dict or an object with sent_id, ref_id, ann_id, image_id and `text` (or `sentence`).
+    Only images that have samples get an image row.
+    """
+
+    def field(s, name, *alternatives):
+        for key in (name, *alternatives):
+            if isinstance(s, dict) and key in s:
+                return s[key]
+            if not isinstance(s, dict) and hasattr(s, key):
+                return getattr(s, key)
+        raise KeyError(f"sample has no {name!r}: {s!r}")
+
+    rows = [(int(field(s, "sent_id")), int(field(s, "ref_id")), int(field(s, "ann_id")),
+             int(field(s, "image_id")), str(field(s, "text", "sentence"))) for s in samples]
+    rows.sort(key=lambda r: (r[3], r[0]))
+    image_ids = sorted({r[3] for r in rows})
+    row_of = {image_id: i for i, image_id in enumerate(image_ids)}
+    table = SampleTable(
+        sent_id=[r[0] for r in rows], ref_id=[r[1] for r in rows], ann_id=[r[2] for r in rows],
+        image_id=[r[3] for r in rows], image_row=[row_of[r[3]] for r in rows], text=[r[4] for r in rows],
+    )
+    images = ImageTable(image_id=image_ids, orig_hw=np.array([tuple(orig_hw[i]) for i in image_ids]).reshape(-1, 2))
+    return table, images
+
+
+def validate_tables(samples: SampleTable, images: ImageTable) -> None:
+    """Raise ValueError unless the tables are what the layout promises (sorted, unique, consistent)."""
+    if len(samples) == 0:
+        raise CacheError("no samples to store: the selection is empty")
+    if len(np.unique(samples.sent_id)) != len(samples):
+        raise ValueError("SampleTable: sent_id values are not unique")
+    order = np.lexsort((samples.sent_id, samples.image_id))
+    if not np.array_equal(order, np.arange(len(samples))):
+        raise ValueError("SampleTable must be sorted by (image_id, sent_id)")
+    if len(images) and np.any(np.diff(images.image_id) <= 0):
+        raise ValueError("ImageTable must be sorted by image_id with unique ids")
+    if samples.image_row.min() < 0 or samples.image_row.max() >= len(images):
+        raise ValueError("SampleTable.image_row points outside the ImageTable")
+    if not np.array_equal(images.image_id[samples.image_row], samples.image_id):
+        raise ValueError("SampleTable.image_row does not match the ImageTable's image ids")
+
+
+# ---- arrays -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One stored array: where it lives, its shape and type, and whether it is stored per sample."""
+
+    path: str  # "group/name" from base_arrays(); the bare name inside a tNNNN group from noise_arrays()
+    shape: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]  # Zarr v3 dimension names (xarray needs them)
+    per_row: bool  # one row per chunk, `shard_size` rows per shard; else one chunk
+    compressible: bool = False  # the big float16 arrays, which take the store's codec
+
+
+def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int) -> list[ArrayLayout]:
+    """Every array outside the noise groups, in creation order."""
+    n, m = n_samples, n_images
+    L, D, S = spec.token_length, spec.text_dim, spec.image_size
+    h = spec.latent_size
+    index = [ArrayLayout(f"index/{name}", (n,), "int64", ("sample",), False) for name in INDEX_FIELDS]
+    return index + [
+        ArrayLayout("index/text", (n,), "string", ("sample",), False),
+        ArrayLayout("images/image_id", (m,), "int64", ("image",), False),
+        ArrayLayout("images/orig_hw", (m, 2), "int32", ("image", "hw"), False),
+        ArrayLayout("images/latent", (m, spec.latent_channels, h, h), "float16",
+                    ("image", "latent_channel", "latent_y", "latent_x"), True, compressible=True),
+        ArrayLayout("text/input_ids", (n, L), "int32", ("sample", "token"), True),
+        ArrayLayout("text/attention_mask", (n, L), "uint8", ("sample", "token"), True),
+        ArrayLayout("text/embedding", (n, L, D), "float16", ("sample", "token", "text_dim"), True, compressible=True),
+        ArrayLayout("masks/gt", (n, S, S), "uint8", ("sample", "y", "x"), True),
+    ]
+
+
+def noise_arrays(spec: FeatureSpec, n_samples: int) -> list[ArrayLayout]:
+    """The arrays of one noise group (paths relative to the group): every spec tensor."""
+    out = []
+    for t in spec.tensors:
+        channel_dim = "token" if t.kind == "attention" else f"{t.name}_channel"
+        out.append(ArrayLayout(t.name, (n_samples, *t.shape), "float16",
+                               ("sample", channel_dim, f"{t.name}_y", f"{t.name}_x"), True, compressible=True))
+    return out
+
+
+def compressors_for(codec: str):
+    """Zarr compressors for the big float16 arrays under the store's `codec` setting."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return (ZstdCodec(level=1),)
+    if codec == "blosc":
+        # bit-shuffle on the 2-byte float16 words groups sign/exponent bits, which is what compresses
+        return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2),)
+    raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+
+
+def create_array(group, layout: ArrayLayout, name: str, shard_size: int, codec: str):
+    """Create `layout` as `group[name]` (no data written)."""
+    shape = layout.shape
+    if layout.per_row:
+        chunks = (1, *shape[1:])
+        shards = (shard_size, *shape[1:])
+    else:
+        chunks, shards = tuple(max(1, s) for s in shape), None
+    return group.create_array(
+        name, shape=shape, dtype=str if layout.dtype == "string" else layout.dtype,
+        chunks=chunks, shards=shards, fill_value="" if layout.dtype == "string" else 0,
+        compressors=compressors_for(codec) if layout.compressible else None,
+        dimension_names=layout.dims,
+    )
+
+
+def create_flags(group, name: str, n: int, shard_size: int, dim: str = "sample"):
+    """A bool flag array chunked by the shard size: one small file per shard."""
+    return group.create_array(name, shape=(n,), dtype="bool", chunks=(shard_size,), fill_value=False,
+                              compressors=None, dimension_names=(dim,))
+
+
+# ---- paths --------------------------------------------------------------------------------------
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def store_nbytes(path: str) -> int:
+    """Bytes the store takes on disk (local directory or fsspec URL)."""
+    if is_local(path):
+        total = 0
+        for dirpath, _, files in os.walk(local_path(path)):
+            for f in files:
+                total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return int(fs.du(root, total=True))
+
+
+def _remote_is_empty(path: str) -> bool:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return not fs.exists(root) or not fs.ls(root)
+
+
+def open_root(path: str, mode: str = "r"):
+    """The root group of an existing refseg cache, or a CacheError that says what is at `path` instead."""
+    import zarr
+    from zarr.errors import GroupNotFoundError
+
+    if is_local(path):
+        p = local_path(path)
+        if not os.path.exists(p):
+            raise CacheNotFoundError(f"cache not found: {path}")
+        if not os.path.isdir(p):
+            raise CacheError(f"{path} is not a refseg cache (it is a file, not a Zarr store directory)")
+        if not os.listdir(p):
+            raise CacheNotFoundError(f"cache not found: {path} is an empty directory")
+    try:
+        root = zarr.open_group(path, mode=mode)
+    except GroupNotFoundError:  # (a FileNotFoundError subclass: catch it first) something else is there
+        if not is_local(path) and _remote_is_empty(path):
+            raise CacheNotFoundError(f"cache not found: {path}") from None
+        raise CacheError(f"{path} is not a refseg cache (not a Zarr v3 group)") from None
+    except FileNotFoundError:
+        raise CacheNotFoundError(f"cache not found: {path}") from None
+    except (NotADirectoryError, ValueError, KeyError, TypeError):
+        raise CacheError(f"{path} is not a refseg cache (not a Zarr v3 group)") from None
+    attrs = root.attrs.asdict()
+    if FORMAT_ATTR not in attrs:
+        if CREATING_ATTR in attrs:
+            raise IncompleteCacheError(f"cache {path} was not finished (its creation was interrupted); "
+                                       f"run the extraction again to recreate it")
+        raise CacheError(f"{path} is not a refseg cache (no '{FORMAT_ATTR}' attribute)")
+    version = attrs[FORMAT_ATTR]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise NewerFormatError(f"cache {path} was written by a newer refseg (format {version}); upgrade refseg")
+    return root

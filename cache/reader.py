@@ -1,0 +1,206 @@
+"""`open_cache(path)` -> `Cache`: read-only access to a store, sample by sample or in blocks."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import zarr
+
+from cache.layout import (
+    FORMAT_ATTR,
+    INDEX_FIELDS,
+    SETTINGS_KEYS,
+    noise_group_name,
+    open_root,
+    parse_noise_group,
+    store_nbytes,
+)
+from refseg_core.errors import CacheError
+from refseg_core.feature_spec import FeatureSpec
+
+
+def open_cache(path) -> "Cache":
+    """Open the store at `path` read-only. CacheError if it is missing, not a refseg cache, or newer."""
+    path = os.fspath(path)
+    return Cache(path, open_root(path, mode="r"))
+
+
+def list_noise_levels(root: zarr.Group) -> list[int]:
+    """The noise levels whose groups are finished (they get their attributes last)."""
+    levels = []
+    for name, group in root.groups():
+        t = parse_noise_group(name)
+        if t is not None and "noise_t" in group.attrs:
+            levels.append(t)
+    return sorted(levels)
+
+
+def _take(arr: zarr.Array, rows) -> np.ndarray:
+    """Rows of `arr` by int, slice, or a sequence of ints (any order, repeats allowed)."""
+    if isinstance(rows, (slice, int, np.integer)):
+        return arr[rows]
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+    return arr.get_orthogonal_selection((rows,))
+
+
+class Cache:
+    """A refseg cache store opened for reading. Arrays are opened once and read on demand."""
+
+    def __init__(self, path: str, root: zarr.Group):
+        self.path = path
+        self._root = root
+        self.attrs: dict = root.attrs.asdict()
+        self.format_version: int = int(self.attrs[FORMAT_ATTR])
+        self.spec = FeatureSpec.from_dict(self.attrs["spec"])
+        self.fingerprint: str = self.attrs["fingerprint"]
+        self.settings: dict = {key: self.attrs[key] for key in SETTINGS_KEYS}
+        self.shard_size = int(self.attrs["shard_size"])
+        self.codec: str = self.attrs.get("codec", "none")
+        self.index: dict[str, np.ndarray] = {name: root[f"index/{name}"][:] for name in INDEX_FIELDS}
+        self.n_samples = len(self.index["sent_id"])
+        self._latent = root["images/latent"]
+        self.n_images = self._latent.shape[0]
+        self._embedding = root["text/embedding"]
+        self._attention_mask = root["text/attention_mask"]
+        self._input_ids = root["text/input_ids"]
+        self._gt = root["masks/gt"]
+        self._texts: list[str] | None = None
+        self._levels: dict[int, zarr.Group] = {}
+        self._level_arrays: dict[tuple[int, str], zarr.Array] = {}
+
+    # ---- what is in it ------------------------------------------------------------------------
+    @property
+    def texts(self) -> list[str]:
+        if self._texts is None:
+            self._texts = [str(s) for s in self._root["index/text"][:]]
+        return self._texts
+
+    @property
+    def noise_levels(self) -> list[int]:
+        return list_noise_levels(self._root)
+
+    def _level(self, t) -> zarr.Group:
+        t = int(t)
+        if t not in self._levels:
+            name = noise_group_name(t)
+            group = self._root[name] if name in self._root else None
+            if group is None or "noise_t" not in group.attrs:
+                levels = self.noise_levels
+                have = f"it has T={', '.join(map(str, levels))}" if levels else "it has no noise levels yet"
+                raise CacheError(f"noise level T={t} is not in cache {self.path} ({have})")
+            self._levels[t] = group
+        return self._levels[t]
+
+    def _array(self, t: int, name: str) -> zarr.Array:
+        key = (int(t), name)
+        if key not in self._level_arrays:
+            group = self._level(t)
+            if name not in group:
+                raise CacheError(f"tensor {name!r} is not in cache {self.path} (it has {', '.join(self.spec.names)})")
+            self._level_arrays[key] = group[name]
+        return self._level_arrays[key]
+
+    def timestep(self, t) -> int:
+        return int(self._level(t).attrs["timestep"])
+
+    def done(self, t) -> np.ndarray:
+        """Which samples have features at noise level `t` (read now: a running extraction adds more)."""
+        return self._array(t, "done")[:]
+
+    def skipped(self, t) -> np.ndarray:
+        """Samples recorded as bad at noise level `t` (stored as zeros, never done)."""
+        return self._array(t, "skipped")[:]
+
+    def images_done(self) -> np.ndarray:
+        return self._root["images/done"][:]
+
+    def text_done(self) -> np.ndarray:
+        return self._root["text/done"][:]
+
+    # ---- data ---------------------------------------------------------------------------------
+    def read(self, t, row: int, names=None) -> dict[str, np.ndarray]:
+        """One sample's tensors at noise level `t` (float16, (C,H,W) each). Rows not done read as zeros."""
+        row = int(row)
+        if not 0 <= row < self.n_samples:
+            raise IndexError(f"row {row} out of range for {self.n_samples} samples")
+        return {name: self._array(t, name)[row] for name in (self.spec.names if names is None else names)}
+
+    def read_rows(self, t, rows, name: str) -> np.ndarray:
+        """One tensor for several rows: (n, C, H, W) float16."""
+        return _take(self._array(t, name), rows)
+
+    def gt(self, rows) -> np.ndarray:
+        return _take(self._gt, rows)
+
+    def latents(self, image_rows) -> np.ndarray:
+        return _take(self._latent, image_rows)
+
+    def embeddings(self, rows) -> np.ndarray:
+        return _take(self._embedding, rows)
+
+    def attention_mask(self, rows) -> np.ndarray:
+        return _take(self._attention_mask, rows)
+
+    def input_ids(self, rows) -> np.ndarray:
+        return _take(self._input_ids, rows)
+
+    @property
+    def bad(self) -> list[dict]:
+        """Samples recorded as bad by the writer: [{"sent_id", "reason"}]."""
+        return list(self.attrs.get("bad", []))
+
+    # ---- report -------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes the store takes on disk."""
+        return store_nbytes(self.path)
+
+    def describe(self) -> str:
+        """What `refseg-cache info` prints."""
+        spec = self.spec
+        lines = [
+            f"refseg cache {self.path}",
+            f"  format {self.format_version}, fingerprint {self.fingerprint}, shard size {self.shard_size}, "
+            f"codec {self.codec}",
+            f"  {self.n_samples} samples (sentences), {self.n_images} images; "
+            f"latents done {int(self.images_done().sum())}/{self.n_images}, "
+            f"text done {int(self.text_done().sum())}/{self.n_samples}",
+        ]
+        for key in SETTINGS_KEYS:
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {_show(v)}" for k, v in sorted(self.settings[key].items())] or ["  (empty)"]
+        per_sample = spec.bytes_per_sample()
+        lines.append(f"tensors ({_size(per_sample)} per sample per noise level, float16):")
+        for t_ in spec.tensors:
+            lines.append(f"  {t_.name:<10} {t_.kind:<9} {t_.channels}x{t_.size}x{t_.size}  stride {t_.stride}")
+        levels = self.noise_levels
+        lines.append("noise levels:" if levels else "noise levels: none yet")
+        for t in levels:
+            done, skipped = self.done(t), self.skipped(t)
+            lines.append(f"  T={t:<5} timestep {self.timestep(t):<5} done {int(done.sum())}/{self.n_samples}"
+                         + (f", skipped {int(skipped.sum())}" if skipped.any() else ""))
+        bad_ids = sorted({b["sent_id"] for b in self.bad})
+        if bad_ids:
+            lines.append(f"bad samples: {len(bad_ids)} (sent_ids {', '.join(map(str, bad_ids[:10]))}"
+                         + (", ..." if len(bad_ids) > 10 else "") + ")")
+        lines.append(f"size on disk: {_size(self.nbytes())}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Cache({self.path!r}, {self.n_samples} samples, T={self.noise_levels})"
+
+
+def _show(value) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

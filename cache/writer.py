@@ -1,0 +1,335 @@
+"""`CacheWriter`: create or resume a store and fill it one whole shard at a time.
+
+Stage 1 stores what every noise level shares: per image the VAE latent (`images/`), per sentence
+the tokens, text embedding and ground-truth mask (`text/`, `masks/`). Stage 2 stores, per noise
+level, the UNet features and attention maps (`tNNNN/`). In every stage a writer writes a whole
+shard's data and then its `done` flags, so a crash loses at most the shard being written and a
+reader never sees half a sample. Shards are split between writer processes by `part=(i, n)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import zarr
+
+from cache.fingerprint import compute_fingerprint, fingerprint_payload, mismatch_message
+from cache.layout import (
+    CODECS,
+    CREATING_ATTR,
+    DEFAULT_SHARD_SIZE,
+    FORMAT_ATTR,
+    FORMAT_VERSION,
+    INDEX_FIELDS,
+    CacheNotFoundError,
+    ImageTable,
+    IncompleteCacheError,
+    NewerFormatError,
+    SampleTable,
+    base_arrays,
+    create_array,
+    create_flags,
+    noise_arrays,
+    noise_group_name,
+    open_root,
+    validate_tables,
+)
+from refseg_core.errors import CacheError, CacheMismatchError, NonFiniteError
+from refseg_core.feature_spec import FeatureSpec
+
+
+def sorted_json(obj):
+    """`obj` with every dict's keys in sorted order: zarr writes attributes in insertion order, and
+    the same store must be the same bytes however it was written."""
+    if isinstance(obj, dict):
+        return {k: sorted_json(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [sorted_json(v) for v in obj]
+    return obj
+
+
+def shard_slices(n: int, shard_size: int, part: tuple[int, int] = (0, 1)) -> list[slice]:
+    """The shards of `n` rows that belong to `part` = (i, count): shard j iff j % count == i."""
+    i, count = (int(p) for p in part)
+    if count < 1 or not 0 <= i < count:
+        raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
+    return [slice(start, min(start + shard_size, n))
+            for j, start in enumerate(range(0, n, shard_size)) if j % count == i]
+
+
+class CacheWriter:
+    """Writes one cache store. Use `CacheWriter.open(...)`; the constructor takes an opened root group."""
+
+    def __init__(self, path: str, root: zarr.Group):
+        self.path = path
+        self._root = root
+        attrs = root.attrs.asdict()
+        self.spec = FeatureSpec.from_dict(attrs["spec"])
+        self.fingerprint = attrs["fingerprint"]
+        self.shard_size = int(attrs["shard_size"])
+        self.codec = attrs["codec"]
+        self.index = {name: root[f"index/{name}"][:] for name in INDEX_FIELDS}
+        self.n_samples = len(self.index["sent_id"])
+        self.image_ids = root["images/image_id"][:]
+        self.n_images = len(self.image_ids)
+        # handles opened once; noise groups are opened on first use
+        self._latent = root["images/latent"]
+        self._images_done = root["images/done"]
+        self._input_ids = root["text/input_ids"]
+        self._attention_mask = root["text/attention_mask"]
+        self._embedding = root["text/embedding"]
+        self._text_done = root["text/done"]
+        self._gt = root["masks/gt"]
+        self._levels: dict[int, dict[str, zarr.Array]] = {}
+
+    # ---- open / create ------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path,
+        *,
+        spec: FeatureSpec,
+        settings: dict,
+        samples: SampleTable,
+        images: ImageTable,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        codec: str = "none",
+        overwrite: bool = False,
+    ) -> "CacheWriter":
+        """Create the store at `path`, or resume the one there if it has the same fingerprint.
+
+        An existing store keeps its own shard size and codec (read `writer.shard_size`).
+        """
+        path = os.fspath(path)
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+        if int(shard_size) < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        validate_tables(samples, images)
+        payload = fingerprint_payload(settings, spec, samples.sent_id)
+        fingerprint = compute_fingerprint(payload)
+
+        # TODO(locks): several processes opening an absent store at once (torchrun ranks, --shard i/n)
+        # would each create it. Until the locking issue lands, let one process create the store
+        # (e.g. rank 0, then a barrier) before the others open it.
+        try:
+            root = open_root(path, mode="r+")
+        except CacheNotFoundError:
+            root = None
+        except IncompleteCacheError:
+            root = None  # an interrupted creation holds nothing worth keeping: create it again
+        except NewerFormatError:
+            if not overwrite:
+                raise
+            root = None
+        if root is not None and not overwrite:
+            attrs = root.attrs.asdict()
+            if attrs.get("fingerprint") != fingerprint:
+                stored = {key: attrs.get(key) for key in payload}
+                raise CacheMismatchError(mismatch_message(path, stored, payload))
+            return cls(path, root)
+        cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec)
+        return cls(path, open_root(path, mode="r+"))
+
+    @staticmethod
+    def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec):
+        root = zarr.open_group(path, mode="w", attributes={CREATING_ATTR: FORMAT_VERSION})
+        for name in ("index", "images", "text", "masks"):
+            root.create_group(name)
+        arrays = {}
+        for layout in base_arrays(spec, len(samples), len(images)):
+            group, name = layout.path.split("/")
+            arrays[layout.path] = create_array(root[group], layout, name, shard_size, codec)
+        create_flags(root["images"], "done", len(images), shard_size, dim="image")
+        create_flags(root["text"], "done", len(samples), shard_size)
+        for name in INDEX_FIELDS:
+            arrays[f"index/{name}"][:] = getattr(samples, name)
+        arrays["index/text"][:] = np.array(samples.text, dtype=object)
+        arrays["images/image_id"][:] = images.image_id
+        arrays["images/orig_hw"][:] = images.orig_hw
+        attrs = dict(payload, fingerprint=fingerprint, shard_size=shard_size, codec=codec)
+        attrs[FORMAT_ATTR] = FORMAT_VERSION
+        root.attrs.put(sorted_json(attrs))  # last: from here on the store counts as a cache
+
+    # ---- shared checks ------------------------------------------------------------------------
+    def _check_shard(self, rows, n: int, what: str) -> int:
+        """Rows must be exactly one whole shard; returns its length."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1) or rows.start is None or rows.stop is None:
+            raise ValueError(f"{what}: rows must be a shard slice like slice(0, {self.shard_size}), got {rows!r}")
+        start, stop = rows.start, rows.stop
+        if start % self.shard_size or not 0 <= start < n or stop != min(start + self.shard_size, n):
+            raise ValueError(f"{what}: rows {start}:{stop} are not one whole shard (shard size "
+                             f"{self.shard_size}, {n} rows); write whole shards from *_shards_todo()")
+        return stop - start
+
+    @staticmethod
+    def _as(array, dtype, shape, what: str) -> np.ndarray:
+        array = np.asarray(array)
+        if array.shape != tuple(shape):
+            raise ValueError(f"{what}: expected shape {tuple(shape)}, got {array.shape}")
+        with np.errstate(over="ignore"):  # a value too big for float16 becomes inf, which is then refused
+            return array.astype(dtype, copy=False)
+
+    def _check_finite(self, arrays: dict[str, np.ndarray], ids: np.ndarray, id_name: str, where: str,
+                      ignore: np.ndarray | None = None) -> None:
+        """Raise NonFiniteError naming every row (by id) and tensor holding a NaN/inf; nothing is written."""
+        bad: dict[int, list[str]] = {}
+        for name, array in arrays.items():
+            finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+            if ignore is not None:
+                finite |= ignore
+            for r in np.flatnonzero(~finite):
+                bad.setdefault(int(r), []).append(name)
+        if bad:
+            listed = "; ".join(f"{id_name} {int(ids[r])} ({', '.join(names)})" for r, names in sorted(bad.items()))
+            raise NonFiniteError(f"non-finite values (NaN/inf in float16) {where}: {listed}; "
+                                 f"nothing of this shard was written to {self.path}")
+
+    def _rows_to_read(self, arr: zarr.Array, rows) -> np.ndarray:
+        if isinstance(rows, (slice, int, np.integer)):
+            return arr[rows]
+        return arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),))
+
+    # ---- stage 1: per image --------------------------------------------------------------------
+    def image_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
+        done = self._images_done[:]
+        return [s for s in shard_slices(self.n_images, self.shard_size, part) if not done[s].all()]
+
+    def write_latents(self, rows: slice, latent: np.ndarray) -> None:
+        n = self._check_shard(rows, self.n_images, "write_latents")
+        spec = self.spec
+        latent = self._as(latent, np.float16, (n, spec.latent_channels, spec.latent_size, spec.latent_size), "latent")
+        self._check_finite({"latent": latent}, self.image_ids[rows], "image_id", "in the VAE latent")
+        self._latent[rows] = latent
+        self._images_done[rows] = np.ones(n, dtype=bool)
+
+    def read_latents(self, rows) -> np.ndarray:
+        return self._rows_to_read(self._latent, rows)
+
+    # ---- stage 1: per sentence -----------------------------------------------------------------
+    def text_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
+        done = self._text_done[:]
+        return [s for s in shard_slices(self.n_samples, self.shard_size, part) if not done[s].all()]
+
+    def write_text(self, rows: slice, input_ids, attention_mask, embedding, gt) -> None:
+        n = self._check_shard(rows, self.n_samples, "write_text")
+        spec = self.spec
+        L, D, S = spec.token_length, spec.text_dim, spec.image_size
+        input_ids = self._as(input_ids, np.int32, (n, L), "input_ids")
+        attention_mask = self._as(attention_mask, np.uint8, (n, L), "attention_mask")
+        embedding = self._as(embedding, np.float16, (n, L, D), "embedding")
+        gt = self._as(gt, np.uint8, (n, S, S), "gt")
+        self._check_finite({"embedding": embedding}, self.index["sent_id"][rows], "sent_id", "in the text embedding")
+        self._input_ids[rows] = input_ids
+        self._attention_mask[rows] = attention_mask
+        self._embedding[rows] = embedding
+        self._gt[rows] = gt
+        self._text_done[rows] = np.ones(n, dtype=bool)
+
+    def read_embeddings(self, rows) -> np.ndarray:
+        return self._rows_to_read(self._embedding, rows)
+
+    def read_attention_mask(self, rows) -> np.ndarray:
+        return self._rows_to_read(self._attention_mask, rows)
+
+    # ---- stage 2: per noise level ---------------------------------------------------------------
+    def add_noise_level(self, t: int, timestep: int) -> None:
+        """Create group tNNNN for noise level `t` (UNet run at `timestep`); a no-op if it exists."""
+        t, timestep = int(t), int(timestep)
+        name = noise_group_name(t)
+        group = self._root[name] if name in self._root else self._root.create_group(name)
+        attrs = group.attrs.asdict()
+        if "timestep" in attrs and int(attrs["timestep"]) != timestep:
+            raise CacheMismatchError(
+                f"cache {self.path} has noise level T={t} extracted with timestep {attrs['timestep']}, "
+                f"but this run asks for timestep {timestep} (use --overwrite to replace it)")
+        # arrays first, attributes last: a group without attributes is an unfinished one, finished here
+        members = set(group.array_keys())
+        for layout in noise_arrays(self.spec, self.n_samples):
+            if layout.path not in members:
+                create_array(group, layout, layout.path, self.shard_size, self.codec)
+        for flag in ("done", "skipped"):
+            if flag not in members:
+                create_flags(group, flag, self.n_samples, self.shard_size)
+        if not attrs:
+            group.attrs.put(sorted_json({"noise_t": t, "timestep": timestep}))
+        self._levels.pop(t, None)
+
+    def _level(self, t: int) -> dict[str, zarr.Array]:
+        t = int(t)
+        if t not in self._levels:
+            name = noise_group_name(t)
+            if name not in self._root or "noise_t" not in self._root[name].attrs:
+                raise CacheError(f"noise level T={t} was not added to cache {self.path} (call add_noise_level)")
+            group = self._root[name]
+            self._levels[t] = {key: group[key] for key in (*self.spec.names, "done", "skipped")}
+        return self._levels[t]
+
+    @property
+    def noise_levels(self) -> list[int]:
+        from cache.reader import list_noise_levels
+
+        return list_noise_levels(self._root)
+
+    def done(self, t: int) -> np.ndarray:
+        return self._level(t)["done"][:]
+
+    def feature_shards_todo(self, t: int, part: tuple[int, int] = (0, 1)) -> list[slice]:
+        level = self._level(t)
+        finished = level["done"][:] | level["skipped"][:]
+        return [s for s in shard_slices(self.n_samples, self.shard_size, part) if not finished[s].all()]
+
+    def write_features(self, t: int, rows: slice, arrays: dict[str, np.ndarray], skipped: np.ndarray | None = None):
+        """Write one shard of features for noise level `t`; rows marked `skipped` are stored as zeros."""
+        level = self._level(t)
+        n = self._check_shard(rows, self.n_samples, "write_features")
+        names = set(arrays)
+        if names != set(self.spec.names):
+            raise ValueError(f"write_features: expected tensors {sorted(self.spec.names)}, got {sorted(names)}")
+        skipped = np.zeros(n, dtype=bool) if skipped is None else self._as(skipped, bool, (n,), "skipped")
+        data = {t_.name: self._as(arrays[t_.name], np.float16, (n, *t_.shape), t_.name) for t_ in self.spec.tensors}
+        self._check_finite(data, self.index["sent_id"][rows], "sent_id", f"in features at T={int(t)}", ignore=skipped)
+        if skipped.any():  # whatever a skipped row held (often the NaN that got it skipped), store zeros
+            keep = ~skipped.reshape(-1, 1, 1, 1)
+            data = {name: np.where(keep, array, np.float16(0)) for name, array in data.items()}
+        for name, array in data.items():
+            level[name][rows] = array
+        level["skipped"][rows] = skipped
+        level["done"][rows] = ~skipped
+
+    # ---- report ---------------------------------------------------------------------------------
+    def record_bad(self, sent_ids, reason) -> None:
+        """Note samples that could not be extracted (root attribute "bad", sorted, for the report).
+
+        `reason` is one string for all of them, or one string per sent_id.
+        """
+        sent_ids = [int(s) for s in np.atleast_1d(np.asarray(sent_ids))]
+        reasons = [reason] * len(sent_ids) if isinstance(reason, str) else [str(r) for r in reason]
+        if len(reasons) != len(sent_ids):
+            raise ValueError(f"record_bad: {len(sent_ids)} sent_ids but {len(reasons)} reasons")
+        # TODO(locks): read-modify-write of the root attributes; concurrent writers may lose entries.
+        attrs = self._root.attrs.asdict()
+        entries = {(int(e["sent_id"]), str(e["reason"])) for e in attrs.get("bad", [])}
+        entries |= set(zip(sent_ids, reasons))
+        attrs["bad"] = [{"sent_id": s, "reason": r} for s, r in sorted(entries)]
+        self._root.attrs.put(sorted_json(attrs))
+
+    @property
+    def bad(self) -> list[dict]:
+        """What record_bad() recorded, in this run or an earlier one: [{"sent_id", "reason"}]."""
+        return list(self._root.attrs.asdict().get("bad", []))
+
+    def bad_rows(self) -> np.ndarray:
+        """The rows (sorted) of the samples recorded as bad."""
+        bad_ids = np.array(sorted({e["sent_id"] for e in self.bad}), dtype=np.int64)
+        return np.flatnonzero(np.isin(self.index["sent_id"], bad_ids))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __repr__(self) -> str:
+        return f"CacheWriter({self.path!r}, {self.n_samples} samples, {self.n_images} images, shard {self.shard_size})"
