@@ -50,8 +50,21 @@ def fingerprint_payload(settings: dict, spec: FeatureSpec, sent_ids) -> dict:
     return canonical(payload)
 
 
+# Where files live is not what they are: moving the dataset or a weights folder keeps a cache valid,
+# because the weights hash (backbone) and the sent_ids digest (samples) say what was extracted.
+LOCATION_KEYS = (("backbone", "model"), ("dataset", "data_root"), ("dataset", "image_root"))
+
+
+def without_locations(payload: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in payload.items()}
+    for group, key in LOCATION_KEYS:
+        if isinstance(out.get(group), dict):
+            out[group].pop(key, None)
+    return out
+
+
 def compute_fingerprint(payload: dict) -> str:
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(without_locations(payload)).encode()).hexdigest()[:16]
 
 
 _ABSENT = object()
@@ -88,7 +101,7 @@ def mismatch_message(path: str, stored: dict, requested: dict) -> str:
     The spec follows from the backbone and extraction settings, so when those differ the spec's own
     differences are summarised instead of listed.
     """
-    found = diff(stored, requested)
+    found = diff(without_locations(stored), without_locations(requested))
     settings_differ = any(key.split(".")[0].split("[")[0] in SETTINGS_KEYS for key, _, _ in found)
     parts = [f"{key} is {_show(a)} in the store but {_show(b)} now" for key, a, b in found
              if not (settings_differ and key.startswith("spec"))]

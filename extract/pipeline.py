@@ -1,0 +1,402 @@
+"""The extraction pipeline: dataset -> frozen backbone -> Zarr cache.
+
+Work is done in the cheapest order and each piece once:
+  stage 1a  VAE once per image            -> images/latent   (skipped for images already done)
+  stage 1b  text encoder once per sentence -> text/*, masks/gt
+  stage 2   UNet once per (sentence, T)    -> tNNNN/*         (reads the stored latents/embeddings back)
+Stage 2 always starts from the *stored* float16 latent and embedding, so a noise level added later to
+an existing store gets exactly the bytes it would have got in the first run, and the VAE and text
+encoder never run again.
+
+Determinism: samples are sorted by (image_id, sent_id); ε comes from a generator seeded by
+(noise seed, image_id, T); shards are written whole. The bytes written do not depend on
+`--batch-size`, on interruption/resume, or on `--shard i/n`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache import layout
+from cache.layout import ImageTable, SampleTable
+from cache.writer import CacheWriter
+from extract.capture import UNetCapture
+from extract.shard_buffer import BackgroundWriter, ShardBuffer
+from refseg_core.backbone import Backbone, load_backbone
+from refseg_core.errors import DataError, NonFiniteError, RefsegError
+from refseg_core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES
+from refseg_core.noise import add_noise, alphas_cumprod, make_noise
+from refseg_core.refer import ReferDataset
+from refseg_core.transforms import image_to_tensor, load_image, mask_to_size
+
+
+@dataclass
+class ExtractionConfig:
+    """Every setting of one extraction run (the CLI fills it from flags)."""
+
+    data_root: str
+    dataset: str
+    split: str
+    out: str
+    model: str = "tiny"
+    noise_ts: tuple[int, ...] = (0,)
+    split_by: str = "unc"
+    image_root: str | None = None
+    model_config: str | None = None
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    image_size: int = 512
+    token_length: int = 40
+    limit: int | None = None
+    sentences: str = "all"  # "all" | "first" (the first sentence of each ref)
+    strides: tuple[int, ...] = DEFAULT_STRIDES
+    attn_strides: tuple[int, ...] = DEFAULT_ATTN_STRIDES
+    timestep: int | None = None  # UNet timestep; None -> T
+    latent_scaling: str = "sd"  # "sd" (times vae scaling_factor) | "none" (VPD)
+    noise_seed: int = 0
+    text_field: str = "sent"
+    mask_rule: str = "vpd"
+    shard_size: int | None = None  # None -> cache default
+    codec: str = "none"
+    workers: int = 0
+    shard: tuple[int, int] = (0, 1)  # this process's part (i, n) of the shards
+    overwrite: bool = False
+    skip_bad: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractionReport:
+    n_samples: int
+    n_images: int
+    noise_ts: tuple[int, ...]
+    computed: dict = field(default_factory=dict)  # stage -> rows computed in this run
+    truncated: int = 0  # sentences longer than --token-length (counted over all selected samples)
+    bad: dict = field(default_factory=dict)  # sent_id -> reason (with --skip-bad)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"cache: {self.n_samples} samples, {self.n_images} images, noise levels {list(self.noise_ts)}"]
+        for stage, n in self.computed.items():
+            out.append(f"  {stage}: {n} computed this run")
+        out.append(f"  sentences truncated to the token length: {self.truncated}")
+        if self.bad:
+            out.append(f"  skipped bad samples: {len(self.bad)}")
+            out += [f"    sent_id {sid}: {why}" for sid, why in sorted(self.bad.items())[:20]]
+        out.append(f"  time: {self.seconds:.1f} s")
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection and settings
+
+
+def select_samples(refer: ReferDataset, split: str, sentences: str, limit: int | None):
+    """The samples of a split in cache order: sorted by (image_id, sent_id), optionally first-sentence/limited."""
+    samples = refer.samples(split)
+    if sentences == "first":
+        seen, firsts = set(), []
+        for s in samples:
+            if s.ref_id not in seen:
+                seen.add(s.ref_id)
+                firsts.append(s)
+        samples = firsts
+    samples = sorted(samples, key=lambda s: (s.image_id, s.sent_id))
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise DataError(f"split '{split}' of {refer.dataset} has no samples to extract")
+    return samples
+
+
+def build_tables(refer: ReferDataset, samples) -> tuple[SampleTable, ImageTable, list[str]]:
+    """The cache's sample/image tables, plus each image row's file path."""
+    orig_hw = {}
+    for s in samples:
+        if s.image_id not in orig_hw:
+            info = refer.image(s.image_id)
+            orig_hw[s.image_id] = (int(info["height"]), int(info["width"]))
+    samples_table, images_table = layout.build_tables(samples, orig_hw)
+    path_of = {s.image_id: str(s.image_path) for s in samples}
+    return samples_table, images_table, [path_of[int(i)] for i in images_table.image_id]
+
+
+def cache_settings(cfg: ExtractionConfig, backbone: Backbone) -> dict:
+    """What the cache's fingerprint covers (noise levels excluded: they are groups inside one store)."""
+    return {
+        "backbone": dict(backbone.identity),
+        "extraction": {
+            "image_size": cfg.image_size,
+            "token_length": cfg.token_length,
+            "latent_scaling": cfg.latent_scaling,
+            "noise_seed": cfg.noise_seed,
+            "strides": sorted(cfg.strides),
+            "attn_strides": sorted(cfg.attn_strides),
+            "dtype": str(backbone.dtype).replace("torch.", ""),
+            "text_field": cfg.text_field,
+            "mask_rule": cfg.mask_rule,
+        },
+        "dataset": {
+            "data_root": os.path.abspath(cfg.data_root),
+            "dataset": cfg.dataset,
+            "split_by": cfg.split_by,
+            "split": cfg.split,
+            "image_root": os.path.abspath(cfg.image_root) if cfg.image_root else None,
+            "sentences": cfg.sentences,
+            "limit": cfg.limit,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1a: images -> latents
+
+
+class _ImageRows(torch.utils.data.Dataset):
+    """Decodes and resizes images in DataLoader workers; a bad image is reported, not raised, so the
+    main process decides (error naming the sample, or --skip-bad)."""
+
+    def __init__(self, rows: list[int], paths: list[str], size: int):
+        self.rows, self.paths, self.size = rows, paths, size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            x = image_to_tensor(load_image(self.paths[row]), self.size)
+            return row, x, ""
+        except (DataError, OSError) as exc:
+            return row, torch.zeros(3, self.size, self.size), str(exc) or type(exc).__name__
+
+
+def _loader(dataset, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=lambda items: list(zip(*items)), persistent_workers=False,
+    )
+
+
+def batch_invariant(backbone: Backbone, fn, *batch: torch.Tensor):
+    """`fn(*batch)`, computed so that each sample's result does not depend on the batch it came in.
+
+    On CPU, oneDNN convolutions and MKL's small-matrix GEMMs (the time-embedding layers see M = batch
+    rows) round differently for different batch sizes, which would make the cache's bytes depend on
+    --batch-size; so on CPU the backbone runs one sample at a time. On a GPU the batch runs whole:
+    there the bytes are reproducible for a given --batch-size (and across resume and --shard), and
+    differ from another batch size by float16 rounding at most.
+    """
+    if backbone.device.type != "cpu" or len(batch[0]) == 1:
+        return fn(*batch)
+    parts = [fn(*(x[i:i + 1] for x in batch)) for i in range(len(batch[0]))]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def _rows_of(shards: list[slice]) -> list[int]:
+    return [r for s in shards for r in range(s.start, s.stop)]
+
+
+@torch.inference_mode()
+def encode_latents(cfg, backbone, writer, image_paths, images_table, report, io, bad_images):
+    shards = writer.image_shards_todo(cfg.shard)
+    rows = _rows_of(shards)
+    report.computed["vae (images)"] = len(rows)
+    if not rows:
+        return
+    buffer = ShardBuffer(shards, lambda s, a, skipped: io.submit(writer.write_latents, s, a["latent"]))
+    lat_shape = (backbone.vae.config.latent_channels, cfg.image_size // backbone.vae_scale_factor,
+                 cfg.image_size // backbone.vae_scale_factor)
+    scale = backbone.scaling_factor if cfg.latent_scaling == "sd" else 1.0
+    bar = tqdm(total=len(rows), desc="VAE (images)", unit="img", disable=not cfg.progress)
+    for batch_rows, xs, errors in _loader(_ImageRows(rows, image_paths, cfg.image_size), cfg.batch_size, cfg.workers):
+        for row, err in zip(batch_rows, errors):
+            if err:
+                image_id = int(images_table.image_id[row])
+                if not cfg.skip_bad:
+                    raise DataError(f"image_id {image_id} ({image_paths[row]}): {err} (use --skip-bad to skip it)")
+                bad_images[row] = err
+        x = torch.stack(list(xs)).to(backbone.device, backbone.dtype)
+        z0 = batch_invariant(backbone, lambda b: backbone.vae.encode(b).latent_dist.mode(), x) * scale
+        z0 = z0.to(torch.float16).cpu().numpy()
+        if not np.isfinite(z0).all():
+            bad = [int(images_table.image_id[r]) for r, z in zip(batch_rows, z0) if not np.isfinite(z).all()]
+            raise NonFiniteError(f"non-finite VAE latent for image_id {bad[0]}{_dtype_hint(backbone)}")
+        for row, z in zip(batch_rows, z0):
+            buffer.add(row, {"latent": z if row not in bad_images else np.zeros(lat_shape, np.float16)})
+        bar.update(len(batch_rows))
+    bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1b: sentences -> token ids, embeddings; GT masks
+
+
+def count_truncated(tokenizer, texts: list[str], length: int) -> int:
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    return sum(n > length for n in lengths)
+
+
+@torch.inference_mode()
+def encode_text(cfg, backbone, writer, refer, samples_table, report, io, bad_samples):
+    shards = writer.text_shards_todo(cfg.shard)
+    rows = _rows_of(shards)
+    report.computed["text encoder (sentences)"] = len(rows)
+    if not rows:
+        return
+    buffer = ShardBuffer(shards, lambda s, a, skipped: io.submit(
+        writer.write_text, s, a["input_ids"], a["attention_mask"], a["embedding"], a["gt"]))
+    size, length = cfg.image_size, cfg.token_length
+    masks: dict[int, np.ndarray] = {}  # ref_id -> mask at S×S; refs' sentences are adjacent-ish
+    bar = tqdm(total=len(rows), desc="text + masks", unit="sent", disable=not cfg.progress)
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start:start + cfg.batch_size]
+        texts = []
+        for row in batch:
+            text = samples_table.text[row]
+            if not text.strip():
+                sid = int(samples_table.sent_id[row])
+                if not cfg.skip_bad:
+                    raise DataError(f"sent_id {sid} (ref {int(samples_table.ref_id[row])}) has an empty sentence "
+                                    "(use --skip-bad to skip it)")
+                bad_samples[row] = "empty sentence"
+            texts.append(text)
+        tok = backbone.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        ids = tok["input_ids"].to(backbone.device)
+        emb = batch_invariant(backbone, lambda b: backbone.text_encoder(b)[0], ids).to(torch.float16).cpu().numpy()
+        for j, row in enumerate(batch):
+            ref_id = int(samples_table.ref_id[row])
+            if ref_id not in masks:
+                try:
+                    masks[ref_id] = mask_to_size(refer.mask(ref_id, rule=cfg.mask_rule), size)
+                except DataError as exc:
+                    if not cfg.skip_bad:
+                        raise
+                    bad_samples[row] = str(exc)
+                    masks[ref_id] = np.zeros((size, size), np.uint8)
+            buffer.add(row, {
+                "input_ids": tok["input_ids"][j].numpy().astype(np.int32),
+                "attention_mask": tok["attention_mask"][j].numpy().astype(np.uint8),
+                "embedding": emb[j],
+                "gt": masks[ref_id],
+            })
+        bar.update(len(batch))
+    bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: UNet per (sentence, T)
+
+
+def _dtype_hint(backbone: Backbone) -> str:
+    return " (float16 overflow? try --dtype bf16)" if backbone.dtype == torch.float16 else ""
+
+
+@torch.inference_mode()
+def extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, io, bad_rows):
+    timestep = cfg.timestep if cfg.timestep is not None else t
+    writer.add_noise_level(t, timestep)
+    shards = writer.feature_shards_todo(t, cfg.shard)
+    rows = _rows_of(shards)
+    report.computed[f"unet T={t}"] = len(rows)
+    if not rows:
+        return
+    acp = alphas_cumprod(backbone.scheduler_config)
+    zero = {ti.name: np.zeros(ti.shape, np.float16) for ti in spec.tensors}
+
+    def flush(shard, arrays, skipped):
+        io.submit(writer.write_features, t, shard, arrays, skipped)
+
+    buffer = ShardBuffer(shards, flush)
+    bar = tqdm(total=len(rows), desc=f"UNet T={t}", unit="sample", disable=not cfg.progress)
+    with UNetCapture(backbone.unet, spec) as capture:
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = np.array(rows[start:start + cfg.batch_size])
+            image_rows = samples_table.image_row[batch]
+            z0 = torch.from_numpy(writer.read_latents(image_rows)).float()
+            eps = torch.stack([make_noise(tuple(z0.shape[1:]), cfg.noise_seed, int(samples_table.image_id[r]), t)
+                               for r in batch])
+            zt = add_noise(z0, t, eps, acp).to(backbone.device, backbone.dtype)
+            emb = torch.from_numpy(writer.read_embeddings(batch)).to(backbone.device, backbone.dtype)
+            steps = torch.full((len(batch),), timestep, dtype=torch.long, device=backbone.device)
+            captured = batch_invariant(backbone, capture.run, zt, steps, emb)
+            host = {k: v.to(torch.float16).cpu().numpy() for k, v in captured.items()}
+            for j, row in enumerate(batch):
+                row = int(row)
+                if row in bad_rows:
+                    buffer.add(row, zero, skipped=True)
+                else:
+                    buffer.add(row, {k: v[j] for k, v in host.items()})
+            bar.update(len(batch))
+    bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> ExtractionReport:
+    """Extract features for every noise level in `cfg.noise_ts` into `cfg.out` (resumable)."""
+    t_start = time.perf_counter()
+    if cfg.batch_size < 1:
+        raise RefsegError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if any(t < 0 or t > 999 for t in cfg.noise_ts):
+        raise RefsegError(f"--noise-t must be in 0..999 (got {list(cfg.noise_ts)})")
+    refer = ReferDataset(cfg.data_root, cfg.dataset, split_by=cfg.split_by, image_root=cfg.image_root,
+                         text_field=cfg.text_field)
+    samples = select_samples(refer, cfg.split, cfg.sentences, cfg.limit)
+    samples_table, images_table, image_paths = build_tables(refer, samples)
+    if backbone is None:
+        backbone = load_backbone(cfg.model, model_config=cfg.model_config, device=cfg.device, dtype=cfg.dtype)
+    spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides)
+    writer_kwargs = {"shard_size": cfg.shard_size} if cfg.shard_size else {}
+    writer = CacheWriter.open(cfg.out, spec=spec, settings=cache_settings(cfg, backbone), samples=samples_table,
+                              images=images_table, codec=cfg.codec, overwrite=cfg.overwrite, **writer_kwargs)
+
+    report = ExtractionReport(len(samples), len(image_paths), tuple(cfg.noise_ts))
+    report.truncated = count_truncated(backbone.tokenizer, samples_table.text, cfg.token_length)
+    bad_images: dict[int, str] = {}  # image row -> reason
+    bad_samples: dict[int, str] = {}  # sample row -> reason
+    io = BackgroundWriter()
+    try:
+        encode_latents(cfg, backbone, writer, image_paths, images_table, report, io, bad_images)
+        encode_text(cfg, backbone, writer, refer, samples_table, report, io, bad_samples)
+        for row in np.flatnonzero(np.isin(samples_table.image_row, list(bad_images))):
+            bad_samples.setdefault(int(row), bad_images[int(samples_table.image_row[row])])
+        if bad_samples:
+            rows = sorted(bad_samples)
+            writer.record_bad([int(samples_table.sent_id[r]) for r in rows], [bad_samples[r] for r in rows])
+        bad_rows = set(bad_samples) | set(writer.bad_rows())
+        io.close()  # stage 2 reads the latents and embeddings back: they must be on disk
+        io = BackgroundWriter()
+        for t in cfg.noise_ts:
+            extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, io, bad_rows)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc}{_dtype_hint(backbone)}") from None
+    finally:
+        # Whatever happened, let finished shards reach the disk (they are valid and will be skipped
+        # on resume); the first write error, if any, is raised here.
+        io.close()
+    report.bad = {int(samples_table.sent_id[r]): why for r, why in bad_samples.items()}
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def with_preset(cfg: ExtractionConfig, preset: str | None, explicit: set[str]) -> ExtractionConfig:
+    """Apply a named preset to the settings the user did not set explicitly."""
+    if preset is None:
+        return cfg
+    if preset != "vpd":
+        raise RefsegError(f"unknown preset '{preset}' (known: vpd)")
+    # VPD (Zhao et al. 2023): no noise, UNet timestep 1, unscaled latents, 40 tokens, A32 attention.
+    values = {"noise_ts": (0,), "timestep": 1, "latent_scaling": "none", "token_length": 40, "attn_strides": (16, 32)}
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in explicit})
