@@ -21,3 +21,8 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+.PHONY: demo
+# The report's noise-ablation study on the built-in backbone and synthetic data (minutes on a laptop CPU).
+demo: $(STAMP)
+	$(BIN)/refseg-report demo --out demo-out

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Referring image segmentation from a frozen text-to-image diffusion backbone (VPD-style), with a Zarr feature cache.",
     python_requires=">=3.10",
-    packages=find_packages(include=["refseg_core*", "extract*", "cache*", "heads*"]),
+    packages=find_packages(include=["refseg_core*", "extract*", "cache*", "heads*", "study*"]),
     include_package_data=True,
     package_data={"refseg_core": ["assets/*", "assets/**/*"]},
     install_requires=[
@@ -27,6 +27,11 @@ setup(
     entry_points={
         "console_scripts": [
             "refseg-data=refseg_core.data_cli:main",
+            "refseg-cache=cache.cli:main",
+            "refseg-extract=extract.cli:main",
+            "refseg-train-head=heads.cli_train:main",
+            "refseg-eval=heads.cli_eval:main",
+            "refseg-report=study.cli:main",
         ],
     },
 )
