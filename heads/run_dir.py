@@ -1,0 +1,197 @@
+"""A head run directory on disk, and nothing else: paths, atomic writes, checks on read.
+
+```
+RUN/
+  config.json        what was trained on what: head, head args, feature spec, cache fingerprint and
+                     settings, noise T, timestep, seed, optimizer, lr, epochs, batch size, versions
+  head.safetensors   the weights after the last completed epoch
+  best.safetensors   the weights of the epoch with the best val oIoU (only with a val cache)
+  metrics.jsonl      one JSON line per epoch: epoch, loss, samples_per_s, lr, val metrics
+  state.safetensors  everything needed to resume: weights, optimizer tensors, and a JSON header
+                     (epoch, iteration, best val oIoU, RNG states) in the file's metadata, so that
+                     weights and state can never come from different epochs
+```
+Every file is written to a temporary name and renamed into place, so an interrupted run leaves the
+previous epoch's files intact. Nothing here unpickles: weights and state are safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from refseg_core.errors import RunError
+
+CONFIG = "config.json"
+HEAD = "head.safetensors"
+BEST = "best.safetensors"
+METRICS = "metrics.jsonl"
+STATE = "state.safetensors"
+CHECKPOINTS = {"last": HEAD, "best": BEST}
+
+
+# ---- creating / checking a directory ------------------------------------------------------------
+def prepare_new(out: Path) -> None:
+    """Create `out` for a fresh run; refuse an existing non-empty directory (never clobber a run)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run path {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"run directory {out} already exists and is not empty: pass --resume to continue it, "
+                       "or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def require_run(run: Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"run directory {run} does not exist")
+    if not (run / CONFIG).is_file():
+        raise RunError(f"{run} is not a head run directory (no {CONFIG})")
+    return run
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    def write(tmp):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    _replace_atomically(Path(path), write)
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def read_config(run: Path) -> dict:
+    path = require_run(run) / CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not valid JSON ({exc})") from None
+    for key in ("head", "head_args", "spec", "noise_t", "cache"):
+        if key not in cfg:
+            raise RunError(f"{path} lacks {key!r}: not a refseg head run (or from an incompatible version)")
+    return cfg
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint; anything else (a pickle, a truncated file) is a RunError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunError(f"checkpoint {path} is not a valid safetensors file ({' '.join(str(exc).split())})") from None
+
+
+def checkpoint_path(run: Path, checkpoint: str) -> tuple[Path, str]:
+    """The weights file for `checkpoint` ("best" | "last") and the name actually used.
+
+    `best` falls back to `last` when the run had no val cache (then there is no best epoch).
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise RunError(f"unknown checkpoint {checkpoint!r} (choose best or last)")
+    run = require_run(run)
+    path = run / CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not path.exists() and (run / HEAD).exists():
+        return run / HEAD, "last"
+    if not path.exists():
+        others = sorted(p.name for p in run.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"))
+        hint = f" (found {', '.join(others)}: only safetensors checkpoints are read)" if others else \
+            " (no epoch has completed yet?)"
+        raise RunError(f"run {run} has no {path.name}{hint}")
+    return path, checkpoint
+
+
+# ---- metrics.jsonl ------------------------------------------------------------------------------
+def append_metrics(run: Path, record: dict) -> None:
+    with open(Path(run) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run: Path, last_epoch: int) -> None:
+    """Keep the lines of epochs <= last_epoch (a run killed after logging but before saving state)."""
+    records = [r for r in read_metrics(run) if r.get("epoch", 0) <= last_epoch]
+    _replace_atomically(Path(run) / METRICS,
+                        lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+# ---- training state -----------------------------------------------------------------------------
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (everything else)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in info.get("scalars", {}).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_info = optimizer_to_tensors(optimizer)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {"training_state": json.dumps(dict(info, optimizer=opt_info))}
+    save_weights(Path(run) / STATE, tensors, metadata=meta)
+
+
+def load_state(run: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:
+    """-> (info, model_state_dict, optimizer_state_dict, rng tensors) from `RUN/state.safetensors`."""
+    path = Path(run) / STATE
+    if not path.exists():
+        raise RunError(f"run {run} has no {STATE}: no epoch completed, nothing to resume (start it again "
+                       "without --resume in an empty directory)")
+    tensors = load_weights(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "training_state" not in meta:
+        raise RunError(f"{path} has no training state header")
+    info = json.loads(meta["training_state"])
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    opt_sd = optimizer_from_tensors(tensors, info.pop("optimizer"))
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    return info, model_sd, opt_sd, rng
