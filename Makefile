@@ -26,3 +26,8 @@ test: $(STAMP)
 # The report's noise-ablation study on the built-in backbone and synthetic data (minutes on a laptop CPU).
 demo: $(STAMP)
 	$(BIN)/refseg-report demo --out demo-out
+
+.PHONY: docs
+# docs/CLI.md from the commands' own --help (tests/test_docs.py fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m study.cli_reference > docs/CLI.md

@@ -140,6 +140,8 @@ def pca_rgb(feature: np.ndarray) -> np.ndarray:
 
     c, h, w = feature.shape
     pixels = feature.reshape(c, h * w).T.astype(np.float32)
+    if h * w < 2:  # a 1×1 level has no spatial variance to project
+        return np.full((h, w, 3), 0.5, dtype=np.float32)
     n = min(3, pixels.shape[0], pixels.shape[1])
     comps = PCA(n_components=n, random_state=0).fit_transform(pixels)
     if n < 3:
