@@ -1,0 +1,3 @@
+from refseg_core.tiny_synth.cli import main
+
+main()
