@@ -5,11 +5,20 @@ the tokens, text embedding and ground-truth mask (`text/`, `masks/`). Stage 2 st
 level, the UNet features and attention maps (`tNNNN/`). In every stage a writer writes a whole
 shard's data and then its `done` flags, so a crash loses at most the shard being written and a
 reader never sees half a sample. Shards are split between writer processes by `part=(i, n)`.
+
+Several processes may write one local store at once (cache/lock.py): creating it, adding a noise
+level and recording bad samples happen under the store's metadata lock, and a process claims a shard
+(`claim_shards`) before computing it, so two processes never write the same shard. Every file is
+written by zarr to a temporary name and renamed into place; the temporary files of a writer that was
+killed are removed by the next writer that finds itself alone with the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 
 import numpy as np
 import zarr
@@ -30,11 +39,14 @@ from cache.layout import (
     base_arrays,
     create_array,
     create_flags,
+    is_local,
+    local_path,
     noise_arrays,
     noise_group_name,
     open_root,
     validate_tables,
 )
+from cache.lock import StoreLock
 from refseg_core.errors import CacheError, CacheMismatchError, NonFiniteError
 from refseg_core.feature_spec import FeatureSpec
 
@@ -58,12 +70,56 @@ def shard_slices(n: int, shard_size: int, part: tuple[int, int] = (0, 1)) -> lis
             for j, start in enumerate(range(0, n, shard_size)) if j % count == i]
 
 
+_PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes here, then renames
+
+
+def remove_stale_partial_files(path: str) -> int:
+    """Delete the temporary files that writes cut short by a crash left in a local store; how many.
+
+    Only safe while no other process writes the store (the caller holds its presence alone).
+    """
+    removed = 0
+    for dirpath, _, files in os.walk(local_path(path)):
+        for name in files:
+            if _PARTIAL_FILE.search(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
+
+
+class CacheWriteError(CacheError, OSError):
+    """Writing the store failed (a full disk, an I/O error): one line that says what to do next.
+
+    Both a `CacheError` (CLIs print it and exit 2) and an `OSError` (what callers catching I/O
+    errors expect); `errno` is that of the original error.
+    """
+
+    @classmethod
+    def from_os_error(cls, path: str, exc: OSError) -> "CacheWriteError":
+        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        what = " ".join(str(exc.strerror or exc).split()) + (f" ({code})" if code else "")
+        where = f" at {exc.filename}" if exc.filename else ""
+        err = cls(f"writing cache {path} failed: {what}{where}; the shards finished before are kept and valid: "
+                  "free space or fix the disk, then rerun the same command to resume")
+        err.errno = exc.errno
+        return err
+
+
+def _refuse_what_is_not_a_cache(path: str) -> None:
+    try:
+        open_root(path, mode="r")
+    except (CacheNotFoundError, IncompleteCacheError, NewerFormatError):
+        pass  # to be created, redone or replaced: decided under the lock
+
+
 class CacheWriter:
     """Writes one cache store. Use `CacheWriter.open(...)`; the constructor takes an opened root group."""
 
-    def __init__(self, path: str, root: zarr.Group):
+    def __init__(self, path: str, root: zarr.Group, lock: StoreLock | None = None):
         self.path = path
         self._root = root
+        self._lock = lock  # None for a remote (fsspec) store: no inter-process locks there
         attrs = root.attrs.asdict()
         self.spec = FeatureSpec.from_dict(attrs["spec"])
         self.fingerprint = attrs["fingerprint"]
@@ -110,27 +166,52 @@ class CacheWriter:
         payload = fingerprint_payload(settings, spec, samples.sent_id)
         fingerprint = compute_fingerprint(payload)
 
-        # TODO(locks): several processes opening an absent store at once (torchrun ranks, --shard i/n)
-        # would each create it. Until the locking issue lands, let one process create the store
-        # (e.g. rank 0, then a barrier) before the others open it.
+        if is_local(path):
+            _refuse_what_is_not_a_cache(path)  # before a lock file is made next to someone's photos
+        lock = StoreLock(path) if is_local(path) else None
+        try:
+            with lock.metadata() if lock else contextlib.nullcontext():
+                alone = lock.join() if lock else True
+                root = cls._open_or_replace(path, payload, fingerprint, overwrite, alone)
+                if root is None:
+                    cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec)
+                    root = open_root(path, mode="r+")
+                elif alone and lock:
+                    remove_stale_partial_files(path)
+            return cls(path, root, lock)
+        except BaseException:
+            if lock:
+                lock.close()
+            raise
+
+    @staticmethod
+    def _open_or_replace(path, payload, fingerprint, overwrite: bool, alone: bool):
+        """The root of the store at `path` to resume, or None where a new store is to be created.
+
+        `--overwrite` replaces a store whose settings differ (or that is from a newer format); a store
+        with the same fingerprint is resumed even then, so every rank of a job may pass --overwrite.
+        """
         try:
             root = open_root(path, mode="r+")
         except CacheNotFoundError:
-            root = None
+            return None
         except IncompleteCacheError:
-            root = None  # an interrupted creation holds nothing worth keeping: create it again
+            return None  # an interrupted creation holds nothing worth keeping: create it again
         except NewerFormatError:
             if not overwrite:
                 raise
             root = None
-        if root is not None and not overwrite:
+        if root is not None:
             attrs = root.attrs.asdict()
-            if attrs.get("fingerprint") != fingerprint:
+            if attrs.get("fingerprint") == fingerprint:
+                return root
+            if not overwrite:
                 stored = {key: attrs.get(key) for key in payload}
                 raise CacheMismatchError(mismatch_message(path, stored, payload))
-            return cls(path, root)
-        cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec)
-        return cls(path, open_root(path, mode="r+"))
+        if not alone:
+            raise CacheError(f"cache {path} is being written by another process now: --overwrite cannot replace "
+                             "it until that process ends")
+        return None
 
     @staticmethod
     def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec):
@@ -238,7 +319,13 @@ class CacheWriter:
         """Create group tNNNN for noise level `t` (UNet run at `timestep`); a no-op if it exists."""
         t, timestep = int(t), int(timestep)
         name = noise_group_name(t)
-        group = self._root[name] if name in self._root else self._root.create_group(name)
+        with self._metadata():
+            root = self._fresh_root()
+            group = root[name] if name in root else root.create_group(name)
+            self._finish_noise_level(group, t, timestep)
+        self._levels.pop(t, None)
+
+    def _finish_noise_level(self, group: zarr.Group, t: int, timestep: int) -> None:
         attrs = group.attrs.asdict()
         if "timestep" in attrs and int(attrs["timestep"]) != timestep:
             raise CacheMismatchError(
@@ -254,7 +341,6 @@ class CacheWriter:
                 create_flags(group, flag, self.n_samples, self.shard_size)
         if not attrs:
             group.attrs.put(sorted_json({"noise_t": t, "timestep": timestep}))
-        self._levels.pop(t, None)
 
     def _level(self, t: int) -> dict[str, zarr.Array]:
         t = int(t)
@@ -308,27 +394,78 @@ class CacheWriter:
         reasons = [reason] * len(sent_ids) if isinstance(reason, str) else [str(r) for r in reason]
         if len(reasons) != len(sent_ids):
             raise ValueError(f"record_bad: {len(sent_ids)} sent_ids but {len(reasons)} reasons")
-        # TODO(locks): read-modify-write of the root attributes; concurrent writers may lose entries.
-        attrs = self._root.attrs.asdict()
-        entries = {(int(e["sent_id"]), str(e["reason"])) for e in attrs.get("bad", [])}
-        entries |= set(zip(sent_ids, reasons))
-        attrs["bad"] = [{"sent_id": s, "reason": r} for s, r in sorted(entries)]
-        self._root.attrs.put(sorted_json(attrs))
+        with self._metadata():  # a read-modify-write of the root attributes, which other writers share
+            root = self._fresh_root()
+            attrs = root.attrs.asdict()
+            entries = {(int(e["sent_id"]), str(e["reason"])) for e in attrs.get("bad", [])}
+            entries |= set(zip(sent_ids, reasons))
+            attrs["bad"] = [{"sent_id": s, "reason": r} for s, r in sorted(entries)]
+            root.attrs.put(sorted_json(attrs))
 
     @property
     def bad(self) -> list[dict]:
-        """What record_bad() recorded, in this run or an earlier one: [{"sent_id", "reason"}]."""
-        return list(self._root.attrs.asdict().get("bad", []))
+        """What record_bad() recorded, by this process or another, in this run or an earlier one."""
+        return list(self._fresh_root().attrs.asdict().get("bad", []))
 
     def bad_rows(self) -> np.ndarray:
         """The rows (sorted) of the samples recorded as bad."""
         bad_ids = np.array(sorted({e["sent_id"] for e in self.bad}), dtype=np.int64)
         return np.flatnonzero(np.isin(self.index["sent_id"], bad_ids))
 
+    # ---- several writers ------------------------------------------------------------------------
+    @property
+    def has_locks(self) -> bool:
+        """Whether other processes' claims are visible (a local store); remote stores have no locks."""
+        return self._lock is not None
+
+    def _metadata(self):
+        return self._lock.metadata() if self._lock else contextlib.nullcontext()
+
+    def _fresh_root(self) -> zarr.Group:
+        """The root group read again from the store: other processes may have changed its metadata."""
+        return zarr.open_group(self._root.store_path, mode="r+")
+
+    def _finished(self, stage) -> np.ndarray:
+        if stage == "images":
+            return self._images_done[:]
+        if stage == "text":
+            return self._text_done[:]
+        level = self._level(stage)
+        return level["done"][:] | level["skipped"][:]
+
+    def claim_shards(self, stage, shards: list[slice]) -> tuple[list[slice], list[slice]]:
+        """Claim `shards` of `stage` ("images", "text" or a noise level T) for this process.
+
+        Returns (claimed, held by another process). A claimed shard that turns out to be finished
+        already (another process wrote it meanwhile) is released and left out of both lists. Claims
+        last until `release_shards`, `close`, or the end of the process.
+        """
+        if self._lock is None:
+            return list(shards), []
+        mine, others = [], []
+        for s in shards:
+            (mine if self._lock.claim(stage, s.start // self.shard_size) else others).append(s)
+        finished = self._finished(stage)
+        for s in [s for s in mine if finished[s].all()]:
+            self._lock.release(stage, s.start // self.shard_size)
+            mine.remove(s)
+        return mine, others
+
+    def release_shards(self, stage, shards: list[slice]) -> None:
+        if self._lock is not None:
+            for s in shards:
+                self._lock.release(stage, s.start // self.shard_size)
+
+    def close(self) -> None:
+        """Release this writer's locks (its claims, and its presence as a writer of the store)."""
+        if self._lock is not None:
+            self._lock.close()
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self.close()
         return False
 
     def __repr__(self) -> str:

@@ -29,7 +29,15 @@ def _shard(text: str | None) -> tuple[int, int]:
     """`--shard i/n`, else torchrun's RANK/WORLD_SIZE, else the whole store."""
     if text is None:
         rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        return (int(rank), int(world)) if rank is not None and world is not None else (0, 1)
+        if rank is None or world is None:
+            return 0, 1
+        try:
+            i, n = int(rank), int(world)
+        except ValueError:
+            fail(f"RANK and WORLD_SIZE must be integers (got RANK={rank!r}, WORLD_SIZE={world!r})")
+        if not 0 <= i < n:
+            fail(f"RANK must be in 0..WORLD_SIZE-1 (got RANK={rank}, WORLD_SIZE={world})")
+        return i, n
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -70,8 +78,13 @@ def _shard(text: str | None) -> tuple[int, int]:
 @click.option("--shard-size", type=int, default=None, help="Samples per Zarr shard (the unit of writing).")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default="none", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers decoding images.")
-@click.option("--shard", "shard_text", default=None, help="i/n: this process fills shards j with j % n == i.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store with different settings.")
+@click.option("--shard", "shard_text", default=None,
+              help="i/n: this process fills shards j with j % n == i (default under torchrun: RANK/WORLD_SIZE). "
+                   "Processes given the same part share its shards.")
+@click.option("--wait-timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds to wait for other processes' latents/embeddings before the UNet stage.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store with different settings (one with the same settings is resumed).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images / empty sentences, report them at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
@@ -91,7 +104,8 @@ def main(ctx, **opts):
         attn_strides=_ints(opts["attn_strides"], "--attn-strides"), timestep=opts["timestep"],
         latent_scaling=opts["latent_scaling"], noise_seed=opts["noise_seed"], text_field=opts["text_field"],
         mask_rule=opts["mask_rule"], shard_size=opts["shard_size"], codec=opts["codec"], workers=opts["workers"],
-        shard=_shard(opts["shard_text"]), overwrite=opts["overwrite"], skip_bad=opts["skip_bad"],
+        shard=_shard(opts["shard_text"]), wait_timeout=opts["wait_timeout"], overwrite=opts["overwrite"],
+        skip_bad=opts["skip_bad"],
         progress=not opts["quiet"],
     )
     cfg = with_preset(cfg, opts["preset"], explicit)

@@ -11,12 +11,17 @@ encoder never run again.
 Determinism: samples are sorted by (image_id, sent_id); ε comes from a generator seeded by
 (noise seed, image_id, T); shards are written whole. The bytes written do not depend on
 `--batch-size`, on interruption/resume, or on `--shard i/n`.
+
+Several processes may fill one store (`--shard i/n`, torchrun ranks): each claims the shards it
+computes (cache/lock.py), so two never write the same shard, and stage 1 is finished by all of them
+together before the UNet stage, which needs every latent its samples use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -26,11 +31,11 @@ from tqdm.auto import tqdm
 
 from cache import layout
 from cache.layout import ImageTable, SampleTable
-from cache.writer import CacheWriter
+from cache.writer import CacheWriteError, CacheWriter
 from extract.capture import UNetCapture
 from extract.shard_buffer import BackgroundWriter, ShardBuffer
 from refseg_core.backbone import Backbone, load_backbone
-from refseg_core.errors import DataError, NonFiniteError, RefsegError
+from refseg_core.errors import CacheError, DataError, NonFiniteError, RefsegError
 from refseg_core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES
 from refseg_core.noise import add_noise, alphas_cumprod, make_noise
 from refseg_core.refer import ReferDataset
@@ -68,6 +73,7 @@ class ExtractionConfig:
     codec: str = "none"
     workers: int = 0
     shard: tuple[int, int] = (0, 1)  # this process's part (i, n) of the shards
+    wait_timeout: float = 3600.0  # seconds to wait for other processes' latents/embeddings (see finish_stage_one)
     overwrite: bool = False
     skip_bad: bool = False
     progress: bool = True
@@ -81,12 +87,19 @@ class ExtractionReport:
     computed: dict = field(default_factory=dict)  # stage -> rows computed in this run
     truncated: int = 0  # sentences longer than --token-length (counted over all selected samples)
     bad: dict = field(default_factory=dict)  # sent_id -> reason (with --skip-bad)
+    left_to_others: dict = field(default_factory=dict)  # stage -> shards another process was writing
+    incomplete: dict = field(default_factory=dict)  # noise level -> shards not finished when this run ended
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
         out = [f"cache: {self.n_samples} samples, {self.n_images} images, noise levels {list(self.noise_ts)}"]
         for stage, n in self.computed.items():
             out.append(f"  {stage}: {n} computed this run")
+        for stage, n in self.left_to_others.items():
+            out.append(f"  {stage}: {n} shards left to another process writing this store")
+        if self.incomplete:
+            levels = ", ".join(f"T={t}: {n} shards" for t, n in sorted(self.incomplete.items()))
+            out.append(f"  not complete yet ({levels} to do): other --shard parts still to run or running")
         out.append(f"  sentences truncated to the token length: {self.truncated}")
         if self.bad:
             out.append(f"  skipped bad samples: {len(self.bad)}")
@@ -159,6 +172,8 @@ def cache_settings(cfg: ExtractionConfig, backbone: Backbone) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Stage 1a: images -> latents
 
+WAIT_POLL_SECONDS = 1.0  # how often a process waiting for other processes' stage 1 looks again
+
 
 class _ImageRows(torch.utils.data.Dataset):
     """Decodes and resizes images in DataLoader workers; a bad image is reported, not raised, so the
@@ -173,7 +188,9 @@ class _ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         try:
-            x = image_to_tensor(load_image(self.paths[row]), self.size)
+            # target_size lets a huge JPEG decode at a reduced scale (bounded memory); images under
+            # 4x the target size, i.e. all usual data, decode exactly as without it
+            x = image_to_tensor(load_image(self.paths[row], target_size=self.size), self.size)
             return row, x, ""
         except (DataError, OSError) as exc:
             return row, torch.zeros(3, self.size, self.size), str(exc) or type(exc).__name__
@@ -207,35 +224,71 @@ def _rows_of(shards: list[slice]) -> list[int]:
     return [r for s in shards for r in range(s.start, s.stop)]
 
 
+class _StageWrites:
+    """The shards of one stage this process claimed, and the thread writing them.
+
+    On leaving (normally or by an error) every shard already handed over is written, then the
+    claims are released: a claim is held until the shard is on disk or the process is gone.
+    """
+
+    def __init__(self, writer: CacheWriter, stage, shards: list[slice]):
+        self.writer, self.stage = writer, stage
+        self.mine, self.others = writer.claim_shards(stage, shards)
+        self.io = BackgroundWriter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.io.close()  # raises the first write error, if any
+        finally:
+            self.writer.release_shards(self.stage, self.mine)
+        return False
+
+
+def _sent_ids_of_images(samples_table: SampleTable, image_rows) -> list[int]:
+    return [int(s) for s in samples_table.sent_id[np.isin(samples_table.image_row, list(image_rows))]]
+
+
 @torch.inference_mode()
-def encode_latents(cfg, backbone, writer, image_paths, images_table, report, io, bad_images):
-    shards = writer.image_shards_todo(cfg.shard)
-    rows = _rows_of(shards)
-    report.computed["vae (images)"] = len(rows)
-    if not rows:
-        return
-    buffer = ShardBuffer(shards, lambda s, a, skipped: io.submit(writer.write_latents, s, a["latent"]))
-    lat_shape = (backbone.vae.config.latent_channels, cfg.image_size // backbone.vae_scale_factor,
-                 cfg.image_size // backbone.vae_scale_factor)
-    scale = backbone.scaling_factor if cfg.latent_scaling == "sd" else 1.0
-    bar = tqdm(total=len(rows), desc="VAE (images)", unit="img", disable=not cfg.progress)
-    for batch_rows, xs, errors in _loader(_ImageRows(rows, image_paths, cfg.image_size), cfg.batch_size, cfg.workers):
-        for row, err in zip(batch_rows, errors):
-            if err:
-                image_id = int(images_table.image_id[row])
-                if not cfg.skip_bad:
-                    raise DataError(f"image_id {image_id} ({image_paths[row]}): {err} (use --skip-bad to skip it)")
-                bad_images[row] = err
-        x = torch.stack(list(xs)).to(backbone.device, backbone.dtype)
-        z0 = batch_invariant(backbone, lambda b: backbone.vae.encode(b).latent_dist.mode(), x) * scale
-        z0 = z0.to(torch.float16).cpu().numpy()
-        if not np.isfinite(z0).all():
-            bad = [int(images_table.image_id[r]) for r, z in zip(batch_rows, z0) if not np.isfinite(z).all()]
-            raise NonFiniteError(f"non-finite VAE latent for image_id {bad[0]}{_dtype_hint(backbone)}")
-        for row, z in zip(batch_rows, z0):
-            buffer.add(row, {"latent": z if row not in bad_images else np.zeros(lat_shape, np.float16)})
-        bar.update(len(batch_rows))
-    bar.close()
+def encode_latents(cfg, backbone, writer, image_paths, images_table, samples_table, report, bad_images,
+                   shards: list[slice]) -> int:
+    """VAE latents of the image shards in `shards` that no other process holds; returns how many it holds."""
+    with _StageWrites(writer, "images", shards) as stage:
+        rows = _rows_of(stage.mine)
+        report.computed["vae (images)"] = report.computed.get("vae (images)", 0) + len(rows)
+        if not rows:
+            return len(stage.others)
+        buffer = ShardBuffer(stage.mine, lambda s, a, skipped: stage.io.submit(writer.write_latents, s, a["latent"]))
+        lat_shape = (backbone.vae.config.latent_channels, cfg.image_size // backbone.vae_scale_factor,
+                     cfg.image_size // backbone.vae_scale_factor)
+        scale = backbone.scaling_factor if cfg.latent_scaling == "sd" else 1.0
+        bar = tqdm(total=len(rows), desc="VAE (images)", unit="img", disable=not cfg.progress)
+        for batch_rows, xs, errors in _loader(_ImageRows(rows, image_paths, cfg.image_size), cfg.batch_size,
+                                              cfg.workers):
+            new_bad = {}
+            for row, err in zip(batch_rows, errors):
+                if err:
+                    image_id = int(images_table.image_id[row])
+                    if not cfg.skip_bad:
+                        raise DataError(f"image_id {image_id} ({image_paths[row]}): {err} (use --skip-bad to skip it)")
+                    new_bad[row] = err
+            x = torch.stack(list(xs)).to(backbone.device, backbone.dtype)
+            z0 = batch_invariant(backbone, lambda b: backbone.vae.encode(b).latent_dist.mode(), x) * scale
+            z0 = z0.to(torch.float16).cpu().numpy()
+            if not np.isfinite(z0).all():
+                bad = [int(images_table.image_id[r]) for r, z in zip(batch_rows, z0) if not np.isfinite(z).all()]
+                raise NonFiniteError(f"non-finite VAE latent for image_id {bad[0]}{_dtype_hint(backbone)}")
+            for row, err in new_bad.items():
+                # recorded before the shard is written: whoever sees it done also sees its bad samples
+                writer.record_bad(_sent_ids_of_images(samples_table, [row]), err)
+            bad_images.update(new_bad)
+            for row, z in zip(batch_rows, z0):
+                buffer.add(row, {"latent": z if row not in bad_images else np.zeros(lat_shape, np.float16)})
+            bar.update(len(batch_rows))
+        bar.close()
+        return len(stage.others)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,109 +296,198 @@ def encode_latents(cfg, backbone, writer, image_paths, images_table, report, io,
 
 
 def count_truncated(tokenizer, texts: list[str], length: int) -> int:
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    # verbose=False: these lengths are counted on purpose, no "longer than the maximum" warning
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
     return sum(n > length for n in lengths)
 
 
 @torch.inference_mode()
-def encode_text(cfg, backbone, writer, refer, samples_table, report, io, bad_samples):
-    shards = writer.text_shards_todo(cfg.shard)
-    rows = _rows_of(shards)
-    report.computed["text encoder (sentences)"] = len(rows)
-    if not rows:
-        return
-    buffer = ShardBuffer(shards, lambda s, a, skipped: io.submit(
-        writer.write_text, s, a["input_ids"], a["attention_mask"], a["embedding"], a["gt"]))
-    size, length = cfg.image_size, cfg.token_length
-    masks: dict[int, np.ndarray] = {}  # ref_id -> mask at S×S; refs' sentences are adjacent-ish
-    bar = tqdm(total=len(rows), desc="text + masks", unit="sent", disable=not cfg.progress)
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = rows[start:start + cfg.batch_size]
-        texts = []
-        for row in batch:
-            text = samples_table.text[row]
-            if not text.strip():
-                sid = int(samples_table.sent_id[row])
-                if not cfg.skip_bad:
-                    raise DataError(f"sent_id {sid} (ref {int(samples_table.ref_id[row])}) has an empty sentence "
-                                    "(use --skip-bad to skip it)")
-                bad_samples[row] = "empty sentence"
-            texts.append(text)
-        tok = backbone.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        ids = tok["input_ids"].to(backbone.device)
-        emb = batch_invariant(backbone, lambda b: backbone.text_encoder(b)[0], ids).to(torch.float16).cpu().numpy()
-        for j, row in enumerate(batch):
-            ref_id = int(samples_table.ref_id[row])
-            if ref_id not in masks:
-                try:
-                    masks[ref_id] = mask_to_size(refer.mask(ref_id, rule=cfg.mask_rule), size)
-                except DataError as exc:
+def encode_text(cfg, backbone, writer, refer, samples_table, report, bad_samples, shards: list[slice]) -> int:
+    """Tokens, embeddings and masks of the sentence shards in `shards` that no other process holds;
+    returns how many it holds."""
+    with _StageWrites(writer, "text", shards) as stage:
+        rows = _rows_of(stage.mine)
+        key = "text encoder (sentences)"
+        report.computed[key] = report.computed.get(key, 0) + len(rows)
+        if not rows:
+            return len(stage.others)
+        buffer = ShardBuffer(stage.mine, lambda s, a, skipped: stage.io.submit(
+            writer.write_text, s, a["input_ids"], a["attention_mask"], a["embedding"], a["gt"]))
+        size, length = cfg.image_size, cfg.token_length
+        masks: dict[int, np.ndarray] = {}  # ref_id -> mask at S×S; refs' sentences are adjacent-ish
+        bar = tqdm(total=len(rows), desc="text + masks", unit="sent", disable=not cfg.progress)
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = rows[start:start + cfg.batch_size]
+            new_bad: dict[int, str] = {}
+            texts = []
+            for row in batch:
+                text = samples_table.text[row]
+                if not text.strip():
+                    sid = int(samples_table.sent_id[row])
                     if not cfg.skip_bad:
-                        raise
-                    bad_samples[row] = str(exc)
-                    masks[ref_id] = np.zeros((size, size), np.uint8)
-            buffer.add(row, {
-                "input_ids": tok["input_ids"][j].numpy().astype(np.int32),
-                "attention_mask": tok["attention_mask"][j].numpy().astype(np.uint8),
-                "embedding": emb[j],
-                "gt": masks[ref_id],
-            })
-        bar.update(len(batch))
-    bar.close()
+                        raise DataError(f"sent_id {sid} (ref {int(samples_table.ref_id[row])}) has an empty sentence "
+                                        "(use --skip-bad to skip it)")
+                    new_bad[row] = "empty sentence"
+                texts.append(text)
+            tok = backbone.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                                     return_tensors="pt")
+            ids = tok["input_ids"].to(backbone.device)
+            emb = batch_invariant(backbone, lambda b: backbone.text_encoder(b)[0], ids)
+            emb = emb.to(torch.float16).cpu().numpy()
+            for row in batch:
+                ref_id = int(samples_table.ref_id[row])
+                if ref_id not in masks:
+                    try:
+                        masks[ref_id] = mask_to_size(refer.mask(ref_id, rule=cfg.mask_rule), size)
+                    except DataError as exc:
+                        if not cfg.skip_bad:
+                            raise
+                        new_bad.setdefault(row, str(exc))
+                        masks[ref_id] = np.zeros((size, size), np.uint8)
+            if new_bad:  # recorded before the shard is written (see encode_latents)
+                rows_bad = sorted(new_bad)
+                writer.record_bad([int(samples_table.sent_id[r]) for r in rows_bad], [new_bad[r] for r in rows_bad])
+                bad_samples.update(new_bad)
+            for j, row in enumerate(batch):
+                buffer.add(row, {
+                    "input_ids": tok["input_ids"][j].numpy().astype(np.int32),
+                    "attention_mask": tok["attention_mask"][j].numpy().astype(np.uint8),
+                    "embedding": emb[j],
+                    "gt": masks[int(samples_table.ref_id[row])],
+                })
+            bar.update(len(batch))
+        bar.close()
+        return len(stage.others)
+
+
+def finish_stage_one(cfg, backbone, writer, refer, image_paths, images_table, samples_table, report,
+                     bad_images, bad_samples) -> None:
+    """Return once every image and sentence of the store has its latent and embedding.
+
+    The UNet stage of this process's samples reads latents and embeddings that other processes (the
+    other --shard parts) may be writing. A shard that no process holds (its process died, or has not
+    started yet) is computed here; shards that other processes hold are waited for, up to
+    `cfg.wait_timeout` seconds. A remote store has no locks: there this only waits.
+    """
+    deadline = time.monotonic() + cfg.wait_timeout
+    said = False
+    while True:
+        images, texts = writer.image_shards_todo(), writer.text_shards_todo()
+        if not images and not texts:
+            return
+        if writer.has_locks:
+            held = encode_latents(cfg, backbone, writer, image_paths, images_table, samples_table, report,
+                                  bad_images, images)
+            held += encode_text(cfg, backbone, writer, refer, samples_table, report, bad_samples, texts)
+            if held < len(images) + len(texts):
+                continue  # something was computed here: look again
+        if time.monotonic() > deadline:
+            missing_images = sum(s.stop - s.start for s in images)
+            missing_texts = sum(s.stop - s.start for s in texts)
+            raise CacheError(
+                f"waited {cfg.wait_timeout:g} s for the other processes writing {cfg.out}: it still lacks the latents "
+                f"of {missing_images}/{writer.n_images} images and the embeddings of {missing_texts}/"
+                f"{writer.n_samples} sentences, which this process's UNet stage needs; check that the other "
+                "--shard parts are running (or raise --wait-timeout); what is written is kept, rerun to resume")
+        if not said and cfg.progress:
+            tqdm.write(f"waiting for other processes to store {len(images)} image shards and {len(texts)} "
+                       "sentence shards ...", file=sys.stderr)
+            said = True
+        time.sleep(WAIT_POLL_SECONDS)
 
 
 # --------------------------------------------------------------------------------------------------
 # Stage 2: UNet per (sentence, T)
 
+FLOAT16_MAX = 65504.0  # the cache stores float16: anything larger becomes inf
+
 
 def _dtype_hint(backbone: Backbone) -> str:
-    return " (float16 overflow? try --dtype bf16)" if backbone.dtype == torch.float16 else ""
+    if backbone.dtype == torch.float16:
+        return " (float16 overflow in the backbone: rerun with --dtype bf16)"
+    return ""
+
+
+def check_features(captured: dict[str, torch.Tensor], rows, t: int, samples_table: SampleTable, skip: set,
+                   backbone: Backbone) -> None:
+    """Refuse (NonFiniteError naming the sample) features that are NaN/inf, or too large for float16.
+
+    Checked in the compute dtype, before the float16 conversion that would turn an overflow into inf,
+    so the message can tell a backbone that overflows (fp16 compute) from values the cache cannot hold.
+    """
+    names = list(captured)
+    finite = torch.stack([captured[n].flatten(1).isfinite().all(1) for n in names], 1).cpu()
+    peak = torch.stack([captured[n].flatten(1).abs().amax(1).float() for n in names], 1).cpu()
+    for j, row in enumerate(rows):
+        row = int(row)
+        if row in skip:
+            continue
+        sid = int(samples_table.sent_id[row])
+        bad = [n for k, n in enumerate(names) if not finite[j, k]]
+        if bad:
+            raise NonFiniteError(f"non-finite features (NaN/inf) for sent_id {sid} at T={t} in {', '.join(bad)}; "
+                                 f"nothing of its shard was stored{_dtype_hint(backbone)}")
+        big = [(n, float(peak[j, k])) for k, n in enumerate(names) if peak[j, k] > FLOAT16_MAX]
+        if big:
+            name, value = max(big, key=lambda nv: nv[1])
+            hint = _dtype_hint(backbone) or (" (the cache stores float16 whatever --dtype is: this backbone's "
+                                             "activations do not fit; check the model weights)")
+            raise NonFiniteError(f"features of sent_id {sid} at T={t} overflow float16, the cache's storage type "
+                                 f"({name} reaches {value:.3g} > 65504); nothing of its shard was stored{hint}")
 
 
 @torch.inference_mode()
-def extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, io, bad_rows):
+def extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, bad_rows):
     timestep = cfg.timestep if cfg.timestep is not None else t
     writer.add_noise_level(t, timestep)
-    shards = writer.feature_shards_todo(t, cfg.shard)
-    rows = _rows_of(shards)
-    report.computed[f"unet T={t}"] = len(rows)
-    if not rows:
-        return
-    acp = alphas_cumprod(backbone.scheduler_config)
-    zero = {ti.name: np.zeros(ti.shape, np.float16) for ti in spec.tensors}
+    with _StageWrites(writer, t, writer.feature_shards_todo(t, cfg.shard)) as stage:
+        if stage.others:
+            report.left_to_others[f"unet T={t}"] = len(stage.others)
+        rows = _rows_of(stage.mine)
+        report.computed[f"unet T={t}"] = len(rows)
+        if not rows:
+            return
+        acp = alphas_cumprod(backbone.scheduler_config)
+        zero = {ti.name: np.zeros(ti.shape, np.float16) for ti in spec.tensors}
 
-    def flush(shard, arrays, skipped):
-        io.submit(writer.write_features, t, shard, arrays, skipped)
+        def flush(shard, arrays, skipped):
+            stage.io.submit(writer.write_features, t, shard, arrays, skipped)
 
-    buffer = ShardBuffer(shards, flush)
-    bar = tqdm(total=len(rows), desc=f"UNet T={t}", unit="sample", disable=not cfg.progress)
-    with UNetCapture(backbone.unet, spec) as capture:
-        for start in range(0, len(rows), cfg.batch_size):
-            batch = np.array(rows[start:start + cfg.batch_size])
-            image_rows = samples_table.image_row[batch]
-            z0 = torch.from_numpy(writer.read_latents(image_rows)).float()
-            eps = torch.stack([make_noise(tuple(z0.shape[1:]), cfg.noise_seed, int(samples_table.image_id[r]), t)
-                               for r in batch])
-            zt = add_noise(z0, t, eps, acp).to(backbone.device, backbone.dtype)
-            emb = torch.from_numpy(writer.read_embeddings(batch)).to(backbone.device, backbone.dtype)
-            steps = torch.full((len(batch),), timestep, dtype=torch.long, device=backbone.device)
-            captured = batch_invariant(backbone, capture.run, zt, steps, emb)
-            host = {k: v.to(torch.float16).cpu().numpy() for k, v in captured.items()}
-            for j, row in enumerate(batch):
-                row = int(row)
-                if row in bad_rows:
-                    buffer.add(row, zero, skipped=True)
-                else:
-                    buffer.add(row, {k: v[j] for k, v in host.items()})
-            bar.update(len(batch))
-    bar.close()
+        buffer = ShardBuffer(stage.mine, flush)
+        bar = tqdm(total=len(rows), desc=f"UNet T={t}", unit="sample", disable=not cfg.progress)
+        with UNetCapture(backbone.unet, spec) as capture:
+            for start in range(0, len(rows), cfg.batch_size):
+                batch = np.array(rows[start:start + cfg.batch_size])
+                image_rows = samples_table.image_row[batch]
+                z0 = torch.from_numpy(writer.read_latents(image_rows)).float()
+                eps = torch.stack([make_noise(tuple(z0.shape[1:]), cfg.noise_seed, int(samples_table.image_id[r]), t)
+                                   for r in batch])
+                zt = add_noise(z0, t, eps, acp).to(backbone.device, backbone.dtype)
+                emb = torch.from_numpy(writer.read_embeddings(batch)).to(backbone.device, backbone.dtype)
+                steps = torch.full((len(batch),), timestep, dtype=torch.long, device=backbone.device)
+                captured = batch_invariant(backbone, capture.run, zt, steps, emb)
+                check_features(captured, batch, t, samples_table, bad_rows, backbone)
+                host = {k: v.to(torch.float16).cpu().numpy() for k, v in captured.items()}
+                for j, row in enumerate(batch):
+                    row = int(row)
+                    if row in bad_rows:
+                        buffer.add(row, zero, skipped=True)
+                    else:
+                        buffer.add(row, {k: v[j] for k, v in host.items()})
+                bar.update(len(batch))
+        bar.close()
 
 
 # --------------------------------------------------------------------------------------------------
 
 
 def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> ExtractionReport:
-    """Extract features for every noise level in `cfg.noise_ts` into `cfg.out` (resumable)."""
+    """Extract features for every noise level in `cfg.noise_ts` into `cfg.out` (resumable).
+
+    Several processes may run this on one store at once, each with its own `cfg.shard` part (or the
+    same part: then they share its shards). Stage 1 (latents, embeddings) is finished by all of them
+    together before any runs its UNet stage (`finish_stage_one`).
+    """
     t_start = time.perf_counter()
     if cfg.batch_size < 1:
         raise RefsegError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
@@ -359,33 +501,36 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
         backbone = load_backbone(cfg.model, model_config=cfg.model_config, device=cfg.device, dtype=cfg.dtype)
     spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides)
     writer_kwargs = {"shard_size": cfg.shard_size} if cfg.shard_size else {}
-    writer = CacheWriter.open(cfg.out, spec=spec, settings=cache_settings(cfg, backbone), samples=samples_table,
-                              images=images_table, codec=cfg.codec, overwrite=cfg.overwrite, **writer_kwargs)
-
     report = ExtractionReport(len(samples), len(image_paths), tuple(cfg.noise_ts))
     report.truncated = count_truncated(backbone.tokenizer, samples_table.text, cfg.token_length)
     bad_images: dict[int, str] = {}  # image row -> reason
     bad_samples: dict[int, str] = {}  # sample row -> reason
-    io = BackgroundWriter()
     try:
-        encode_latents(cfg, backbone, writer, image_paths, images_table, report, io, bad_images)
-        encode_text(cfg, backbone, writer, refer, samples_table, report, io, bad_samples)
-        for row in np.flatnonzero(np.isin(samples_table.image_row, list(bad_images))):
-            bad_samples.setdefault(int(row), bad_images[int(samples_table.image_row[row])])
-        if bad_samples:
-            rows = sorted(bad_samples)
-            writer.record_bad([int(samples_table.sent_id[r]) for r in rows], [bad_samples[r] for r in rows])
-        bad_rows = set(bad_samples) | set(writer.bad_rows())
-        io.close()  # stage 2 reads the latents and embeddings back: they must be on disk
-        io = BackgroundWriter()
-        for t in cfg.noise_ts:
-            extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, io, bad_rows)
+        writer = CacheWriter.open(cfg.out, spec=spec, settings=cache_settings(cfg, backbone), samples=samples_table,
+                                  images=images_table, codec=cfg.codec, overwrite=cfg.overwrite, **writer_kwargs)
+        with writer:
+            encode_latents(cfg, backbone, writer, image_paths, images_table, samples_table, report, bad_images,
+                           writer.image_shards_todo(cfg.shard))
+            encode_text(cfg, backbone, writer, refer, samples_table, report, bad_samples,
+                        writer.text_shards_todo(cfg.shard))
+            finish_stage_one(cfg, backbone, writer, refer, image_paths, images_table, samples_table, report,
+                             bad_images, bad_samples)
+            bad_rows = set(int(r) for r in writer.bad_rows())  # found by this process or another
+            for t in cfg.noise_ts:
+                extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, bad_rows)
+            for t in cfg.noise_ts:  # other parts may still be running, or still to be started
+                todo = len(writer.feature_shards_todo(t))
+                if todo:
+                    report.incomplete[t] = todo
     except NonFiniteError as exc:
-        raise NonFiniteError(f"{exc}{_dtype_hint(backbone)}") from None
-    finally:
-        # Whatever happened, let finished shards reach the disk (they are valid and will be skipped
-        # on resume); the first write error, if any, is raised here.
-        io.close()
+        hint = _dtype_hint(backbone)
+        raise NonFiniteError(str(exc) if hint in str(exc) else f"{exc}{hint}") from None
+    except PermissionError:
+        raise  # a path the user cannot write: the CLI names it, there is nothing to resume
+    except OSError as exc:
+        raise CacheWriteError.from_os_error(cfg.out, exc) from exc
+    for row in np.flatnonzero(np.isin(samples_table.image_row, list(bad_images))):
+        bad_samples.setdefault(int(row), bad_images[int(samples_table.image_row[row])])
     report.bad = {int(samples_table.sent_id[r]): why for r, why in bad_samples.items()}
     report.seconds = time.perf_counter() - t_start
     return report

@@ -146,7 +146,11 @@ def load_head(run, checkpoint: str = "best", device="cpu"):
     except (ValueError, TypeError, KeyError) as exc:
         raise RunError(f"cannot rebuild head {cfg['head']!r} of {run} from its config.json: {exc}") from None
     state = run_dir.load_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes: weights of another head or other head settings
+        raise RunError(f"{path} does not fit head {cfg['head']!r} {cfg['head_args']} of {run}: "
+                       f"{run_dir.first_mismatch(exc)}") from None
     if missing or unexpected:
         raise RunError(f"{path} does not fit head {cfg['head']!r}: missing {list(missing)[:3]}, "
                        f"unexpected {list(unexpected)[:3]}")

@@ -118,6 +118,12 @@ def checkpoint_path(run: Path, checkpoint: str) -> tuple[Path, str]:
     return path, checkpoint
 
 
+def first_mismatch(exc: RuntimeError) -> str:
+    """The first line of torch's load_state_dict error that names a tensor (it lists them all)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+
+
 # ---- metrics.jsonl ------------------------------------------------------------------------------
 def append_metrics(run: Path, record: dict) -> None:
     with open(Path(run) / METRICS, "a") as f:

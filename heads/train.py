@@ -142,8 +142,12 @@ def train(cache, noise_t, head, out, *, val_cache=None, epochs=10, batch_size=8,
     start_epoch, iteration, best_oiou = 0, 0, None
     if resume and (out / run_dir.STATE).exists():
         info, model_sd, opt_sd, rng = run_dir.load_state(out)
-        model.load_state_dict(model_sd)
-        opt.load_state_dict(opt_sd)
+        try:
+            model.load_state_dict(model_sd)
+            opt.load_state_dict(opt_sd)
+        except (RuntimeError, ValueError, KeyError) as exc:  # a state file of another head or other settings
+            raise RunError(f"{out / run_dir.STATE} does not fit head {head!r} {model.head_args}: "
+                           f"{run_dir.first_mismatch(exc)}") from None
         torch.set_rng_state(rng["rng.torch"])
         if device.type == "cuda" and "rng.cuda.0" in rng:
             torch.cuda.set_rng_state_all([rng[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())

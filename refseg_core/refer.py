@@ -394,12 +394,14 @@ class ReferDataset:
         seg = ann["segmentation"]
         try:
             parts = [seg] if isinstance(seg, dict) else seg
-            stack = np.zeros((h, w), dtype=np.int32)
+            # how many parts cover each pixel; uint8 and one part at a time keep a huge image's mask
+            # at ~2 bytes per pixel (an int32 (H, W, n) stack took 12: 1.2 GB at 10,000 x 10,000)
+            stack = np.zeros((h, w), dtype=np.uint8 if len(parts) < 255 else np.int32)
             polygons = [p for p in parts if isinstance(p, list)]
             if polygons:
-                # one RLE per polygon, decoded as an (H, W, n) stack, as refer.getMask does
-                decoded = decode_rle(mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], h, w))
-                stack += decoded.astype(np.int32).sum(axis=2)
+                # one RLE per polygon, summed, as refer.getMask does with its (H, W, n) stack
+                for rle in mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], h, w):
+                    stack += decode_rle(rle)
             for part in parts:
                 if isinstance(part, dict):
                     stack += self._rle_part_mask(part, h, w)
@@ -419,7 +421,7 @@ class ReferDataset:
         m = decode_rle(encoded)
         if m.ndim == 3:
             m = m[..., 0]
-        return m.astype(np.int32)
+        return m
 
     def __repr__(self) -> str:
         return (f"ReferDataset({str(self.data_root)!r}, {self.dataset!r}, split_by={self.split_by!r}, "
