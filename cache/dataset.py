@@ -14,20 +14,9 @@ import torch
 
 from cache.reader import Cache, open_cache
 from refseg_core.errors import CacheError
+from refseg_core.memory import available_memory
 
 _PRELOAD_BLOCK_BYTES = 256 * 2**20  # read this much at a time while preloading
-
-
-def _available_ram() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where that does not exist."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _gb(n: int) -> str:
@@ -105,7 +94,7 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def _preload(self, cache: Cache) -> dict[str, np.ndarray]:
         need = self.nbytes()
-        available = _available_ram()
+        available = available_memory()
         if available is not None and need > available:
             raise CacheError(f"preloading {len(self.rows)} samples of {cache.path} needs {_gb(need)} of RAM "
                              f"but {_gb(available)} is available; read from disk instead (no preload) "

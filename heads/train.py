@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from heads.evaluate import (as_cache, autocast, batch_to_device, check_compatibl
 from heads.losses import LOSSES, segmentation_loss
 from heads.registry import HEADS, build_head, _load_builtin_heads
 from refseg_core.errors import CacheError, RefsegError, RunError
+from refseg_core.memory import available_memory
 
 OPTIMIZERS = {  # name: (default lr, weight decay, poly decay)
     "adamw": (5e-5, 1e-2, True),
@@ -262,24 +262,10 @@ def _preload_ok(preload: bool, spec, model, n: int, path, progress: bool) -> boo
     if model.uses_text:
         per_sample += spec.token_length * (spec.text_dim * 2 + 1)
     need = per_sample * n
-    avail = _available_memory()
+    avail = available_memory()
     _say(progress, f"preload: {need / 1e9:.2f} GB for {n} samples of {path}"
           + (f" ({avail / 1e9:.1f} GB available)" if avail else ""))
     return True  # FeatureDataset refuses, with one line, what does not fit
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _bar(progress: bool, total: int, desc: str):

@@ -136,6 +136,6 @@ def test_preload_refuses_more_than_available_ram(filled, monkeypatch):
     import cache.dataset
 
     path, _ = filled
-    monkeypatch.setattr(cache.dataset, "_available_ram", lambda: 1000)
+    monkeypatch.setattr(cache.dataset, "available_memory", lambda: 1000)
     with pytest.raises(CacheError, match=r"needs 0.00 GB of RAM but 0.00 GB is available"):
         FeatureDataset(path, 500, preload=True)

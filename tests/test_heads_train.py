@@ -258,7 +258,7 @@ def test_preload_that_does_not_fit_is_refused(caches, tmp_path, monkeypatch, cap
     import cache.dataset
 
     train_cache, _ = caches
-    monkeypatch.setattr(cache.dataset, "_available_ram", lambda: 1000)
+    monkeypatch.setattr(cache.dataset, "available_memory", lambda: 1000)
     with pytest.raises(CacheError, match="needs .* of RAM"):
         train(train_cache, T, "vpd", tmp_path / "r", **dict(FAST, epochs=1, progress=True))
     assert "preload: 0.00 GB for 128 samples" in capsys.readouterr().out  # said before trying
