@@ -47,6 +47,7 @@ from cache.layout import (
     validate_tables,
 )
 from cache.lock import StoreLock
+from cache.reader import take_rows
 from refseg_core.errors import CacheError, CacheMismatchError, NonFiniteError
 from refseg_core.feature_spec import FeatureSpec
 
@@ -268,9 +269,7 @@ class CacheWriter:
                                  f"nothing of this shard was written to {self.path}")
 
     def _rows_to_read(self, arr: zarr.Array, rows) -> np.ndarray:
-        if isinstance(rows, (slice, int, np.integer)):
-            return arr[rows]
-        return arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),))
+        return take_rows(arr, rows)
 
     # ---- stage 1: per image --------------------------------------------------------------------
     def image_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
