@@ -28,7 +28,8 @@ from refseg_core.cli import user_errors
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--preload", is_flag=True, help="Load the training samples into RAM first (checked to fit).")
+@click.option("--preload/--no-preload", default=None,
+              help="Load the samples into RAM first (checked to fit). Default: when they take under half the free RAM.")
 @click.option("--resume", is_flag=True, help="Continue RUN from its last completed epoch.")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and last).")
 @click.option("--max-samples", type=int, default=None, help="Train on the first N finished samples only.")
@@ -40,7 +41,8 @@ def main(cache_path, noise_t, head, out, val_cache, epochs, batch_size, lr, opti
     from heads.train import train
 
     summary = train(cache_path, noise_t, head, out, val_cache=val_cache, epochs=epochs, batch_size=batch_size, lr=lr,
-                    optimizer=optimizer, loss=loss, seed=seed, device=device, workers=workers, preload=preload,
+                    optimizer=optimizer, loss=loss, seed=seed, device=device, workers=workers,
+                    preload="auto" if preload is None else preload,
                     resume=resume, hidden=hidden, eval_every=eval_every, max_samples=max_samples, progress=True)
     if summary.get("val"):
         from refseg_core.metrics import format_table
