@@ -72,12 +72,6 @@ class FeatureSpec:
     def __contains__(self, name: str) -> bool:
         return any(t.name == name for t in self.tensors)
 
-    def at_stride(self, stride: int, kind: str = "feature") -> TensorInfo | None:
-        for t in self.tensors:
-            if t.stride == stride and t.kind == kind:
-                return t
-        return None
-
     @property
     def latent_size(self) -> int:
         return self.image_size // self.latent_stride

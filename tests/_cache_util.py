@@ -85,6 +85,14 @@ def fill(writer: CacheWriter, contents: dict, noise_levels=(0, 500), reverse: bo
             writer.write_features(t, rows, {name: a[rows] for name, a in contents[("t", t)].items()})
 
 
+def filled_store(path) -> tuple:
+    """A store at `path` written with every array (random contents); -> (path, contents)."""
+    writer = open_writer(path)
+    contents = random_contents(writer.spec, writer.n_samples, writer.n_images)
+    fill(writer, contents)
+    return path, contents, writer
+
+
 def store_files(path) -> dict[str, bytes]:
     """Every file under a store, by relative path."""
     out = {}

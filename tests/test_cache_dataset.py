@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from _cache_util import fill, open_writer, random_contents
+from _cache_util import fill, filled_store, open_writer, random_contents
 
 from cache import FeatureDataset
 from refseg_core.errors import CacheError
@@ -12,10 +12,7 @@ from refseg_core.errors import CacheError
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "c.zarr"
-    writer = open_writer(path)
-    contents = random_contents(writer.spec, writer.n_samples, writer.n_images)
-    fill(writer, contents)
+    path, contents, writer = filled_store(tmp_path_factory.mktemp("cache") / "c.zarr")
     return path, contents
 
 

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
-from _cache_util import fill, open_writer, random_contents, tables
+from _cache_util import filled_store, tables
 from click.testing import CliRunner
 
 from cache.cli import main
@@ -16,10 +16,7 @@ from refseg_core.errors import CacheError
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "c.zarr"
-    writer = open_writer(path)
-    contents = random_contents(writer.spec, writer.n_samples, writer.n_images)
-    fill(writer, contents)
+    path, contents, writer = filled_store(tmp_path_factory.mktemp("cache") / "c.zarr")
     writer.record_bad([writer.index["sent_id"][0]], "test")
     return path, contents
 
