@@ -37,6 +37,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 from bench import common, models  # noqa: E402
+from cache import FeatureDataset  # noqa: E402
+from cache.fastread import ShardFiles  # noqa: E402
 
 NOISE_T = 5
 
@@ -56,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the stores (default: removed at the end)")
     p.add_argument("--real-model", default="tiny-synth",
                    help="also compare codecs on features extracted by this trained backbone ('' to skip)")
-    p.add_argument("--no-proposed", action="store_true",
-                   help="leave out the proposed reader (one zarr call per item instead of one per array)")
+    p.add_argument("--no-zarr-path", action="store_true",
+                   help="leave out the reference row that reads codec none through zarr (direct_reads=False)")
     common.add_common_args(p)
     p.set_defaults(repeats=3)
     return p.parse_args(argv)
@@ -165,114 +167,17 @@ class RawFileDataset(torch.utils.data.Dataset):
                 "text_mask": torch.from_numpy(self._row("attention_mask", i).astype(bool))}
 
 
-class GatherFeatureDataset(torch.utils.data.Dataset):
-    """A proposed change to FeatureDataset.__getitem__, measured here, not refseg's reader: the
-    sample's arrays are fetched in ONE call into zarr's event loop (asyncio.gather) instead of one
-    synchronous call per array. Each synchronous zarr read is a round trip to zarr's I/O thread;
-    an item is ~9 of them. Same items as FeatureDataset (checked in main)."""
-
-    def __init__(self, base):
-        self.base = base  # a FeatureDataset
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        import asyncio
-
-        from zarr.core.sync import sync
-
-        ds = self.base
-        cache = ds._open()
-        row = int(ds.rows[i])
-        arrays = [cache._array(ds.noise_t, name) for name in ds.names]
-        arrays += [cache._gt, cache._embedding, cache._attention_mask]
-
-        async def fetch():
-            return await asyncio.gather(*(a.async_array.getitem(row) for a in arrays))
-
-        values = sync(fetch())
-        k = len(ds.names)
-        return {"features": {name: torch.from_numpy(v) for name, v in zip(ds.names, values[:k])},
-                "gt": torch.from_numpy(values[k]), "row": row, "text_embedding": torch.from_numpy(values[k + 1]),
-                "text_mask": torch.from_numpy(values[k + 2].astype(bool))}
-
-
-class _ShardRows:
-    """Rows of one sharded, uncompressed Zarr v3 array read straight from its shard files with
-    os.preadv (a sketch of a local fast path for codec none). Each shard's index (offset, nbytes per
-    chunk) is read once and kept: a shard is immutable once its `done` flags are set."""
-
-    def __init__(self, array):
-        from zarr.codecs import BytesCodec, ShardingCodec
-
-        meta = array.metadata
-        (codec,) = meta.codecs
-        if not (isinstance(codec, ShardingCodec) and len(codec.codecs) == 1 and isinstance(codec.codecs[0], BytesCodec)
-                and codec.chunk_shape[0] == 1 and tuple(codec.chunk_shape[1:]) == tuple(meta.shape[1:])
-                and codec.index_location.value == "end" and np.dtype(meta.dtype.to_native_dtype()).byteorder in "=<|"):
-            raise ValueError(f"{array.path}: not a one-row-per-chunk, uncompressed, sharded array")
-        self.folder = os.path.join(str(array.store_path.store.root), array.store_path.path)
-        self.meta, self.dtype = meta, np.dtype(meta.dtype.to_native_dtype())
-        self.row_shape = tuple(meta.shape[1:])
-        self.rows_per_shard = meta.chunk_grid.chunk_shape[0]
-        self.fds, self.index = {}, {}
-
-    def _shard(self, s: int):
-        if s not in self.fds:
-            key = self.meta.encode_chunk_key((s,) + (0,) * len(self.row_shape))
-            fd = os.open(os.path.join(self.folder, key), os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            n = self.rows_per_shard
-            raw = os.pread(fd, 16 * n + 4, size - 16 * n - 4)  # (offset, nbytes) uint64 pairs + crc32c
-            self.fds[s], self.index[s] = fd, np.frombuffer(raw[:16 * n], dtype="<u8").reshape(n, 2)
-        return self.fds[s], self.index[s]
-
-    def row(self, r: int) -> np.ndarray:
-        fd, index = self._shard(r // self.rows_per_shard)
-        offset, nbytes = (int(v) for v in index[r % self.rows_per_shard])
-        out = np.empty(self.row_shape, dtype=self.dtype)
-        if nbytes == 2**64 - 1:  # chunk never written: the fill value
-            out[...] = 0
-            return out
-        if nbytes != out.nbytes or os.preadv(fd, [memoryview(out).cast("B")], offset) != nbytes:
-            raise OSError(f"short read in {self.folder}")
-        return out
-
-
-class DirectShardDataset(torch.utils.data.Dataset):
-    """A proposed local fast path for codec none, measured here, not refseg's reader: FeatureDataset's
-    items read with _ShardRows (plain preads, no zarr call per read)."""
-
-    def __init__(self, base):
-        self.base = base  # a FeatureDataset
-        self._readers, self._pid = None, None
-
-    def __getstate__(self):
-        return dict(self.__dict__, _readers=None, _pid=None)
-
-    def __len__(self):
-        return len(self.base)
+class ReopeningFeatureDataset(FeatureDataset):
+    """FeatureDataset whose reader keeps one shard file open (the default keeps 64): a shuffled pass
+    over a real training cache (~7,500 shards of 16 samples for RefCOCO train) opens a file, reads
+    its index and closes one for nearly every tensor read; a 128-sample bench store would not."""
 
     def _open(self):
-        if self._readers is None or self._pid != os.getpid():
-            cache = self.base._open()
-            arrays = {name: cache._array(self.base.noise_t, name) for name in self.base.names}
-            arrays["gt"] = cache._gt
-            if self.base.text:
-                arrays.update(text_embedding=cache._embedding, text_mask=cache._attention_mask)
-            self._readers, self._pid = {k: _ShardRows(a) for k, a in arrays.items()}, os.getpid()
-        return self._readers
-
-    def __getitem__(self, i):
-        readers = self._open()
-        row = int(self.base.rows[i])
-        item = {"features": {name: torch.from_numpy(readers[name].row(row)) for name in self.base.names},
-                "gt": torch.from_numpy(readers["gt"].row(row)), "row": row}
-        if self.base.text:
-            item["text_embedding"] = torch.from_numpy(readers["text_embedding"].row(row))
-            item["text_mask"] = torch.from_numpy(readers["text_mask"].row(row).astype(bool))
-        return item
+        fresh = self._cache is None or self._pid != os.getpid()
+        cache = super()._open()
+        if fresh:
+            cache._shard_files = ShardFiles(capacity=1)
+        return cache
 
 
 def same_items(a, b, indices) -> bool:
@@ -342,7 +247,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     common.set_threads(args.threads)
     info = common.RunInfo(torch.device("cpu"))
-    from cache import FeatureDataset
     from cache.layout import DEFAULT_SHARD_SIZE
     from heads.evaluate import make_loader
 
@@ -354,7 +258,7 @@ def main(argv=None) -> None:
     layouts = [(c, DEFAULT_SHARD_SIZE) for c in codecs]
     layouts += [("none", s) for s in shard_sizes if ("none", s) not in layouts]
     if ("none", DEFAULT_SHARD_SIZE) not in layouts:
-        layouts.insert(0, ("none", DEFAULT_SHARD_SIZE))  # the reference for the item check and the proposal
+        layouts.insert(0, ("none", DEFAULT_SHARD_SIZE))  # the reference for the item check and the zarr-path row
 
     work = tempfile.mkdtemp(prefix="refseg-bench-read-", dir=args.dir)
     try:
@@ -385,22 +289,20 @@ def main(argv=None) -> None:
         print(f"  {total_gb:.2f} GB on disk under {work}", flush=True)
 
         base = f"zarr none, shard {DEFAULT_SHARD_SIZE}"
-        proposed = f"{base}, proposal A: 1 zarr call per item"
-        direct = f"{base}, proposal B: direct shard reads"
-        if not args.no_proposed:
-            for name in (proposed, direct):
-                paths[name], disk[name], write_s[name] = paths[base], disk[base], None
+        through_zarr = f"{base}, through zarr (direct_reads=False)"
+        reopening = f"{base}, every shard file reopened (as in a cache of thousands of shards)"
+        for name in ([] if args.no_zarr_path else [through_zarr]) + [reopening]:
+            paths[name], disk[name], write_s[name] = paths[base], disk[base], None
 
         def dataset(name):
+            # codec none reads rows straight from the shard files (cache/fastread.py); zstd/blosc through zarr
             if name == floor:
                 return RawFileDataset(paths[name], spec.names)
-            if name == proposed:
-                return GatherFeatureDataset(FeatureDataset(paths[name], NOISE_T))
-            if name == direct:
-                return DirectShardDataset(FeatureDataset(paths[name], NOISE_T))
-            return FeatureDataset(paths[name], NOISE_T)
+            if name == reopening:
+                return ReopeningFeatureDataset(paths[name], NOISE_T)
+            return FeatureDataset(paths[name], NOISE_T, direct_reads=name != through_zarr)
 
-        reference = FeatureDataset(paths[base], NOISE_T)
+        reference = FeatureDataset(paths[base], NOISE_T, direct_reads=False)
         for name in paths:
             if not same_items(reference, dataset(name), [0, args.samples - 1]):
                 raise SystemExit(f"{name}: items differ from FeatureDataset's")
@@ -438,20 +340,26 @@ def main(argv=None) -> None:
                             pass
                 samples_s.append(time.perf_counter() - t)
             raw[mode] = samples_s
-        # Cache.read_rows / FeatureDataset preload take a list of rows through zarr's orthogonal selection
-        selection = common.Table(["read 8 scattered rows of s8 (2.6 MB each, warm)", "ms", "spread", "vs row by row"])
+        # Cache.read_rows / FeatureDataset preload take a list of rows or a slice
+        selection = common.Table(["read 8 rows of s8 (2.6 MB each, warm)", "ms", "spread", "vs zarr"])
         from cache import open_cache
 
-        cache = open_cache(paths[base])
+        direct_cache, zarr_cache = open_cache(paths[base]), open_cache(paths[base], direct_reads=False)
         rows = np.sort(np.array(order[:8]))
-        picks = {"Cache.read_rows(t, rows, 's8') (orthogonal selection)": lambda: cache.read_rows(NOISE_T, rows, "s8"),
-                 "row by row (Cache.read_rows per row)": lambda: [cache.read_rows(NOISE_T, int(r), "s8") for r in rows],
-                 "one slice of 8 contiguous rows (reference)": lambda: cache.read_rows(NOISE_T, slice(0, 8), "s8")}
+        picks = {"8 scattered rows, Cache.read_rows (direct reads, default)":
+                 lambda: direct_cache.read_rows(NOISE_T, rows, "s8"),
+                 "8 scattered rows, Cache.read_rows through zarr (direct_reads=False)":
+                 lambda: zarr_cache.read_rows(NOISE_T, rows, "s8"),
+                 "slice of 8 contiguous rows (direct reads, default)":
+                 lambda: direct_cache.read_rows(NOISE_T, slice(0, 8), "s8"),
+                 "slice of 8 contiguous rows through zarr (direct_reads=False)":
+                 lambda: zarr_cache.read_rows(NOISE_T, slice(0, 8), "s8")}
         sel = common.interleaved(picks, torch.device("cpu"), repeats=args.repeats, warmup=1, min_time=0.0)
-        by_row = common.median(sel["row by row (Cache.read_rows per row)"])
-        for name, t in sel.items():
-            selection.add(**{"read 8 scattered rows of s8 (2.6 MB each, warm)": name, "ms": common.median(t) * 1e3,
-                             "spread": common.spread(t), "vs row by row": f"{by_row / common.median(t):.2f}x"})
+        labels = list(picks)
+        for k, (name, t) in enumerate(sel.items()):
+            reference = common.median(sel[labels[k | 1]])  # the zarr row of the same pair
+            selection.add(**{"read 8 rows of s8 (2.6 MB each, warm)": name, "ms": common.median(t) * 1e3,
+                             "spread": common.spread(t), "vs zarr": f"{reference / common.median(t):.2f}x"})
         real = None
         if args.real_model:
             print(f"codecs on features of {args.real_model} ...", flush=True)
@@ -497,7 +405,7 @@ def main(argv=None) -> None:
         "little better); zstd = ZstdCodec(level=1), blosc = Blosc(zstd, clevel 1, bitshuffle)",
     ]
     sections = [("DataLoader throughput", table), ("Write time (CacheWriter, single process)", writes)]
-    sections.append(("Reading a list of rows (what preload of a non-contiguous selection does)", selection))
+    sections.append(("Reading several rows at once (what FeatureDataset preload does)", selection))
     if real is not None:
         sections.append(("Codecs on real features (a trained backbone's, extracted by refseg-extract)", real))
     common.publish(f"Cache reads: SD1.5 shapes at {args.image_size}², L={args.token_length}", info, sections, notes,

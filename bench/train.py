@@ -10,8 +10,8 @@ One process, one machine, the same samples in the same order, the same head:
   2. one copy of the head per side, built by heads.build_head under the same seed, each with its own
      AdamW (heads.train's defaults: lr 5e-5, wd 1e-2);
   3. epoch rounds; in each, every side trains one epoch in turn; round 0 is warm-up:
-       cache:   FeatureDataset (as refseg-train-head reads it; also with preload, and through the
-                direct shard reader proposed in bench/read.py) -> heads.evaluate.make_loader -> head step
+       cache:   FeatureDataset (as refseg-train-head reads it without preload: direct shard reads;
+                also with preload, and through zarr) -> heads.evaluate.make_loader -> head step
        in-loop: decode + resize the image (DataLoader), tokenize, text encoder, VAE encoder, noise,
                 UNet with UNetCapture (batched: no byte-invariance needed here) -> the same head step
      The head step is heads.train's loop body: batch_to_device, autocast (bf16 on a GPU), the head,
@@ -44,8 +44,8 @@ DEFAULTS = {  # per arch: what the demo trains on CPU / what VPD trains on a GPU
 
 
 IN_LOOP = "backbone in the loop"
-CACHED_SIDES = {"shipped": "cache: FeatureDataset", "preload": "cache: FeatureDataset, preload",
-                "direct": "cache: direct shard reader (proposed)"}
+CACHED_SIDES = {"direct": "cache: FeatureDataset (direct shard reads)", "preload": "cache: FeatureDataset, preload",
+                "zarr": "cache: FeatureDataset through zarr (direct_reads=False)"}
 
 
 def parse_args(argv=None):
@@ -62,10 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=None, help="samples per epoch (the first N of the train split)")
     p.add_argument("--noise-t", type=int, default=5)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
-    p.add_argument("--cached-readers", default="shipped,preload,direct",
-                   help="cached sides, each trained in the same run: shipped = FeatureDataset (what "
-                        "refseg-train-head uses by default), preload = FeatureDataset(preload=True) (--preload), "
-                        "direct = bench/read.py's proposed direct shard reader (codec none; not shipped)")
+    p.add_argument("--cached-readers", default="direct,preload,zarr",
+                   help="cached sides, each trained in the same run: direct = FeatureDataset (what "
+                        "refseg-train-head reads with --no-preload: rows straight from the shard files), "
+                        "preload = FeatureDataset(preload=True) (--preload), "
+                        "zarr = FeatureDataset(direct_reads=False) (every read through zarr)")
     p.add_argument("--flops-only", action="store_true",
                    help="count FLOPs per sample of both sides and stop (nothing is run; SD1.5 at 512² in seconds)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -216,11 +217,7 @@ def main(argv=None) -> None:
         loaders = {}
         for r in readers:
             ds = FeatureDataset(cache_path, args.noise_t, names=model.tensor_names, text=model.uses_text,
-                                preload=r == "preload")
-            if r == "direct":
-                from bench.read import DirectShardDataset
-
-                ds = DirectShardDataset(ds)
+                                preload=r == "preload", direct_reads=r != "zarr")
             loaders[CACHED_SIDES[r]] = make_loader(ds, args.batch_size, device, sampler=sampler, workers=args.workers)
         in_loop_loader = make_loader(in_loop_data, args.batch_size, device, sampler=sampler, workers=args.workers)
 
@@ -311,8 +308,9 @@ def main(argv=None) -> None:
         "step; its backbone share is synchronised wall time in the backbone",
         f"extraction (one-off) = run_extraction on the same samples: {extraction_s:.1f} s (VAE + text + UNet + "
         "writes; on the CPU one sample per backbone call for batch-size-independent bytes)",
-        "cached sides: FeatureDataset = refseg-train-head's default; preload = its --preload; direct = the "
-        "reader proposed in bench/read.py (not shipped)",
+        "cached sides: FeatureDataset = refseg-train-head's reader with --no-preload (direct shard reads); "
+        "preload = its --preload (the default when the samples fit in half the free RAM); through zarr = "
+        "FeatureDataset(direct_reads=False)",
     ]
     notes.append(FLOP_RATIO_NOTE)
     common.publish(f"Cached vs in-loop head training: {args.arch} at {args.image_size}², {args.head} head "

@@ -27,8 +27,10 @@ class FeatureDataset(torch.utils.data.Dataset):
     """Items: {"features": {name: f16 (C,H,W)}, "gt": u8 (S,S), "text_embedding": f16 (L,D),
     "text_mask": bool (L,), "row": int}. `text=False` leaves out the two text entries."""
 
-    def __init__(self, path, noise_t: int, names=None, rows=None, text: bool = True, preload: bool = False):
+    def __init__(self, path, noise_t: int, names=None, rows=None, text: bool = True, preload: bool = False,
+                 direct_reads: bool = True):
         self.path = os.fspath(path)
+        self.direct_reads = bool(direct_reads)  # see cache.open_cache
         self.noise_t = int(noise_t)
         self.text = bool(text)
         cache = open_cache(self.path)  # used here only; each process opens its own on first read
@@ -122,7 +124,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     # ---- lazy, per-process store --------------------------------------------------------------
     def _open(self) -> Cache:
         if self._cache is None or self._pid != os.getpid():
-            self._cache = open_cache(self.path)
+            self._cache = open_cache(self.path, direct_reads=self.direct_reads)
             self._pid = os.getpid()
         return self._cache
 

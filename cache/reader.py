@@ -7,6 +7,7 @@ import os
 import numpy as np
 import zarr
 
+from cache.fastread import ShardFiles, ShardRowReader
 from cache.layout import (
     FORMAT_ATTR,
     INDEX_FIELDS,
@@ -20,10 +21,14 @@ from refseg_core.errors import CacheError
 from refseg_core.feature_spec import FeatureSpec
 
 
-def open_cache(path) -> "Cache":
-    """Open the store at `path` read-only. CacheError if it is missing, not a refseg cache, or newer."""
+def open_cache(path, direct_reads: bool = True) -> "Cache":
+    """Open the store at `path` read-only. CacheError if it is missing, not a refseg cache, or newer.
+
+    `direct_reads`: read single rows of local uncompressed arrays straight from their shard files
+    (cache/fastread.py; same values, ~3-7x faster per item); False reads everything through zarr.
+    """
     path = os.fspath(path)
-    return Cache(path, open_root(path, mode="r"))
+    return Cache(path, open_root(path, mode="r"), direct_reads=direct_reads)
 
 
 def list_noise_levels(root: zarr.Group) -> list[int]:
@@ -56,7 +61,7 @@ def take_rows(arr: zarr.Array, rows) -> np.ndarray:
 class Cache:
     """A refseg cache store opened for reading. Arrays are opened once and read on demand."""
 
-    def __init__(self, path: str, root: zarr.Group):
+    def __init__(self, path: str, root: zarr.Group, direct_reads: bool = True):
         self.path = path
         self._root = root
         self.attrs: dict = root.attrs.asdict()
@@ -77,6 +82,8 @@ class Cache:
         self._texts: list[str] | None = None
         self._levels: dict[int, zarr.Group] = {}
         self._level_arrays: dict[tuple[int, str], zarr.Array] = {}
+        self._shard_files = ShardFiles() if direct_reads else None
+        self._row_readers: dict[int, ShardRowReader | None] = {}  # by id of the zarr array (kept open here)
 
     # ---- what is in it ------------------------------------------------------------------------
     @property
@@ -128,31 +135,48 @@ class Cache:
         return self._root["text/done"][:]
 
     # ---- data ---------------------------------------------------------------------------------
+    def _take(self, array: zarr.Array, rows) -> np.ndarray:
+        """`take_rows(array, rows)`, read directly from the shard files when the array allows it."""
+        if self._shard_files is None:
+            return take_rows(array, rows)
+        key = id(array)
+        if key not in self._row_readers:
+            self._row_readers[key] = ShardRowReader.for_array(array, self._shard_files)
+        reader = self._row_readers[key]
+        if reader is None:
+            return take_rows(array, rows)
+        if isinstance(rows, (int, np.integer)):
+            return reader.row(rows)
+        if isinstance(rows, slice) and rows.step not in (None, 1):
+            return take_rows(array, rows)
+        return reader.rows(rows)
+
     def read(self, t, row: int, names=None) -> dict[str, np.ndarray]:
         """One sample's tensors at noise level `t` (float16, (C,H,W) each). Rows not done read as zeros."""
         row = int(row)
         if not 0 <= row < self.n_samples:
             raise IndexError(f"row {row} out of range for {self.n_samples} samples")
-        return {name: self._array(t, name)[row] for name in (self.spec.names if names is None else names)}
+        names = self.spec.names if names is None else names
+        return {name: self._take(self._array(t, name), row) for name in names}
 
     def read_rows(self, t, rows, name: str) -> np.ndarray:
         """One tensor for several rows: (n, C, H, W) float16."""
-        return take_rows(self._array(t, name), rows)
+        return self._take(self._array(t, name), rows)
 
     def gt(self, rows) -> np.ndarray:
-        return take_rows(self._gt, rows)
+        return self._take(self._gt, rows)
 
     def latents(self, image_rows) -> np.ndarray:
-        return take_rows(self._latent, image_rows)
+        return self._take(self._latent, image_rows)
 
     def embeddings(self, rows) -> np.ndarray:
-        return take_rows(self._embedding, rows)
+        return self._take(self._embedding, rows)
 
     def attention_mask(self, rows) -> np.ndarray:
-        return take_rows(self._attention_mask, rows)
+        return self._take(self._attention_mask, rows)
 
     def input_ids(self, rows) -> np.ndarray:
-        return take_rows(self._input_ids, rows)
+        return self._take(self._input_ids, rows)
 
     @property
     def bad(self) -> list[dict]:

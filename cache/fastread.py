@@ -1,0 +1,206 @@
+"""Single rows of a local, uncompressed cache array, read straight from its shard files.
+
+Why: a synchronous zarr read is a round trip to zarr's event-loop thread plus codec-pipeline
+bookkeeping, ~0.1-1 ms whatever the size; a training item is ~9 such reads. Through zarr, the
+DataLoader reached only 15-41% of the raw-file floor (bench/read.py); one `os.preadv` per tensor
+straight into the output array reaches the floor (BENCHMARKS.md, "Cache reads").
+
+It applies only where the bytes on disk are the array's bytes: a local store, a sharded array with
+one row per inner chunk, inner codecs = little-endian `bytes` alone (the store's codec is `none`),
+the shard index at the end, encoded `bytes` (+ `crc32c`). `ShardRowReader.for_array` returns None
+for anything else, and `Cache` then reads through zarr as before: same values either way (tested).
+
+The shard format (Zarr v3 sharding codec): the inner chunks' bytes, then an index of one
+(offset, nbytes) little-endian uint64 pair per inner chunk, then the index's CRC-32C. A chunk
+that was never written, or held only the fill value (zarr does not write those), has the pair
+(2**64-1, 2**64-1) and reads as the fill value; so does a shard whose file does not exist.
+
+Open shard files are kept, with their index, in a small LRU (`ShardFiles`): the index read with a
+file always describes that very file, so a shard replaced later (zarr writes files by rename) is
+never read through a stale index. Rows are read only once their `done` flag is set, after the
+writer's last write to that shard (cache/writer.py), so a kept file is final.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import OrderedDict
+
+import google_crc32c  # zarr's own dependency for its crc32c codec
+import numpy as np
+
+from cache.layout import is_local, local_path
+from refseg_core.errors import CacheError
+
+EMPTY = 2**64 - 1  # zarr's marker for an inner chunk with no bytes in the shard
+DEFAULT_OPEN_FILES = 64  # per Cache (per DataLoader worker): shuffled reads rarely revisit a shard
+
+
+class ShardFiles:
+    """An LRU of open shard files, each with its decoded index ([(offset, nbytes)] per inner chunk).
+
+    Thread-safe: `read` holds the lock while it reads, so a file is never closed under a reader
+    (threads then share one reader at a time; the DataLoader's workers are processes, each with its own).
+    """
+
+    def __init__(self, capacity: int = DEFAULT_OPEN_FILES):
+        self.capacity = max(1, int(capacity))
+        self._files: OrderedDict[str, tuple[int, list]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, path: str, chunks_per_shard: int, has_crc: bool, chunk: int, out: np.ndarray) -> bool:
+        """Fill `out` with inner chunk `chunk` of the shard file at `path`.
+
+        False (out untouched) when the shard file or the chunk does not exist: the caller fills in
+        the fill value. CacheError on a torn or corrupt file.
+        """
+        with self._lock:
+            entry = self._files.get(path)
+            if entry is None:
+                entry = self._open(path, chunks_per_shard, has_crc)
+                if entry is None:
+                    return False
+            else:
+                self._files.move_to_end(path)
+            fd, index = entry
+            offset, nbytes = index[chunk]
+            if offset == EMPTY and nbytes == EMPTY:
+                return False
+            if nbytes != out.nbytes:
+                raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {out.nbytes} "
+                                 f"(a compressed or foreign shard?)")
+            got = os.preadv(fd, [memoryview(out).cast("B")], offset)
+            if got != nbytes:
+                raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
+            return True
+
+    def _open(self, path: str, n: int, has_crc: bool):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            index = _read_index(fd, path, n, has_crc)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._files[path] = (fd, index)
+        while len(self._files) > self.capacity:
+            _, (old, _) = self._files.popitem(last=False)
+            os.close(old)
+        return fd, index
+
+    def close(self) -> None:
+        with self._lock:
+            while self._files:
+                _, (fd, _) = self._files.popitem()
+                os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may be gone already
+            pass
+
+
+def _read_index(fd: int, path: str, n: int, has_crc: bool) -> list[tuple[int, int]]:
+    size = os.fstat(fd).st_size
+    index_bytes = 16 * n + (4 if has_crc else 0)
+    if size < index_bytes:
+        raise CacheError(f"shard file {path} is truncated ({size} bytes, shorter than its index)")
+    raw = os.pread(fd, index_bytes, size - index_bytes)
+    if has_crc:
+        if np.uint32(google_crc32c.value(raw[:16 * n])).tobytes() != raw[16 * n:]:
+            raise CacheError(f"shard file {path} is corrupt: its index fails its CRC-32C check")
+    index = [tuple(pair) for pair in np.frombuffer(raw[:16 * n], dtype="<u8").reshape(n, 2).tolist()]
+    ends = [offset + nbytes for offset, nbytes in index if offset != EMPTY]
+    if ends and max(ends) > size - index_bytes:
+        raise CacheError(f"shard file {path} is corrupt: its index points past the chunk data")
+    return index
+
+
+class ShardRowReader:
+    """`reader.row(r)` -> row `r` of one array, as a new numpy array, read with one `os.preadv`;
+    `reader.rows(rows)` -> several rows stacked, each read straight into its place in the output."""
+
+    def __init__(self, folder: str, key_of, row_shape: tuple, dtype: np.dtype, rows_per_shard: int,
+                 n_rows: int, fill_value, has_crc: bool, files: ShardFiles):
+        self.folder, self._key_of = folder, key_of
+        self.row_shape, self.dtype = row_shape, dtype
+        self.rows_per_shard, self.n_rows = rows_per_shard, n_rows
+        self.fill_value, self.has_crc, self.files = fill_value, has_crc, files
+        self._paths: dict[int, str] = {}  # shard number -> file path
+
+    @classmethod
+    def for_array(cls, array, files: ShardFiles) -> "ShardRowReader | None":
+        """A reader for `array` (a zarr.Array), or None when its bytes on disk are not plain rows."""
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        store = array.store_path.store
+        root = getattr(store, "root", None)
+        if root is None or not is_local(str(root)) or sys.byteorder != "little":
+            return None
+        meta = array.metadata
+        if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1:
+            return None
+        (sharding,) = meta.codecs
+        if not isinstance(sharding, ShardingCodec) or sharding.index_location.value != "end":
+            return None
+        row_shape = tuple(meta.shape[1:])
+        if tuple(sharding.chunk_shape) != (1, *row_shape):
+            return None
+        if len(sharding.codecs) != 1 or not isinstance(sharding.codecs[0], BytesCodec):
+            return None
+        index_codecs = sharding.index_codecs
+        if not (isinstance(index_codecs[0], BytesCodec) and len(index_codecs) <= 2
+                and all(isinstance(c, Crc32cCodec) for c in index_codecs[1:])):
+            return None
+        dtype = np.dtype(meta.dtype.to_native_dtype())
+        if dtype.kind not in "biuf" or dtype.byteorder == ">":
+            return None
+        endian = sharding.codecs[0].endian
+        if dtype.itemsize > 1 and (endian is None or endian.value != "little"):
+            return None
+        for c in index_codecs[:1]:
+            if c.endian is not None and c.endian.value != "little":
+                return None
+        folder = os.path.join(local_path(str(root)), array.store_path.path)
+        zeros = (0,) * len(row_shape)
+        return cls(folder, lambda s: meta.encode_chunk_key((s, *zeros)), row_shape, dtype,
+                   int(meta.chunk_grid.chunk_shape[0]), int(meta.shape[0]), meta.fill_value,
+                   len(index_codecs) == 2, files)
+
+    def row(self, r: int) -> np.ndarray:
+        out = np.empty(self.row_shape, dtype=self.dtype)
+        self.read_into(r, out)
+        return out
+
+    def rows(self, rows) -> np.ndarray:
+        """Rows by slice (step 1) or a sequence of ints, stacked: (n, *row_shape)."""
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.n_rows)
+            if step != 1:
+                raise ValueError(f"row slices must have step 1, got {rows!r}")
+            rows = range(start, max(start, stop))
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        for i, r in enumerate(rows):
+            self.read_into(int(r), out[i])
+        return out
+
+    def read_into(self, r: int, out: np.ndarray) -> None:
+        """Row `r` into `out` (C-contiguous, row_shape, dtype)."""
+        r = int(r)
+        if not 0 <= r < self.n_rows:
+            raise IndexError(f"row {r} out of range for {self.n_rows} rows")
+        shard, chunk = divmod(r, self.rows_per_shard)
+        path = self._paths.get(shard)
+        if path is None:
+            path = self._paths[shard] = os.path.join(self.folder, self._key_of(shard))
+        if not self.files.read(path, self.rows_per_shard, self.has_crc, chunk, out):
+            out[...] = self.fill_value

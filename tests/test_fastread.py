@@ -1,0 +1,128 @@
+"""Direct shard-file reads (cache/fastread.py): the same values as zarr, the fallbacks, corrupt files."""
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+from _cache_util import fill, open_writer, random_contents
+
+from cache import FeatureDataset, open_cache
+from cache.fastread import ShardFiles, ShardRowReader
+from refseg_core.errors import CacheError
+
+PER_ROW_READS = ("gt", "embeddings", "attention_mask", "input_ids")
+
+
+def _store(path, codec="none", zero_rows=(), feature_shards=None):
+    """A filled store; `zero_rows` get all-zero features and GT (zarr writes no chunk for those);
+    `feature_shards` limits T=0 to the first shards (the other shard files never exist)."""
+    writer = open_writer(path, codec=codec)
+    contents = random_contents(writer.spec, writer.n_samples, writer.n_images, noise_levels=(0,))
+    for r in zero_rows:
+        contents["gt"][r] = 0
+        contents["embedding"][r] = 0
+        for a in contents[("t", 0)].values():
+            a[r] = 0
+    if feature_shards is None:
+        fill(writer, contents, noise_levels=(0,))
+    else:
+        fill(writer, contents, noise_levels=())
+        writer.add_noise_level(0, timestep=1)
+        for rows in writer.feature_shards_todo(0)[:feature_shards]:
+            writer.write_features(0, rows, {name: a[rows] for name, a in contents[("t", 0)].items()})
+    return contents
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_every_row_equals_zarrs_including_unwritten_chunks_and_shards(tmp_path):
+    path = tmp_path / "c.zarr"
+    contents = _store(path, zero_rows=(2, 5), feature_shards=1)  # shard size 4: rows 4.. have no T=0 files
+    direct, through_zarr = open_cache(path), open_cache(path, direct_reads=False)
+    assert not os.path.exists(path / "t0000" / "s8" / "c" / "1")  # shard 1 of s8 was never written
+    for r in range(direct.n_samples):
+        a, b = direct.read(0, r), through_zarr.read(0, r)
+        assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        expected = contents[("t", 0)]["s8"][r] if r < 4 else np.zeros_like(a["s8"])
+        assert _same(a["s8"], expected)
+        for read in PER_ROW_READS:
+            assert _same(getattr(direct, read)(r), getattr(through_zarr, read)(r)), (read, r)
+    for image in range(direct.n_images):
+        assert _same(direct.latents(image), through_zarr.latents(image))
+    assert not direct.gt(5).any() and _same(direct.gt(3), contents["gt"][3])
+    # every per-row array took the direct path, and none of them went back to zarr
+    assert direct._row_readers and all(r is not None for r in direct._row_readers.values())
+
+
+def test_compressed_arrays_fall_back_to_zarr_and_read_the_same(tmp_path):
+    path = tmp_path / "z.zarr"
+    contents = _store(path, codec="zstd")
+    root = zarr.open_group(path, mode="r")
+    files = ShardFiles()
+    assert ShardRowReader.for_array(root["t0000/s8"], files) is None  # zstd-compressed chunks
+    assert ShardRowReader.for_array(root["text/embedding"], files) is None
+    assert ShardRowReader.for_array(root["masks/gt"], files) is not None  # never compressed
+    assert ShardRowReader.for_array(root["index/sent_id"], files) is None  # not sharded per row
+    ds = FeatureDataset(path, 0)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert np.array_equal(item["features"]["attn_s16"].numpy(), contents[("t", 0)]["attn_s16"][i])
+        assert np.array_equal(item["gt"].numpy(), contents["gt"][i])
+
+
+def test_open_files_stay_within_the_lru_capacity(tmp_path):
+    path = tmp_path / "c.zarr"
+    contents = _store(path)
+    cache = open_cache(path)
+    cache._shard_files = files = ShardFiles(capacity=2)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for r in [0, 4, 8, 0, 4, 8, 1]:  # three shards, visited twice
+        assert _same(cache.read(0, r, ["s16"])["s16"], contents[("t", 0)]["s16"][r])
+        assert len(files) <= 2
+    assert len(os.listdir("/proc/self/fd")) - fds_before == 2
+    files.close()
+    assert len(files) == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def _shard_file(path, array="t0000/s32", shard=1):
+    return path / array / "c" / str(shard) / "0" / "0" / "0"
+
+
+def test_a_corrupt_shard_index_is_named_not_read(tmp_path):
+    path = tmp_path / "c.zarr"
+    _store(path)
+    shard = _shard_file(path)
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # the last index byte before the CRC
+    shard.write_bytes(bytes(data))
+    ds = FeatureDataset(path, 0, names=["s32"])
+    assert ds[0]["features"]["s32"].shape == (16, 1, 1)  # shard 0 is intact
+    with pytest.raises(CacheError, match=r"s32/c/1/0/0/0 is corrupt: its index fails its CRC-32C check"):
+        ds[5]
+
+
+def test_a_truncated_shard_file_is_named(tmp_path):
+    path = tmp_path / "c.zarr"
+    _store(path)
+    shard = _shard_file(path, "t0000/s8")
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(CacheError, match=r"s8/c/1/0/0/0 is truncated \(10 bytes, shorter than its index\)"):
+        open_cache(path).read(0, 4, ["s8"])
+    with pytest.raises(IndexError, match="row 99 out of range"):
+        open_cache(path).read(0, 99)
+
+
+@pytest.mark.parametrize("rows", [slice(0, 9), slice(2, 7), slice(-3, None), slice(6, 2), [8, 1, 1, 4], []])
+def test_several_rows_at_once_equal_zarrs(tmp_path, rows):
+    path = tmp_path / "c.zarr"
+    contents = _store(path, zero_rows=(4,), feature_shards=2)  # rows 8.. have no T=0 shard file
+    direct, through_zarr = open_cache(path), open_cache(path, direct_reads=False)
+    for name in direct.spec.names:
+        a, b = direct.read_rows(0, rows, name), through_zarr.read_rows(0, rows, name)
+        assert _same(a, b)
+    assert _same(direct.gt(rows), contents["gt"][rows])
+    # stepped slices are zarr's business; they still read right
+    assert _same(direct.embeddings(slice(0, 9, 2)), contents["embedding"][0:9:2])
