@@ -9,6 +9,12 @@ That costs one extra Q/K projection per recorded layer (about 1% of an SD forwar
 self-attention (`attn1`) and every unrecorded layer on the fused kernel. Maps are summed per stride
 and divided by the number of layers at that stride.
 
+Early exit: once the last listed tensor is captured, a hook raises to skip the rest of the decoder.
+Not on a UNet compiled with `unet.compile()`: an exception raised inside traced code splits the
+graph (56 graphs for the tiny UNet, recompiling over the first four calls, measured with the eager
+backend), while the full forward traces as one graph that is never recompiled. So by default the
+capture runs the whole UNet when it is compiled (the skipped part is at most the last up block).
+
     with UNetCapture(unet, spec) as cap:
         captured = cap.run(latents, timesteps, text_embeddings)   # {"s8": (B,C,H,W), "attn_s16": (B,L,h,w), ...}
 """
@@ -82,10 +88,15 @@ class _RecordingProcessor:
 
 
 class UNetCapture:
-    """Context manager that records `spec`'s tensors during `run`; the UNet is restored on exit."""
+    """Context manager that records `spec`'s tensors during `run`; the UNet is restored on exit.
 
-    def __init__(self, unet, spec: FeatureSpec):
+    `early_exit`: stop the forward once everything is captured; None (default) = unless the UNet
+    was compiled with `unet.compile()` (see the module's docs).
+    """
+
+    def __init__(self, unet, spec: FeatureSpec, early_exit: bool | None = None):
         self.unet, self.spec = unet, spec
+        self.early_exit = early_exit
         self.layer_calls: dict[str, int] = {}  # attention tensor -> attn2 calls seen in the last run
         self._handles, self._processors = [], {}
         self._features: dict[str, torch.Tensor] = {}
@@ -143,17 +154,23 @@ class UNetCapture:
             raise _Done
 
     # ---- running ----------------------------------------------------------------------------------
+    def _early_exit(self) -> bool:
+        if self.early_exit is not None:
+            return bool(self.early_exit)
+        return getattr(self.unet, "_compiled_call_impl", None) is None  # set by nn.Module.compile()
+
     def run(self, latents, timesteps, encoder_hidden_states, return_unet_output: bool = False):
         """One UNet forward; returns {name: float32 (B, C, H, W)} for every tensor of the spec.
 
         Without `return_unet_output` the forward stops as soon as the last listed tensor is
-        captured (the rest of the decoder is not needed); with it, returns (captured, unet output).
+        captured (the rest of the decoder is not needed; see `early_exit`); with it, returns
+        (captured, unet output).
         """
         if not self._handles and not self._processors:
             raise RuntimeError("UNetCapture.run must be called inside `with UNetCapture(...)`")
         self._features, self._attn_sum, self.layer_calls = {}, {}, {}
         self._pending = len(self.spec.features) + sum(len(t.modules) for t in self.spec.attention)
-        self._stop_early = not return_unet_output
+        self._stop_early = not return_unet_output and self._early_exit()
         eps = None
         with torch.inference_mode():
             try:

@@ -148,3 +148,31 @@ def test_stable_diffusion_15_layout():
     finally:
         del unet
         gc.collect()
+
+
+def test_a_compiled_unet_traces_as_one_graph_with_the_capture(unet, inputs):
+    """unet.compile() with the capture: no early exit (it would split the graph), no recompiles,
+    and the same tensors as the eager capture. The eager backend: dynamo's tracing without codegen."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    spec = _spec(unet, strides=(16, 32, 64), attn_strides=(16, 32))  # eager capture would stop early
+    with UNetCapture(unet, spec) as cap:
+        expected = [cap.run(*inputs)]
+        expected.append(cap.run(inputs[0] * 2, inputs[1], inputs[2] + 1))
+    compiled = copy.deepcopy(unet)
+    compiled.compile(backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with UNetCapture(compiled, spec) as cap:
+            got = [cap.run(*inputs), cap.run(inputs[0] * 2, inputs[1], inputs[2] + 1), cap.run(*inputs)]
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for g, e in zip(got, [*expected, expected[0]]):
+        assert list(g) == spec.names
+        for name in spec.names:
+            torch.testing.assert_close(g[name], e[name], rtol=1e-5, atol=1e-6)
