@@ -58,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the UNet")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead = CUDA graphs)")
     p.add_argument("--compile-scope", choices=("unet", "resnets"), default="resnets",
-                   help="unet: the whole UNet (UNet.compile(); UNetCapture's hooks are traced into one graph, no early exit: see "
-                        "BENCHMARKS.md); resnets: each ResnetBlock2D.forward (regional; the capture's hooks stay "
+                   help="unet: the whole UNet (UNet.compile(); UNetCapture's hooks are traced into one graph, "
+                        "with no early exit: see BENCHMARKS.md); resnets: each ResnetBlock2D.forward (regional; the capture's hooks stay "
                         "outside compiled code)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (eager: checks tracing without code generation)")
