@@ -211,36 +211,42 @@ def time_pipeline(args, backbone, batch_sizes, repeats) -> dict:
 
     Modes: "shipped" is refseg-extract as it is; on the CPU, "batched" is the same run with
     extract.pipeline.batch_invariant patched (in this process only) to call the backbone on the whole
-    batch: the end-to-end price of batch-size-independent cache bytes.
+    batch: the end-to-end price of batch-size-independent cache bytes. On CUDA, "synchronous host
+    copies" sets extract.pipeline.OVERLAP_HOST_COPIES = False: the price of a GPU that waits for each
+    batch's copy to the host and its hand-over to the writer (extract/host_copy.py).
     """
     import extract.pipeline as pipeline
     from extract.pipeline import ExtractionConfig, run_extraction
     from refseg_core.synthetic import generate
 
-    shipped = pipeline.batch_invariant
-    modes = {"shipped": shipped}
+    modes = {"shipped": {}}  # mode -> attributes of extract.pipeline to patch for its runs
     if backbone.device.type == "cpu":
-        modes["batched (bench patch)"] = lambda _backbone, fn, *batch: fn(*batch)
+        modes["batched (bench patch)"] = {"batch_invariant": lambda _backbone, fn, *batch: fn(*batch)}
+    if backbone.device.type == "cuda":
+        modes["synchronous host copies"] = {"OVERLAP_HOST_COPIES": False}
     work = tempfile.mkdtemp(prefix="refseg-bench-extract-")
     try:
         generate(os.path.join(work, "data"), images=args.pipeline_images, seed=0, image_size=args.image_size)
         results = {}
         for r in range(repeats + 1):
             for bs in batch_sizes:
-                for mode, fn in modes.items():
+                for mode, patch in modes.items():
                     if bs == 1 and mode != "shipped":
                         continue  # the same thing at batch 1
                     out = os.path.join(work, f"b{bs}-r{r}.zarr")
                     cfg = ExtractionConfig(data_root=os.path.join(work, "data"), dataset="refcoco-synth",
                                            split="train", out=out, noise_ts=(args.noise_t,), image_size=args.image_size,
                                            token_length=args.token_length, batch_size=bs, progress=False)
-                    pipeline.batch_invariant = fn
+                    saved = {name: getattr(pipeline, name) for name in patch}
+                    for name, value in patch.items():
+                        setattr(pipeline, name, value)
                     try:
                         t = time.perf_counter()
                         report = run_extraction(cfg, backbone=backbone)
                         seconds = time.perf_counter() - t
                     finally:
-                        pipeline.batch_invariant = shipped
+                        for name, value in saved.items():
+                            setattr(pipeline, name, value)
                     shutil.rmtree(out)
                     if r > 0:
                         results.setdefault((bs, mode), []).append(seconds)
@@ -369,11 +375,11 @@ def main(argv=None) -> None:
         print(f"timing run_extraction on {args.pipeline_images} synthetic images, batch sizes {pipe_bs} ...",
               flush=True)
         res = time_pipeline(args, backbone, pipe_bs, max(1, min(args.repeats, 3)))
-        pt = common.Table(["batch", "backbone calls", "s per run", "spread", "samples/s", "vs shipped",
+        pt = common.Table(["batch", "mode", "s per run", "spread", "samples/s", "vs shipped",
                            "images", "samples"])
         for (bs, mode), s in res["seconds"].items():
             ref = common.median(res["seconds"][(bs, "shipped")])
-            pt.add(batch=bs, **{"backbone calls": mode if bs > 1 else "shipped (batch 1)",
+            pt.add(batch=bs, **{"mode": mode if bs > 1 else "shipped (batch 1)",
                                 "s per run": common.median(s), "spread": common.spread(s),
                                 "samples/s": res["samples"] / common.median(s),
                                 "vs shipped": f"{ref / common.median(s):.2f}x", "images": res["images"],

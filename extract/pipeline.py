@@ -33,6 +33,7 @@ from cache import layout
 from cache.layout import ImageTable, SampleTable
 from cache.writer import CacheWriteError, CacheWriter
 from extract.capture import UNetCapture
+from extract.host_copy import HostCopies
 from extract.shard_buffer import BackgroundWriter, ShardBuffer
 from refseg_core.backbone import Backbone, load_backbone
 from refseg_core.errors import CacheError, DataError, NonFiniteError, RefsegError
@@ -173,6 +174,9 @@ def cache_settings(cfg: ExtractionConfig, backbone: Backbone) -> dict:
 # Stage 1a: images -> latents
 
 WAIT_POLL_SECONDS = 1.0  # how often a process waiting for other processes' stage 1 looks again
+# On CUDA, copy each batch's results to host memory on a side stream while the next batch computes
+# (extract/host_copy.py); False = synchronous copies, for bench/extract.py to measure the difference.
+OVERLAP_HOST_COPIES = True
 
 
 class _ImageRows(torch.utils.data.Dataset):
@@ -408,16 +412,22 @@ def _dtype_hint(backbone: Backbone) -> str:
     return ""
 
 
-def check_features(captured: dict[str, torch.Tensor], rows, t: int, samples_table: SampleTable, skip: set,
-                   backbone: Backbone) -> None:
+def feature_stats(captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per sample and tensor, on the device (no sync): finite? and the largest magnitude. (B, n) each."""
+    names = list(captured)
+    return {"finite": torch.stack([captured[n].flatten(1).isfinite().all(1) for n in names], 1),
+            "peak": torch.stack([captured[n].flatten(1).abs().amax(1).float() for n in names], 1)}
+
+
+def check_features(names: list[str], stats: dict[str, np.ndarray], rows, t: int, samples_table: SampleTable,
+                   skip: set, backbone: Backbone) -> None:
     """Refuse (NonFiniteError naming the sample) features that are NaN/inf, or too large for float16.
 
-    Checked in the compute dtype, before the float16 conversion that would turn an overflow into inf,
-    so the message can tell a backbone that overflows (fp16 compute) from values the cache cannot hold.
+    `stats` is `feature_stats` of the features in the compute dtype, taken before the float16
+    conversion that would turn an overflow into inf, so the message can tell a backbone that
+    overflows (fp16 compute) from values the cache cannot hold.
     """
-    names = list(captured)
-    finite = torch.stack([captured[n].flatten(1).isfinite().all(1) for n in names], 1).cpu()
-    peak = torch.stack([captured[n].flatten(1).abs().amax(1).float() for n in names], 1).cpu()
+    finite, peak = stats["finite"], stats["peak"]
     for j, row in enumerate(rows):
         row = int(row)
         if row in skip:
@@ -454,7 +464,25 @@ def extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, b
             stage.io.submit(writer.write_features, t, shard, arrays, skipped)
 
         buffer = ShardBuffer(stage.mine, flush)
+        copies = HostCopies(backbone.device, overlap=OVERLAP_HOST_COPIES)
+        names = [ti.name for ti in spec.tensors]
         bar = tqdm(total=len(rows), desc=f"UNet T={t}", unit="sample", disable=not cfg.progress)
+
+        def store(batch, pending):  # the host side of a batch: checks, then rows into their shards
+            host = copies.finish(pending)
+            check_features(names, {k: host[k] for k in ("finite", "peak")}, batch, t, samples_table, bad_rows,
+                           backbone)
+            for j, row in enumerate(batch):
+                row = int(row)
+                if row in bad_rows:
+                    buffer.add(row, zero, skipped=True)
+                else:
+                    buffer.add(row, {name: host[name][j] for name in names})
+            bar.update(len(batch))
+
+        # Software-pipelined: batch i+1 is queued on the device before batch i is stored on the host
+        # (extract/host_copy.py); on the CPU this is the plain sequential loop.
+        in_flight = None
         with UNetCapture(backbone.unet, spec) as capture:
             for start in range(0, len(rows), cfg.batch_size):
                 batch = np.array(rows[start:start + cfg.batch_size])
@@ -462,19 +490,18 @@ def extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, b
                 z0 = torch.from_numpy(writer.read_latents(image_rows)).float()
                 eps = torch.stack([make_noise(tuple(z0.shape[1:]), cfg.noise_seed, int(samples_table.image_id[r]), t)
                                    for r in batch])
-                zt = add_noise(z0, t, eps, acp).to(backbone.device, backbone.dtype)
-                emb = torch.from_numpy(writer.read_embeddings(batch)).to(backbone.device, backbone.dtype)
+                zt = copies.to_device(add_noise(z0, t, eps, acp), backbone.dtype)
+                emb = copies.to_device(torch.from_numpy(writer.read_embeddings(batch)), backbone.dtype)
                 steps = torch.full((len(batch),), timestep, dtype=torch.long, device=backbone.device)
                 captured = batch_invariant(backbone, capture.run, zt, steps, emb)
-                check_features(captured, batch, t, samples_table, bad_rows, backbone)
-                host = {k: v.to(torch.float16).cpu().numpy() for k, v in captured.items()}
-                for j, row in enumerate(batch):
-                    row = int(row)
-                    if row in bad_rows:
-                        buffer.add(row, zero, skipped=True)
-                    else:
-                        buffer.add(row, {k: v[j] for k, v in host.items()})
-                bar.update(len(batch))
+                results = {name: captured[name].to(torch.float16) for name in names}
+                pending = copies.start({**results, **feature_stats(captured)})
+                del captured, results
+                if in_flight is not None:
+                    store(*in_flight)
+                in_flight = (batch, pending)
+            if in_flight is not None:
+                store(*in_flight)
         bar.close()
 
 

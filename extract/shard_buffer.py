@@ -55,7 +55,8 @@ class ShardBuffer:
     """Collects rows of the shards in `shards` and calls `flush(shard, arrays)` once a shard is full.
 
     `arrays` maps a name to an array of the shard's rows in order; `skipped` rows (bad input kept out
-    of the cache with --skip-bad) carry zeros and are passed as a boolean mask.
+    of the cache with --skip-bad) carry zeros and are passed as a boolean mask. `add` copies each row
+    into its shard's arrays at once, so the caller may reuse what it passed (a pinned host buffer).
     """
 
     def __init__(self, shards: list[slice], flush: Callable[[slice, dict, np.ndarray], None]):
@@ -64,24 +65,24 @@ class ShardBuffer:
         for s in shards:
             for r in range(s.start, s.stop):
                 self._shard_of[r] = s
-        self._parts: dict[int, dict[int, tuple[dict, bool]]] = {}  # shard start -> row -> (arrays, skipped)
+        self._parts: dict[int, tuple[dict, np.ndarray, set]] = {}  # shard start -> (arrays, skipped, rows in)
 
     def add(self, row: int, arrays: dict[str, np.ndarray], skipped: bool = False) -> None:
         """Add one row's arrays (zeros of the right shapes when `skipped`)."""
         shard = self._shard_of[row]
-        parts = self._parts.setdefault(shard.start, {})
-        parts[row] = (arrays, skipped)
-        if len(parts) == shard.stop - shard.start:
+        n = shard.stop - shard.start
+        if shard.start not in self._parts:
+            self._parts[shard.start] = ({k: np.empty((n, *a.shape), a.dtype) for k, a in arrays.items()},
+                                        np.zeros(n, dtype=bool), set())
+        out, skipped_rows, rows_in = self._parts[shard.start]
+        for k, a in arrays.items():
+            out[k][row - shard.start] = a
+        skipped_rows[row - shard.start] = skipped
+        rows_in.add(row)
+        if len(rows_in) == n:
             del self._parts[shard.start]
-            self._emit(shard, parts)
-
-    def _emit(self, shard: slice, parts: dict[int, tuple[dict, bool]]) -> None:
-        rows = range(shard.start, shard.stop)
-        names = parts[shard.start][0].keys()
-        out = {k: np.stack([parts[r][0][k] for r in rows]) for k in names}
-        skipped = np.array([parts[r][1] for r in rows], dtype=bool)
-        self._flush(shard, out, skipped)
+            self._flush(shard, out, skipped_rows)
 
     @property
     def pending_rows(self) -> int:
-        return sum(len(p) for p in self._parts.values())
+        return sum(len(rows_in) for _, _, rows_in in self._parts.values())

@@ -28,3 +28,13 @@ def test_background_writer_raises_first_error_and_drops_the_rest():
             io.submit(done.append, i)
         io.close()
     assert done == [1]  # writes after the failed one are dropped, never half-applied
+
+
+def test_rows_are_copied_when_added_so_the_caller_may_reuse_its_buffer():
+    flushed = []
+    buf = ShardBuffer([slice(0, 2)], lambda s, a, skipped: flushed.append(a["x"]))
+    staging = np.zeros((2, 3), np.float16)  # one reused host buffer, as a pinned staging area is
+    for row in (0, 1):
+        staging[:] = row + 1
+        buf.add(row, {"x": staging[0]})
+    assert flushed[0].tolist() == [[1, 1, 1], [2, 2, 2]]
