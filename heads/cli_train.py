@@ -18,7 +18,8 @@ from refseg_core.cli import user_errors
 @click.option("--val-cache", type=click.Path(), default=None,
               help="Val cache: metrics every epoch and best.safetensors selected on its oIoU (as VPD/LAVT).")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Samples per optimizer step (under torchrun: in all, split across the ranks).")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 5e-5 adamw, 1e-4 adam].")
 @click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True,
               help="adamw: wd 1e-2 + poly decay per iteration (VPD); adam: constant lr.")
@@ -38,12 +39,15 @@ def main(cache_path, noise_t, head, out, val_cache, epochs, batch_size, lr, opti
          workers, preload, resume, eval_every, max_samples):
     """Train a head on cached features of one noise level; writes RUN/{head,best,state}.safetensors,
     config.json and metrics.jsonl."""
+    from heads.distributed import Ranks
     from heads.train import train
 
     summary = train(cache_path, noise_t, head, out, val_cache=val_cache, epochs=epochs, batch_size=batch_size, lr=lr,
                     optimizer=optimizer, loss=loss, seed=seed, device=device, workers=workers,
                     preload="auto" if preload is None else preload,
                     resume=resume, hidden=hidden, eval_every=eval_every, max_samples=max_samples, progress=True)
+    if not Ranks.from_env().main:  # under torchrun, rank 0 reports
+        return
     if summary.get("val"):
         from refseg_core.metrics import format_table
 

@@ -76,7 +76,11 @@ def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = Fals
     return features, text, mask
 
 
-def make_loader(dataset, batch_size: int, device: torch.device, *, sampler=None, workers: int = 0) -> DataLoader:
+def make_loader(dataset, batch_size: int | None, device: torch.device, *, sampler=None, batch_sampler=None,
+                workers: int = 0) -> DataLoader:
+    if batch_sampler is not None:  # it makes the batches: DataLoader takes no batch_size then
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 

@@ -11,6 +11,7 @@ bf16 autocast on CUDA, fp32 on CPU. The same seed gives the same weights: init u
 (seed, epoch), so an interrupted run resumed from its last completed epoch ends with exactly the
 weights of an uninterrupted one. `best.safetensors` is selected on the *val* cache's oIoU, as
 VPD/LAVT report their best epoch on val; report test numbers from a split never used to select.
+Under `torchrun` it trains with DDP, `batch_size` being the global batch (heads/distributed.py).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 
 from cache import FeatureDataset
 from heads import run_dir
+from heads.distributed import RankBatches, Ranks
 from heads.evaluate import (as_cache, autocast, batch_to_device, check_compatible, evaluate_model,
                             make_loader, resolve_device)
-from heads.losses import LOSSES, segmentation_loss
+from heads.losses import LOSSES, class_weight_total, segmentation_loss
 from heads.registry import HEADS, build_head, _load_builtin_heads
 from refseg_core.errors import CacheError, RefsegError, RunError
 from refseg_core.memory import available_memory
@@ -71,6 +73,17 @@ def train(cache, noise_t, head, out, *, val_cache=None, epochs=10, batch_size=8,
     if epochs < 1 or batch_size < 1:
         raise RefsegError("--epochs and --batch-size must be at least 1")
     out, noise_t, device = Path(out), int(noise_t), resolve_device(device)
+    ranks = Ranks.from_env()  # one process unless launched by torchrun
+    try:
+        return _train(cache, noise_t, head, out, val_cache, epochs, batch_size, lr, optimizer, loss, seed,
+                      ranks.start(device), workers, preload, resume, hidden, eval_every, max_samples,
+                      progress and ranks.main, head_kwargs, ranks)
+    finally:
+        ranks.stop()
+
+
+def _train(cache, noise_t, head, out, val_cache, epochs, batch_size, lr, optimizer, loss, seed, device, workers,
+           preload, resume, hidden, eval_every, max_samples, progress, head_kwargs, ranks: Ranks) -> dict:
     default_lr, weight_decay, poly = OPTIMIZERS[optimizer]
     lr = float(lr) if lr is not None else default_lr
 
@@ -110,28 +123,31 @@ def train(cache, noise_t, head, out, *, val_cache=None, epochs=10, batch_size=8,
         "seed": seed, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
         "lr_schedule": f"poly {POLY_POWER} per iteration" if poly else "constant",
         "loss": loss, "class_weights": [0.9, 1.1], "epochs": epochs, "batch_size": batch_size,
-        "max_samples": max_samples, "parameters": n_params, "versions": _versions(),
+        "max_samples": max_samples, "parameters": n_params, "versions": _versions(), "world_size": ranks.world,
     }
     if resume and (out / run_dir.CONFIG).exists():
         _check_resumable(out, config)
     elif resume and out.is_dir() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and is not a head run directory (no {run_dir.CONFIG}): nothing to resume")
-    elif not resume:
+    elif not resume and ranks.main:
         run_dir.prepare_new(out)
+    ranks.barrier()  # the other ranks look at `out` only once rank 0 has made it
     out.mkdir(parents=True, exist_ok=True)
 
     dataset = FeatureDataset(train_path, noise_t, names=model.tensor_names, rows=rows, text=model.uses_text,
-                             preload=_preload_ok(preload, spec, model, len(rows), train_path, progress))
-    if val_cache is not None:
+                             preload=_preload_ok(preload, spec, model, len(rows), train_path, progress,
+                                                 ranks.local_world))
+    if val_cache is not None and ranks.main:
         val_ds = FeatureDataset(val_path, noise_t, names=model.tensor_names, rows=val_rows, text=model.uses_text,
                                 preload=_preload_ok(preload, spec, model, len(val_rows), val_path, progress))
 
-    sampler = EpochShuffle(len(dataset), seed)
-    loader = make_loader(dataset, batch_size, device, sampler=sampler, workers=workers)
+    batches = RankBatches(EpochShuffle(len(dataset), seed), batch_size, ranks)
+    loader = make_loader(dataset, None, device, batch_sampler=batches, workers=workers)
     iters_per_epoch = math.ceil(len(dataset) / batch_size)
     total_iters = epochs * iters_per_epoch
 
     model.to(device)
+    trained = ranks.wrap(model, device)  # DDP under torchrun: its forward/backward all-reduce the gradients
     opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -153,47 +169,60 @@ def train(cache, noise_t, head, out, *, val_cache=None, epochs=10, batch_size=8,
             torch.cuda.set_rng_state_all([rng[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
                                           if f"rng.cuda.{i}" in rng])
         start_epoch, iteration, best_oiou = info["epoch"], info["iteration"], info["best_val_oIoU"]
-        run_dir.truncate_metrics(out, start_epoch)
+        if ranks.main:
+            run_dir.truncate_metrics(out, start_epoch)
         if poly and info.get("epochs") != epochs:
             _say(progress, f"note: the poly lr schedule was planned for {info.get('epochs')} epochs and now spans "
                            f"{epochs}: the result differs from a run trained for {epochs} epochs from the start")
         _say(progress, f"resuming {out} after epoch {start_epoch}/{epochs}")
-    elif resume:
+    elif resume and ranks.main:
         run_dir.truncate_metrics(out, 0)  # a first epoch that never finished may have logged a line
         _say(progress, f"nothing to resume in {out}: starting from epoch 1")
-    run_dir.write_json(out / run_dir.CONFIG, config)
+    if ranks.main:
+        run_dir.write_json(out / run_dir.CONFIG, config)
     _say(progress, f"training {head} ({n_params / 1e6:.2f}M parameters) on {len(dataset)} samples at T={noise_t}, "
-                   f"{device}, {epochs} epochs x {iters_per_epoch} iterations")
+                   f"{device}, {epochs} epochs x {iters_per_epoch} iterations"
+                   + (f", {ranks.world} ranks" if ranks.active else ""))
 
     # ---- the loop ------------------------------------------------------------------------------
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
-        sampler.set_epoch(epoch)
+        batches.set_epoch(epoch)
         bar = _bar(progress, len(dataset), f"epoch {epoch}/{epochs}")
         loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-        for batch in loader:
+        for k, batch in enumerate(loader):
             for group in opt.param_groups:
                 group["lr"] = lr_at(iteration)
             features, text, text_mask = batch_to_device(batch, device, non_blocking=True)
             gt = batch["gt"].to(device, non_blocking=True)
             with autocast(device):
-                logits = model(features, text, text_mask)
-            batch_loss = segmentation_loss(logits, gt, loss)
+                logits = trained(features, text, text_mask)
+            global_b = min(batch_size, len(dataset) - k * batch_size)
+            if ranks.active:
+                # this rank's part of the global batch's loss (normalised by the whole batch's totals;
+                # a placeholder's part is 0); DDP averages gradients over ranks, hence the * world
+                mine = float(ranks.share(global_b) > 0)
+                totals = ranks.sum(torch.stack([class_weight_total(gt), torch.tensor(float(len(gt)), device=device)])
+                                   * mine)
+                batch_loss = segmentation_loss(logits, gt, loss, totals=totals) * mine
+                step_loss = batch_loss * ranks.world
+            else:
+                batch_loss = step_loss = segmentation_loss(logits, gt, loss)
             opt.zero_grad(set_to_none=True)
-            batch_loss.backward()
+            step_loss.backward()
             opt.step()
             iteration += 1
 
-            b = gt.shape[0]
-            loss_sum += batch_loss.detach() * b  # summed on the device: no GPU sync per iteration
-            seen += b
+            loss_sum += batch_loss.detach() * global_b  # summed on the device: no GPU sync per iteration
+            seen += global_b
             if bar is not None:
-                bar.update(b)
-                if iteration % 10 == 0 or seen == len(dataset):
+                bar.update(global_b)
+                if (iteration % 10 == 0 or seen == len(dataset)) and not ranks.active:  # DDP: rank parts only
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr_at(iteration - 1):.2e}")
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        ranks.sum(loss_sum)  # under DDP each rank holds its part of every batch's loss
 
         record = {"epoch": epoch, "iteration": iteration, "loss": loss_sum.item() / seen,
                   "samples_per_s": seen / elapsed if elapsed > 0 else None, "lr": lr_at(iteration - 1)}
@@ -211,10 +240,12 @@ def train(cache, noise_t, head, out, *, val_cache=None, epochs=10, batch_size=8,
 
         # Order matters for an interruption: weights and the log line first, the state (what resume
         # trusts) last; resume drops log lines past the state's epoch.
-        run_dir.save_weights(out / run_dir.HEAD, model.state_dict(), {"epoch": str(epoch)})
-        run_dir.append_metrics(out, record)
-        run_dir.save_state(out, model, opt, {"epoch": epoch, "iteration": iteration, "best_val_oIoU": best_oiou,
-                                             "seed": seed, "epochs": epochs})
+        if ranks.main:
+            run_dir.save_weights(out / run_dir.HEAD, model.state_dict(), {"epoch": str(epoch)})
+            run_dir.append_metrics(out, record)
+            run_dir.save_state(out, model, opt, {"epoch": epoch, "iteration": iteration, "best_val_oIoU": best_oiou,
+                                                 "seed": seed, "epochs": epochs})
+        ranks.barrier()
 
     history = run_dir.read_metrics(out)
     last = history[-1] if history else {}
@@ -254,11 +285,12 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "refseg": refseg_core.__version__}
 
 
-def _preload_ok(preload, spec, model, n: int, path, progress: bool) -> bool:
+def _preload_ok(preload, spec, model, n: int, path, progress: bool, copies: int = 1) -> bool:
     """Whether to load the samples into RAM first; says how much it needs.
 
     preload=True: always (FeatureDataset refuses, with one line, what does not fit). preload="auto"
-    (the default): when it needs less than half the available memory. Reading from RAM is as fast as
+    (the default): when it needs less than half the available memory, counting `copies` (the ranks
+    on this machine each load their own). Reading from RAM is as fast as
     direct shard reads of a local uncompressed cache and 4x faster than zarr's API (BENCHMARKS.md),
     spares the disk, and gives the same bytes.
     """
@@ -269,7 +301,7 @@ def _preload_ok(preload, spec, model, n: int, path, progress: bool) -> bool:
         per_sample += spec.token_length * (spec.text_dim * 2 + 1)
     need = per_sample * n
     avail = available_memory()
-    if preload == "auto" and (avail is None or need > avail / 2):
+    if preload == "auto" and (avail is None or need * copies > avail / 2):
         return False
     _say(progress, f"preload: {need / 1e9:.2f} GB for {n} samples of {path}"
           + (f" ({avail / 1e9:.1f} GB available)" if avail else ""))
