@@ -17,6 +17,7 @@ whose arguments mention `match`:
 
 from __future__ import annotations
 
+import atexit
 import errno
 import importlib
 import multiprocessing
@@ -152,6 +153,10 @@ def _child(command: str, argv: list[str], faults: tuple, env: dict, out_prefix: 
         Path(out_prefix + ".rss").write_text(f"{before} {after}")  # KiB on Linux
     sys.stdout.flush()
     sys.stderr.flush()
+    # As a command's normal exit does: run the atexit handlers. zarr's waits for the writes still in
+    # flight on its threads (a failed write's gather leaves its siblings running); os._exit alone would
+    # cut them short and leave their temporary files, which no real exit does.
+    atexit._run_exitfuncs()
     os._exit(code)
 
 
