@@ -25,13 +25,15 @@ def main():
 @click.option("--epochs", default=12, show_default=True)
 @click.option("--hidden", default=64, show_default=True, help="Head width (VPD: 640).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=1, show_default=True,
+              help="Torch CPU threads. 1 reproduces the table exactly; more run faster but round differently.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def demo(out, model, images, image_size, noise_ts, heads, epochs, hidden, device, quiet):
+def demo(out, model, images, image_size, noise_ts, heads, epochs, hidden, device, threads, quiet):
     from study.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, model=model, images=images, image_size=image_size, epochs=epochs, hidden=hidden,
-                     device=device, progress=not quiet)
+                     device=device, threads=threads, progress=not quiet)
     if noise_ts:
         cfg.noise_ts = tuple(noise_ts)
     if heads:

@@ -37,6 +37,9 @@ class DemoConfig:
     optimizer: str = "adam"
     seed: int = 0
     device: str = "auto"
+    # CPU threads for torch. 1 makes the table reproducible: with 2 threads, GEMM reductions split
+    # differently and the same study gave oIoU up to 6 points apart (BENCHMARKS.md, demo rows).
+    threads: int | None = 1
     progress: bool = True
     timings: dict = field(default_factory=dict)
 
@@ -56,6 +59,18 @@ def say(cfg: DemoConfig, message: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole study; returns {"results": [{"head", "noise_t", "summary", "run"}], "files": {...}}."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_demo(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     from extract.pipeline import ExtractionConfig, run_extraction
     from heads import evaluate, train
     from refseg_core.backbone import load_backbone
@@ -105,8 +120,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     say(cfg, "[4/4] table and figures")
     files = write_report(out, results, caches["val"], backbone, cfg)
     lap("figures")
+    import torch
+
     (out / "results.json").write_text(json.dumps(
-        {"model": model, "results": results, "timings_s": cfg.timings}, indent=2, sort_keys=True))
+        {"model": model, "results": results, "timings_s": cfg.timings, "torch_threads": torch.get_num_threads()},
+        indent=2, sort_keys=True))
     return {"results": results, "files": files, "model": model}
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from study.demo import DemoConfig, run_demo
@@ -12,7 +13,13 @@ from study.demo import DemoConfig, run_demo
 def test_demo_writes_the_ablation_table_and_figures(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "demo"), model="tiny", images=24, image_size=64, epochs=2, hidden=8,
                      batch_size=8, device="cpu", progress=False)
-    result = run_demo(cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_demo(cfg)
+        assert torch.get_num_threads() == 2  # the demo's 1 thread (its default) is undone afterwards
+    finally:
+        torch.set_num_threads(before)
     out = tmp_path / "demo"
 
     # one row per (head, T), in the report's layout, with metrics in percent
@@ -31,7 +38,7 @@ def test_demo_writes_the_ablation_table_and_figures(tmp_path):
 
     # results.json holds the same numbers as the CSV
     saved = json.loads((out / "results.json").read_text())
-    assert saved["model"] == "tiny"
+    assert saved["model"] == "tiny" and saved["torch_threads"] == 1
     assert f"{saved['results'][4]['summary']['oIoU']:.2f}" == rows[4]["oIoU"]
 
     # every figure is a real, non-blank image
