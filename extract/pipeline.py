@@ -412,9 +412,9 @@ def _dtype_hint(backbone: Backbone) -> str:
     return ""
 
 
-def feature_stats(captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per sample and tensor, on the device (no sync): finite? and the largest magnitude. (B, n) each."""
-    names = list(captured)
+def feature_stats(captured: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Per sample and tensor `names[k]`, on the device (no sync): finite? and the largest magnitude.
+    (B, len(names)) each, for `check_features`."""
     return {"finite": torch.stack([captured[n].flatten(1).isfinite().all(1) for n in names], 1),
             "peak": torch.stack([captured[n].flatten(1).abs().amax(1).float() for n in names], 1)}
 
@@ -495,7 +495,7 @@ def extract_noise_level(cfg, backbone, writer, spec, t, samples_table, report, b
                 steps = torch.full((len(batch),), timestep, dtype=torch.long, device=backbone.device)
                 captured = batch_invariant(backbone, capture.run, zt, steps, emb)
                 results = {name: captured[name].to(torch.float16) for name in names}
-                pending = copies.start({**results, **feature_stats(captured)})
+                pending = copies.start({**results, **feature_stats(captured, names)})
                 del captured, results
                 if in_flight is not None:
                     store(*in_flight)

@@ -74,16 +74,8 @@ def train(cache, noise_t, head, out, *, val_cache=None, epochs=10, batch_size=8,
         raise RefsegError("--epochs and --batch-size must be at least 1")
     out, noise_t, device = Path(out), int(noise_t), resolve_device(device)
     ranks = Ranks.from_env()  # one process unless launched by torchrun
-    try:
-        return _train(cache, noise_t, head, out, val_cache, epochs, batch_size, lr, optimizer, loss, seed,
-                      ranks.start(device), workers, preload, resume, hidden, eval_every, max_samples,
-                      progress and ranks.main, head_kwargs, ranks)
-    finally:
-        ranks.stop()
-
-
-def _train(cache, noise_t, head, out, val_cache, epochs, batch_size, lr, optimizer, loss, seed, device, workers,
-           preload, resume, hidden, eval_every, max_samples, progress, head_kwargs, ranks: Ranks) -> dict:
+    device = ranks.start(device)
+    progress = progress and ranks.main
     default_lr, weight_decay, poly = OPTIMIZERS[optimizer]
     lr = float(lr) if lr is not None else default_lr
 
@@ -247,6 +239,7 @@ def _train(cache, noise_t, head, out, val_cache, epochs, batch_size, lr, optimiz
                                                  "seed": seed, "epochs": epochs})
         ranks.barrier()
 
+    ranks.stop()
     history = run_dir.read_metrics(out)
     last = history[-1] if history else {}
     return {"run": str(out), "head": head, "noise_t": noise_t, "epochs": last.get("epoch", start_epoch),
