@@ -341,24 +341,23 @@ def main(argv=None) -> None:
                 samples_s.append(time.perf_counter() - t)
             raw[mode] = samples_s
         # Cache.read_rows / FeatureDataset preload take a list of rows or a slice
-        selection = common.Table(["read 8 rows of s8 (2.6 MB each, warm)", "ms", "spread", "vs zarr"])
+        rows_col = f"read 8 rows of s8 ({spec['s8'].nbytes(2) / 1e6:.2g} MB each, warm)"
+        selection = common.Table([rows_col, "ms", "spread", "vs zarr"])
         from cache import open_cache
 
         direct_cache, zarr_cache = open_cache(paths[base]), open_cache(paths[base], direct_reads=False)
         rows = np.sort(np.array(order[:8]))
-        picks = {"8 scattered rows, Cache.read_rows (direct reads, default)":
-                 lambda: direct_cache.read_rows(NOISE_T, rows, "s8"),
-                 "8 scattered rows, Cache.read_rows through zarr (direct_reads=False)":
-                 lambda: zarr_cache.read_rows(NOISE_T, rows, "s8"),
-                 "slice of 8 contiguous rows (direct reads, default)":
-                 lambda: direct_cache.read_rows(NOISE_T, slice(0, 8), "s8"),
-                 "slice of 8 contiguous rows through zarr (direct_reads=False)":
-                 lambda: zarr_cache.read_rows(NOISE_T, slice(0, 8), "s8")}
+        picks, zarr_row_of = {}, {}
+        for what, sel_rows in (("8 scattered rows", rows), ("slice of 8 contiguous rows", slice(0, 8))):
+            direct_name = f"{what}, Cache.read_rows (direct reads, default)"
+            zarr_name = f"{what}, Cache.read_rows through zarr (direct_reads=False)"
+            picks[direct_name] = lambda c=direct_cache, r=sel_rows: c.read_rows(NOISE_T, r, "s8")
+            picks[zarr_name] = lambda c=zarr_cache, r=sel_rows: c.read_rows(NOISE_T, r, "s8")
+            zarr_row_of[direct_name] = zarr_row_of[zarr_name] = zarr_name
         sel = common.interleaved(picks, torch.device("cpu"), repeats=args.repeats, warmup=1, min_time=0.0)
-        labels = list(picks)
-        for k, (name, t) in enumerate(sel.items()):
-            reference = common.median(sel[labels[k | 1]])  # the zarr row of the same pair
-            selection.add(**{"read 8 rows of s8 (2.6 MB each, warm)": name, "ms": common.median(t) * 1e3,
+        for name, t in sel.items():
+            reference = common.median(sel[zarr_row_of[name]])
+            selection.add(**{rows_col: name, "ms": common.median(t) * 1e3,
                              "spread": common.spread(t), "vs zarr": f"{reference / common.median(t):.2f}x"})
         real = None
         if args.real_model:

@@ -1,9 +1,9 @@
 """Single rows of a local, uncompressed cache array, read straight from its shard files.
 
 Why: a synchronous zarr read is a round trip to zarr's event-loop thread plus codec-pipeline
-bookkeeping, ~0.1-1 ms whatever the size; a training item is ~9 such reads. Through zarr, the
-DataLoader reached only 15-41% of the raw-file floor (bench/read.py); one `os.preadv` per tensor
-straight into the output array reaches the floor (BENCHMARKS.md, "Cache reads").
+bookkeeping, about a millisecond or more whatever the size; a training item is ~9 such reads.
+Through zarr, the DataLoader reached 13-48% of the raw-file floor (bench/read.py); one `os.preadv`
+per tensor straight into the output array reaches 91-109% (BENCHMARKS.md, "Cache reads").
 
 It applies only where the bytes on disk are the array's bytes: a local store, a sharded array with
 one row per inner chunk, inner codecs = little-endian `bytes` alone (the store's codec is `none`),
@@ -17,8 +17,8 @@ that was never written, or held only the fill value (zarr does not write those),
 
 Open shard files are kept, with their index, in a small LRU (`ShardFiles`): the index read with a
 file always describes that very file, so a shard replaced later (zarr writes files by rename) is
-never read through a stale index. Rows are read only once their `done` flag is set, after the
-writer's last write to that shard (cache/writer.py), so a kept file is final.
+never read through a stale index. FeatureDataset reads only rows whose `done` flag is set, and the
+writer sets it after its last write to that shard (cache/writer.py), so a file kept open is final.
 """
 
 from __future__ import annotations
@@ -166,9 +166,8 @@ class ShardRowReader:
         endian = sharding.codecs[0].endian
         if dtype.itemsize > 1 and (endian is None or endian.value != "little"):
             return None
-        for c in index_codecs[:1]:
-            if c.endian is not None and c.endian.value != "little":
-                return None
+        if index_codecs[0].endian is not None and index_codecs[0].endian.value != "little":
+            return None
         folder = os.path.join(local_path(str(root)), array.store_path.path)
         zeros = (0,) * len(row_shape)
         return cls(folder, lambda s: meta.encode_chunk_key((s, *zeros)), row_shape, dtype,

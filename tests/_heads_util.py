@@ -138,3 +138,10 @@ def make_cache(path, n: int = 48, *, split="train", seed=0, noise_levels=(5,), t
         for rows in writer.feature_shards_todo(t):
             writer.write_features(t, rows, {name: a[rows] for name, a in features.items()})
     return {"spec": the_spec, "target": target, "gt": gt}
+
+
+def train_val_caches(root, n_train: int, n_val: int) -> tuple:
+    """A train cache (seed 0) and a val cache (seed 1) of the same settings under `root`: (train, val)."""
+    make_cache(root / "train.zarr", n_train, split="train", seed=0)
+    make_cache(root / "val.zarr", n_val, split="val", seed=1)
+    return root / "train.zarr", root / "val.zarr"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _cache_util import store_files
-from _heads_util import make_cache
+from _heads_util import train_val_caches
 from _fault_util import Fault, extract_args, extraction_reference, partial_files, run  # noqa: F401
 
 from cache import open_cache
@@ -125,10 +125,7 @@ def test_kill_at_any_point_then_rerun_equals_an_uninterrupted_run(synth_root, ex
 # ---- refseg-train-head --resume ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def head_caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("head-caches")
-    make_cache(root / "train.zarr", 32, split="train", seed=0)
-    make_cache(root / "val.zarr", 16, split="val", seed=1)
-    return root / "train.zarr", root / "val.zarr"
+    return train_val_caches(tmp_path_factory.mktemp("head-caches"), 32, 16)
 
 
 def train_args(caches, out) -> list[str]:

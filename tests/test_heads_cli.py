@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _heads_util import make_cache, settings
+from _heads_util import make_cache, settings, train_val_caches
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -21,8 +21,7 @@ from heads.cli_train import main as train_main
 @pytest.fixture(scope="module")
 def cli_caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads-cli")
-    make_cache(root / "train.zarr", 32, split="train", seed=0)
-    make_cache(root / "val.zarr", 16, split="val", seed=1)
+    train_val_caches(root, 32, 16)
     make_cache(root / "other.zarr", 8, split="val", seed=2,
                settings_override=settings("val", image_size=64, latent_scaling="none"))
     return root

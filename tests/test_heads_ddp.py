@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from _heads_util import make_cache
+from _heads_util import train_val_caches
 from safetensors.torch import load_file
 
 from heads import train
@@ -45,10 +45,7 @@ RANK_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp-caches")
-    make_cache(root / "train.zarr", 33, split="train", seed=0)  # batches of 8: 8 8 8 8 1
-    make_cache(root / "val.zarr", 16, split="val", seed=1)
-    return root / "train.zarr", root / "val.zarr"
+    return train_val_caches(tmp_path_factory.mktemp("ddp-caches"), 33, 16)  # batches of 8: 8 8 8 8 1
 
 
 def test_two_ranks_train_the_weights_of_one_process(caches, tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _heads_util import make_cache
+from _heads_util import make_cache, train_val_caches
 from safetensors.torch import load_file
 
 from cache import open_cache
@@ -24,10 +24,7 @@ FAST = dict(batch_size=8, lr=1e-3, optimizer="adam", hidden=16, progress=False, 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heads-caches")
-    make_cache(root / "train.zarr", 128, split="train", seed=0)
-    make_cache(root / "val.zarr", 32, split="val", seed=1)
-    return root / "train.zarr", root / "val.zarr"
+    return train_val_caches(tmp_path_factory.mktemp("heads-caches"), 128, 32)
 
 
 @pytest.fixture(scope="module")
