@@ -30,4 +30,4 @@ demo: $(STAMP)
 .PHONY: docs
 # docs/CLI.md from the commands' own --help (tests/test_docs.py fails when it is stale).
 docs: $(STAMP)
-	$(BIN)/python -m study.cli_reference > docs/CLI.md
+	$(BIN)/python -m refseg.study.cli_reference > docs/CLI.md

@@ -1,13 +1,29 @@
 from setuptools import find_packages, setup
 
+# Installed import names live under one namespace, `refseg` (refseg.core, refseg.cache, ...), so a
+# user's own `cache/` folder or PyPI's `cache`/`extract`/`study` distributions cannot shadow them;
+# the repository keeps the design card's top-level folders, mapped here folder -> package.
+FOLDERS = {"refseg.core": "refseg_core", "refseg.backbones": "backbones", "refseg.cache": "cache",
+           "refseg.extract": "extract", "refseg.heads": "heads", "refseg.study": "study"}
+
+
+def namespaced_packages() -> list[str]:
+    found = []
+    for package, folder in FOLDERS.items():
+        found.append(package)
+        found += [f"{package}.{sub}" for sub in find_packages(where=folder)]
+    return found
+
+
 setup(
     name="refseg",
     version="0.1.0",
     description="Referring image segmentation from a frozen text-to-image diffusion backbone (VPD-style), with a Zarr feature cache.",
     python_requires=">=3.10",
-    packages=find_packages(include=["refseg_core*", "extract*", "cache*", "heads*", "study*"]),
+    packages=namespaced_packages(),
+    package_dir=FOLDERS,
     include_package_data=True,
-    package_data={"refseg_core": ["assets/*", "assets/**/*"]},
+    package_data={"refseg.backbones": ["assets/*", "assets/**/*"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",
@@ -26,12 +42,12 @@ setup(
     extras_require={"test": ["pytest>=7"]},
     entry_points={
         "console_scripts": [
-            "refseg-data=refseg_core.data_cli:main",
-            "refseg-cache=cache.cli:main",
-            "refseg-extract=extract.cli:main",
-            "refseg-train-head=heads.cli_train:main",
-            "refseg-eval=heads.cli_eval:main",
-            "refseg-report=study.cli:main",
+            "refseg-data=refseg.core.data_cli:main",
+            "refseg-cache=refseg.cache.cli:main",
+            "refseg-extract=refseg.extract.cli:main",
+            "refseg-train-head=refseg.heads.cli_train:main",
+            "refseg-eval=refseg.heads.cli_eval:main",
+            "refseg-report=refseg.study.cli:main",
         ],
     },
 )

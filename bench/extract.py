@@ -80,7 +80,7 @@ def parse_args(argv=None):
 # ---- FLOPs -------------------------------------------------------------------------------------
 def count_sample_flops(arch: str, image_size: int, token_length: int, spec) -> dict[str, int]:
     """FLOPs of one sample for each piece, counted on meta tensors (shapes only, no arithmetic)."""
-    from extract.capture import UNetCapture
+    from refseg.extract.capture import UNetCapture
 
     m = models.build_modules(arch, device="meta")
     unet, vae, text = m["unet"], m["vae"], m["text_encoder"]
@@ -148,7 +148,7 @@ def capture_twin(unet, spec, exits: contextlib.ExitStack):
     plain variant free of hooks, and keeps each tree's hooks fixed, so a compiled UNet is not
     re-traced every time the capture would come and go.
     """
-    from extract.capture import UNetCapture
+    from refseg.extract.capture import UNetCapture
 
     shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
     twin = copy.deepcopy(unet, memo=shared)
@@ -156,7 +156,7 @@ def capture_twin(unet, spec, exits: contextlib.ExitStack):
 
 
 def make_variants(args, backbone, unet, cap, channels_last: bool, bs: int, device, dtype) -> dict:
-    from extract.pipeline import batch_invariant
+    from refseg.extract.pipeline import batch_invariant
 
     h = args.image_size // backbone.vae_scale_factor
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -210,16 +210,16 @@ def time_pipeline(args, backbone, batch_sizes, repeats) -> dict:
     """Seconds of run_extraction per (batch size, mode), rounds interleaved; the first round is warm-up.
 
     Modes: "shipped" is refseg-extract as it is; on the CPU, "batched" is the same run with
-    extract.pipeline.batch_invariant patched (in this process only) to call the backbone on the whole
+    refseg.extract.pipeline.batch_invariant patched (in this process only) to call the backbone on the whole
     batch: the end-to-end price of batch-size-independent cache bytes. On CUDA, "synchronous host
-    copies" sets extract.pipeline.OVERLAP_HOST_COPIES = False: the price of a GPU that waits for each
+    copies" sets refseg.extract.pipeline.OVERLAP_HOST_COPIES = False: the price of a GPU that waits for each
     batch's copy to the host and its hand-over to the writer (extract/host_copy.py).
     """
-    import extract.pipeline as pipeline
-    from extract.pipeline import ExtractionConfig, run_extraction
-    from refseg_core.synthetic import generate
+    import refseg.extract.pipeline as pipeline
+    from refseg.extract.pipeline import ExtractionConfig, run_extraction
+    from refseg.core.synthetic import generate
 
-    modes = {"shipped": {}}  # mode -> attributes of extract.pipeline to patch for its runs
+    modes = {"shipped": {}}  # mode -> attributes of refseg.extract.pipeline to patch for its runs
     if backbone.device.type == "cpu":
         modes["batched (bench patch)"] = {"batch_invariant": lambda _backbone, fn, *batch: fn(*batch)}
     if backbone.device.type == "cuda":
@@ -269,8 +269,8 @@ def main(argv=None) -> None:
     global COMPILE_SCOPE
     COMPILE_SCOPE = args.compile_scope
 
-    from refseg_core import tiny
-    from refseg_core.feature_spec import FeatureSpec
+    from refseg.backbones import tiny
+    from refseg.core.feature_spec import FeatureSpec
 
     unet_cfg = models.SD15_UNET_CONFIG if args.arch == "sd15" else tiny.UNET_CONFIG
     spec = FeatureSpec.from_unet_config(dict(unet_cfg), args.image_size, args.token_length)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from refseg_core.backbone import Backbone, load_backbone
+from refseg.backbones.loading import Backbone, load_backbone
 
 SD15_UNET_CONFIG = dict(
     sample_size=64,
@@ -74,8 +74,8 @@ def build_modules(arch: str, device="cpu", seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from refseg_core import tiny
-    from refseg_core.tokenizer_vocab import build_tokenizer
+    from refseg.backbones import tiny
+    from refseg.backbones.tokenizer_vocab import build_tokenizer
 
     if arch == "tiny":
         unet_cfg, vae_cfg, text_cfg = tiny.UNET_CONFIG, tiny.VAE_CONFIG, tiny.TEXT_CONFIG

@@ -9,7 +9,7 @@ One run writes, under --dir (default: the system temp dir; removed at the end):
     CacheWriter exactly as extraction writes it;
   - the floor: the same bytes as raw .npy files (one per tensor), a sample's rows read with one
     pread each (what a memmap slice costs, without the mapping that would keep pages cached).
-Then every variant is read through the same DataLoader (heads.evaluate.make_loader: what
+Then every variant is read through the same DataLoader (refseg.heads.evaluate.make_loader: what
 refseg-train-head uses), shuffled as training shuffles, with workers 0 and 2, items exactly as
 FeatureDataset yields them (all feature tensors + GT mask + text embedding + mask). Passes are
 interleaved across variants and repeated; medians are reported.
@@ -37,8 +37,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 from bench import common, models  # noqa: E402
-from cache import FeatureDataset  # noqa: E402
-from cache.fastread import ShardFiles  # noqa: E402
+from refseg.cache import FeatureDataset  # noqa: E402
+from refseg.cache.fastread import ShardFiles  # noqa: E402
 
 NOISE_T = 5
 
@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 # ---- data ----------------------------------------------------------------------------------------
 def spec_for(image_size: int, token_length: int):
-    from refseg_core.feature_spec import FeatureSpec
+    from refseg.core.feature_spec import FeatureSpec
 
     return FeatureSpec.from_unet_config(dict(models.SD15_UNET_CONFIG), image_size, token_length)
 
@@ -99,8 +99,8 @@ def random_data(spec, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_store(path: str, spec, data: dict, codec: str, shard_size: int) -> None:
     """A cache store with one image per sample, written shard by shard with refseg's CacheWriter."""
-    from cache.layout import ImageTable, SampleTable
-    from cache.writer import CacheWriter, shard_slices
+    from refseg.cache.layout import ImageTable, SampleTable
+    from refseg.cache.writer import CacheWriter, shard_slices
 
     n = len(data["gt"])
     ids = np.arange(n)
@@ -218,10 +218,10 @@ def dir_bytes(path: str) -> int:
 def real_feature_codecs(model: str, codecs: list[str], images: int, work: str) -> "common.Table":
     """Bytes per sample of each codec on features of a trained backbone (refseg-extract on synthetic
     images): random data says nothing about how real activations compress."""
-    from cache.layout import store_nbytes
-    from extract.pipeline import ExtractionConfig, run_extraction
-    from refseg_core.backbone import load_backbone
-    from refseg_core.synthetic import generate
+    from refseg.cache.layout import store_nbytes
+    from refseg.extract.pipeline import ExtractionConfig, run_extraction
+    from refseg.backbones.loading import load_backbone
+    from refseg.core.synthetic import generate
 
     data = os.path.join(work, "real-data")
     generate(data, images=images, seed=0, image_size=128)
@@ -247,8 +247,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     common.set_threads(args.threads)
     info = common.RunInfo(torch.device("cpu"))
-    from cache.layout import DEFAULT_SHARD_SIZE
-    from heads.evaluate import make_loader
+    from refseg.cache.layout import DEFAULT_SHARD_SIZE
+    from refseg.heads.evaluate import make_loader
 
     spec = spec_for(args.image_size, args.token_length)
     codecs = [c for c in args.codecs.split(",") if c]
@@ -343,7 +343,7 @@ def main(argv=None) -> None:
         # Cache.read_rows / FeatureDataset preload take a list of rows or a slice
         rows_col = f"read 8 rows of s8 ({spec['s8'].nbytes(2) / 1e6:.2g} MB each, warm)"
         selection = common.Table([rows_col, "ms", "spread", "vs zarr"])
-        from cache import open_cache
+        from refseg.cache import open_cache
 
         direct_cache, zarr_cache = open_cache(paths[base]), open_cache(paths[base], direct_reads=False)
         rows = np.sort(np.array(order[:8]))
@@ -396,7 +396,7 @@ def main(argv=None) -> None:
     notes = [
         f"{args.samples} samples per store; an item = {len(spec.names)} feature/attention tensors "
         f"({feature_bytes / 1e6:.2f} MB f16) + GT mask + text embedding + mask = {item_bytes / 1e6:.2f} MB, "
-        f"read in shuffled order, batch {args.batch_size}, through heads.evaluate.make_loader (persistent workers)",
+        f"read in shuffled order, batch {args.batch_size}, through refseg.heads.evaluate.make_loader (persistent workers)",
         f"{len(paths)} readers (floor included), {total_gb:.2f} GB on disk in all; median of {args.repeats} passes, "
         "interleaved across layouts; '% of floor' compares with the raw-file row at the same workers/mode",
         "cold = files evicted from the page cache (posix_fadvise DONTNEED) before each pass; warm = in the page cache",

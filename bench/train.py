@@ -8,14 +8,14 @@ One process, one machine, the same samples in the same order, the same head:
   1. synthetic images -> refseg's extraction (run_extraction) -> a cache at one noise level (timed:
      the one-off cost the cache has to repay);
   2. one copy of the head per side, built by heads.build_head under the same seed, each with its own
-     AdamW (heads.train's defaults: lr 5e-5, wd 1e-2);
+     AdamW (refseg.heads.train's defaults: lr 5e-5, wd 1e-2);
   3. epoch rounds; in each, every side trains one epoch in turn; round 0 is warm-up:
        cache:   FeatureDataset (as refseg-train-head reads it without preload: direct shard reads;
-                also with preload, and through zarr) -> heads.evaluate.make_loader -> head step
+                also with preload, and through zarr) -> refseg.heads.evaluate.make_loader -> head step
        in-loop: decode + resize the image (DataLoader), tokenize, text encoder, VAE encoder, noise,
                 UNet with UNetCapture (batched: no byte-invariance needed here) -> the same head step
-     The head step is heads.train's loop body: batch_to_device, autocast (bf16 on a GPU), the head,
-     heads.losses.segmentation_loss, backward, AdamW step. The GT masks come from the cache on both
+     The head step is refseg.heads.train's loop body: batch_to_device, autocast (bf16 on a GPU), the head,
+     refseg.heads.losses.segmentation_loss, backward, AdamW step. The GT masks come from the cache on both
      sides (the in-loop side gets them for free: a conservative ratio).
 Reported: seconds per epoch (median) per side, the ratio in-loop / cached, the backbone's share of
 the in-loop epoch, and after how many epochs the extraction has paid for itself.
@@ -84,8 +84,8 @@ def flops_per_sample(args, spec) -> dict[str, int]:
     """FLOPs of one sample on each side, counted on meta tensors: the backbone's forward (VAE + text +
     UNet with capture, as in the loop) and the head's training step (forward, loss, backward)."""
     from bench.extract import count_sample_flops
-    from heads import build_head
-    from heads.losses import segmentation_loss
+    from refseg.heads import build_head
+    from refseg.heads.losses import segmentation_loss
 
     with torch.device("meta"):
         head = build_head(args.head, spec, hidden=args.hidden)
@@ -134,8 +134,8 @@ class ImagesAndText(torch.utils.data.Dataset):
         return dict(self.__dict__, _cache=None, _pid=None)
 
     def __getitem__(self, row):
-        from cache import open_cache
-        from refseg_core.transforms import image_to_tensor, load_image
+        from refseg.cache import open_cache
+        from refseg.core.transforms import image_to_tensor, load_image
 
         if self._cache is None or self._pid != os.getpid():
             self._cache, self._pid = open_cache(self.gt_source), os.getpid()
@@ -153,8 +153,8 @@ def main(argv=None) -> None:
     dtype = common.resolve_dtype(args.dtype, device)
     info = common.RunInfo(device)
     if args.flops_only:
-        from refseg_core import tiny
-        from refseg_core.feature_spec import FeatureSpec
+        from refseg.backbones import tiny
+        from refseg.core.feature_spec import FeatureSpec
 
         unet_cfg = models.SD15_UNET_CONFIG if args.arch == "sd15" else tiny.UNET_CONFIG
         spec = FeatureSpec.from_unet_config(dict(unet_cfg), args.image_size, args.token_length)
@@ -163,16 +163,16 @@ def main(argv=None) -> None:
                        [FLOP_RATIO_NOTE], append=not args.no_append)
         return
 
-    from cache import FeatureDataset, open_cache
-    from extract.capture import UNetCapture
-    from extract.pipeline import ExtractionConfig, run_extraction
-    from heads import build_head
-    from heads.evaluate import autocast, batch_to_device, make_loader
-    from heads.losses import segmentation_loss
-    from heads.train import OPTIMIZERS, EpochShuffle
-    from refseg_core.noise import add_noise, alphas_cumprod, make_noise
-    from refseg_core.refer import ReferDataset
-    from refseg_core.synthetic import generate
+    from refseg.cache import FeatureDataset, open_cache
+    from refseg.extract.capture import UNetCapture
+    from refseg.extract.pipeline import ExtractionConfig, run_extraction
+    from refseg.heads import build_head
+    from refseg.heads.evaluate import autocast, batch_to_device, make_loader
+    from refseg.heads.losses import segmentation_loss
+    from refseg.heads.train import OPTIMIZERS, EpochShuffle
+    from refseg.core.noise import add_noise, alphas_cumprod, make_noise
+    from refseg.core.refer import ReferDataset
+    from refseg.core.synthetic import generate
 
     work = tempfile.mkdtemp(prefix="refseg-bench-train-")
     try:
@@ -224,7 +224,7 @@ def main(argv=None) -> None:
         acp = alphas_cumprod(backbone.scheduler_config)
         scale = backbone.scaling_factor
 
-        def head_step(side, features, text, text_mask, gt):  # heads.train's loop body
+        def head_step(side, features, text, text_mask, gt):  # refseg.heads.train's loop body
             head, opt = heads_[side], opts[side]
             with autocast(device):
                 logits = head(features, text, text_mask)

@@ -1,12 +1,12 @@
 """The Zarr feature cache: layout, create/open, fingerprint, shard-at-a-time writes, readers, HDF5 export.
 
-    from cache import CacheWriter, open_cache, FeatureDataset
+    from refseg.cache import CacheWriter, open_cache, FeatureDataset
 
 `FeatureDataset` (torch) is imported on first use, so `refseg-cache` and plain readers do not pay
 for importing torch.
 """
 
-from cache.layout import (  # noqa: F401
+from refseg.cache.layout import (  # noqa: F401
     CODECS,
     DEFAULT_SHARD_SIZE,
     FORMAT_VERSION,
@@ -15,8 +15,8 @@ from cache.layout import (  # noqa: F401
     build_tables,
     noise_group_name,
 )
-from cache.reader import Cache, open_cache  # noqa: F401
-from cache.writer import CacheWriter  # noqa: F401
+from refseg.cache.reader import Cache, open_cache  # noqa: F401
+from refseg.cache.writer import CacheWriter  # noqa: F401
 
 __all__ = [
     "CODECS", "DEFAULT_SHARD_SIZE", "FORMAT_VERSION", "ImageTable", "SampleTable", "build_tables",
@@ -26,11 +26,11 @@ __all__ = [
 
 def __getattr__(name):
     if name == "FeatureDataset":
-        from cache.dataset import FeatureDataset
+        from refseg.cache.dataset import FeatureDataset
 
         return FeatureDataset
     if name == "export_h5":
-        from cache.h5export import export_h5
+        from refseg.cache.h5export import export_h5
 
         return export_h5
     raise AttributeError(f"module 'cache' has no attribute {name!r}")

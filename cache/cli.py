@@ -2,7 +2,7 @@
 
 import click
 
-from refseg_core.cli import user_errors
+from refseg.core.cli import user_errors
 
 
 @click.group()
@@ -15,7 +15,7 @@ def main():
 @user_errors
 def info(cache_path):
     """Print a cache's settings, tensors, noise levels with done counts, and size on disk."""
-    from cache.reader import open_cache
+    from refseg.cache.reader import open_cache
 
     click.echo(open_cache(cache_path).describe())
 
@@ -30,7 +30,7 @@ def export_h5_command(cache_path, out_path, overwrite):
 
     The file is as large as the cache's uncompressed data: check `refseg-cache info` first.
     """
-    from cache.h5export import export_h5
+    from refseg.cache.h5export import export_h5
 
     export_h5(cache_path, out_path, overwrite=overwrite, progress=True)
     click.echo(f"wrote {out_path}")

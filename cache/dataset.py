@@ -12,9 +12,9 @@ import os
 import numpy as np
 import torch
 
-from cache.reader import Cache, open_cache
-from refseg_core.errors import CacheError
-from refseg_core.memory import available_memory
+from refseg.cache.reader import Cache, open_cache
+from refseg.core.errors import CacheError
+from refseg.core.memory import available_memory
 
 _PRELOAD_BLOCK_BYTES = 256 * 2**20  # read this much at a time while preloading
 

@@ -31,8 +31,8 @@ from collections import OrderedDict
 import google_crc32c  # zarr's own dependency for its crc32c codec
 import numpy as np
 
-from cache.layout import is_local, local_path
-from refseg_core.errors import CacheError
+from refseg.cache.layout import is_local, local_path
+from refseg.core.errors import CacheError
 
 EMPTY = 2**64 - 1  # zarr's marker for an inner chunk with no bytes in the shard
 DEFAULT_OPEN_FILES = 64  # per Cache (per DataLoader worker): shuffled reads rarely revisit a shard

@@ -12,8 +12,8 @@ import json
 
 import numpy as np
 
-from cache.layout import SETTINGS_KEYS
-from refseg_core.feature_spec import FeatureSpec
+from refseg.cache.layout import SETTINGS_KEYS
+from refseg.core.feature_spec import FeatureSpec
 
 
 def canonical(obj):

@@ -16,8 +16,8 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from cache.reader import open_cache
-from refseg_core.errors import CacheError
+from refseg.cache.reader import open_cache
+from refseg.core.errors import CacheError
 
 _BLOCK_BYTES = 64 * 2**20  # copy this much at a time
 

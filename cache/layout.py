@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refseg_core.errors import CacheError
-from refseg_core.feature_spec import FeatureSpec
+from refseg.core.errors import CacheError
+from refseg.core.feature_spec import FeatureSpec
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 16  # SD1.5 at 512px: ~87 MB of features per shard; a benchmark may retune it

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 
-from refseg_core.errors import CacheError
+from refseg.core.errors import CacheError
 
 _METADATA = 0
 _PRESENCE = 1

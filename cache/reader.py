@@ -7,8 +7,8 @@ import os
 import numpy as np
 import zarr
 
-from cache.fastread import ShardFiles, ShardRowReader
-from cache.layout import (
+from refseg.cache.fastread import ShardFiles, ShardRowReader
+from refseg.cache.layout import (
     FORMAT_ATTR,
     INDEX_FIELDS,
     SETTINGS_KEYS,
@@ -17,8 +17,8 @@ from cache.layout import (
     parse_noise_group,
     store_nbytes,
 )
-from refseg_core.errors import CacheError
-from refseg_core.feature_spec import FeatureSpec
+from refseg.core.errors import CacheError
+from refseg.core.feature_spec import FeatureSpec
 
 
 def open_cache(path, direct_reads: bool = True) -> "Cache":

@@ -23,8 +23,8 @@ import re
 import numpy as np
 import zarr
 
-from cache.fingerprint import compute_fingerprint, fingerprint_payload, mismatch_message
-from cache.layout import (
+from refseg.cache.fingerprint import compute_fingerprint, fingerprint_payload, mismatch_message
+from refseg.cache.layout import (
     CODECS,
     CREATING_ATTR,
     DEFAULT_SHARD_SIZE,
@@ -46,10 +46,10 @@ from cache.layout import (
     open_root,
     validate_tables,
 )
-from cache.lock import StoreLock
-from cache.reader import take_rows
-from refseg_core.errors import CacheError, CacheMismatchError, NonFiniteError
-from refseg_core.feature_spec import FeatureSpec
+from refseg.cache.lock import StoreLock
+from refseg.cache.reader import take_rows
+from refseg.core.errors import CacheError, CacheMismatchError, NonFiniteError
+from refseg.core.feature_spec import FeatureSpec
 
 
 def sorted_json(obj):
@@ -353,7 +353,7 @@ class CacheWriter:
 
     @property
     def noise_levels(self) -> list[int]:
-        from cache.reader import list_noise_levels
+        from refseg.cache.reader import list_noise_levels
 
         return list_noise_levels(self._root)
 

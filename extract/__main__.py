@@ -1,3 +1,3 @@
-from extract.cli import main
+from refseg.extract.cli import main
 
 main()

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from refseg_core.feature_spec import FeatureSpec
+from refseg.core.feature_spec import FeatureSpec
 
 
 class _Done(Exception):

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from refseg_core.cli import fail, user_errors
+from refseg.core.cli import fail, user_errors
 
 SIZE_NOTE = (
     "Disk: Stable Diffusion 1.5 at 512 px with 40 tokens stores about 4.8 MB per sample per noise level "
@@ -91,7 +91,7 @@ def _shard(text: str | None) -> tuple[int, int]:
 @user_errors
 def main(ctx, **opts):
     # Imported here so that `--help` is instant and a bad flag fails before torch/diffusers load.
-    from extract.pipeline import ExtractionConfig, run_extraction, with_preset
+    from refseg.extract.pipeline import ExtractionConfig, run_extraction, with_preset
 
     explicit = {k for k in opts if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     noise_ts = tuple(dict.fromkeys(opts["noise_ts"])) or (0,)

@@ -29,18 +29,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache import layout
-from cache.layout import ImageTable, SampleTable
-from cache.writer import CacheWriteError, CacheWriter
-from extract.capture import UNetCapture
-from extract.host_copy import HostCopies
-from extract.shard_buffer import BackgroundWriter, ShardBuffer
-from refseg_core.backbone import Backbone, load_backbone
-from refseg_core.errors import CacheError, DataError, NonFiniteError, RefsegError
-from refseg_core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES
-from refseg_core.noise import add_noise, alphas_cumprod, make_noise
-from refseg_core.refer import ReferDataset
-from refseg_core.transforms import image_to_tensor, load_image, mask_to_size
+from refseg.cache import layout
+from refseg.cache.layout import ImageTable, SampleTable
+from refseg.cache.writer import CacheWriteError, CacheWriter
+from refseg.extract.capture import UNetCapture
+from refseg.extract.host_copy import HostCopies
+from refseg.extract.shard_buffer import BackgroundWriter, ShardBuffer
+from refseg.backbones.loading import Backbone, load_backbone
+from refseg.core.errors import CacheError, DataError, NonFiniteError, RefsegError
+from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES
+from refseg.core.noise import add_noise, alphas_cumprod, make_noise
+from refseg.core.refer import ReferDataset
+from refseg.core.transforms import image_to_tensor, load_image, mask_to_size
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from refseg_core.cli import user_errors
+from refseg.core.cli import user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,9 +29,9 @@ from refseg_core.cli import user_errors
 def main(run, cache_path, noise_t, allow_noise_mismatch, protocol, data_root, checkpoint, json_out, per_sample,
          overlays, max_overlays, batch_size, device):
     """Evaluate RUN on CACHE: P@0.5..P@0.9, oIoU, mIoU in percent."""
-    from heads.evaluate import evaluate
-    from heads.run_dir import read_config
-    from refseg_core.metrics import format_table
+    from refseg.heads.evaluate import evaluate
+    from refseg.heads.run_dir import read_config
+    from refseg.core.metrics import format_table
 
     summary = evaluate(run, cache_path, noise_t, protocol=protocol, checkpoint=checkpoint, json_out=json_out,
                        per_sample=per_sample, overlays=overlays, max_overlays=max_overlays, data_root=data_root,

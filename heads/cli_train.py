@@ -6,8 +6,8 @@ import json
 
 import click
 
-from heads.registry import head_names
-from refseg_core.cli import user_errors
+from refseg.heads.registry import head_names
+from refseg.core.cli import user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -39,8 +39,8 @@ def main(cache_path, noise_t, head, out, val_cache, epochs, batch_size, lr, opti
          workers, preload, resume, eval_every, max_samples):
     """Train a head on cached features of one noise level; writes RUN/{head,best,state}.safetensors,
     config.json and metrics.jsonl."""
-    from heads.distributed import Ranks
-    from heads.train import train
+    from refseg.heads.distributed import Ranks
+    from refseg.heads.train import train
 
     summary = train(cache_path, noise_t, head, out, val_cache=val_cache, epochs=epochs, batch_size=batch_size, lr=lr,
                     optimizer=optimizer, loss=loss, seed=seed, device=device, workers=workers,
@@ -49,7 +49,7 @@ def main(cache_path, noise_t, head, out, val_cache, epochs, batch_size, lr, opti
     if not Ranks.from_env().main:  # under torchrun, rank 0 reports
         return
     if summary.get("val"):
-        from refseg_core.metrics import format_table
+        from refseg.core.metrics import format_table
 
         click.echo(format_table([(f"T={noise_t} (val, last epoch)", summary["val"])]))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "val"}))

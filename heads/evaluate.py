@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cache import FeatureDataset, open_cache
-from heads import run_dir
-from heads.registry import build_head
-from refseg_core.errors import CacheMismatchError, RefsegError, RunError
-from refseg_core.feature_spec import FeatureSpec
-from refseg_core.metrics import RefSegMetrics
+from refseg.cache import FeatureDataset, open_cache
+from refseg.heads import run_dir
+from refseg.heads.registry import build_head
+from refseg.core.errors import CacheMismatchError, RefsegError, RunError
+from refseg.core.feature_spec import FeatureSpec
+from refseg.core.metrics import RefSegMetrics
 
 PROTOCOLS = ("vpd", "original")
 
@@ -235,7 +235,7 @@ def evaluate(run, cache, noise_t=None, *, protocol="vpd", checkpoint="best", jso
             record = {"sent_id": int(index["sent_id"][row]), "ref_id": ref_id, "iou": iou, "i": i, "u": u}
             records.append(record)
             if overlays and drawn < max_overlays:
-                from heads.overlays import draw_overlay
+                from refseg.heads.overlays import draw_overlay
 
                 image_id = int(index["image_id"][row])
                 draw_overlay(refer.image_path(image_id), pred, target, f"{texts[row]}  (IoU {100 * iou:.1f})",
@@ -269,7 +269,7 @@ def _write_csv(path, records) -> None:
 
 
 def _refer_dataset(cache, data_root):
-    from refseg_core.refer import ReferDataset  # only the original protocol and overlays need the dataset
+    from refseg.core.refer import ReferDataset  # only the original protocol and overlays need the dataset
 
     ds = cache.settings.get("dataset") or {}
     root = data_root or ds.get("data_root")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from heads.registry import register_head
-from heads.vpd import VPDHead
-from refseg_core.feature_spec import FeatureSpec
+from refseg.heads.registry import register_head
+from refseg.heads.vpd import VPDHead
+from refseg.core.feature_spec import FeatureSpec
 
 
 def pool_text(text_embedding: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:

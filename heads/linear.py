@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.registry import levels_by_stride, register_head
-from refseg_core.feature_spec import FeatureSpec
+from refseg.heads.registry import levels_by_stride, register_head
+from refseg.core.feature_spec import FeatureSpec
 
 
 @register_head("linear")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from refseg_core.transforms import load_image
+from refseg.core.transforms import load_image
 
 GT_COLOUR = np.array([0, 255, 0], dtype=np.float32)
 PRED_COLOUR = np.array([255, 0, 0], dtype=np.float32)

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from torch import nn
 
-from refseg_core.feature_spec import FeatureSpec, TensorInfo
+from refseg.core.feature_spec import FeatureSpec, TensorInfo
 
 HEADS: dict[str, type[nn.Module]] = {}
 
@@ -48,7 +48,7 @@ def _load_builtin_heads() -> None:
     import importlib
 
     for module in BUILTIN_HEADS:
-        importlib.import_module(f"heads.{module}")  # importing a head module registers it
+        importlib.import_module(f"refseg.heads.{module}")  # importing a head module registers it
 
 
 def head_names() -> list[str]:

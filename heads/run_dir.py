@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from refseg_core.errors import RunError
+from refseg.core.errors import RunError
 
 CONFIG = "config.json"
 HEAD = "head.safetensors"

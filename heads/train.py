@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import FeatureDataset
-from heads import run_dir
-from heads.distributed import RankBatches, Ranks
-from heads.evaluate import (as_cache, autocast, batch_to_device, check_compatible, evaluate_model,
+from refseg.cache import FeatureDataset
+from refseg.heads import run_dir
+from refseg.heads.distributed import RankBatches, Ranks
+from refseg.heads.evaluate import (as_cache, autocast, batch_to_device, check_compatible, evaluate_model,
                             make_loader, resolve_device)
-from heads.losses import LOSSES, class_weight_total, segmentation_loss
-from heads.registry import HEADS, build_head, _load_builtin_heads
-from refseg_core.errors import CacheError, RefsegError, RunError
-from refseg_core.memory import available_memory
+from refseg.heads.losses import LOSSES, class_weight_total, segmentation_loss
+from refseg.heads.registry import HEADS, build_head, _load_builtin_heads
+from refseg.core.errors import CacheError, RefsegError, RunError
+from refseg.core.memory import available_memory
 
 OPTIMIZERS = {  # name: (default lr, weight decay, poly decay)
     "adamw": (5e-5, 1e-2, True),
@@ -273,9 +273,9 @@ def _timestep(cache, noise_t: int):
 
 
 def _versions() -> dict:
-    import refseg_core
+    import refseg.core
 
-    return {"torch": torch.__version__, "refseg": refseg_core.__version__}
+    return {"torch": torch.__version__, "refseg": refseg.core.__version__}
 
 
 def _preload_ok(preload, spec, model, n: int, path, progress: bool, copies: int = 1) -> bool:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.registry import concat_level, levels_by_stride, register_head
-from refseg_core.feature_spec import FeatureSpec
+from refseg.heads.registry import concat_level, levels_by_stride, register_head
+from refseg.core.feature_spec import FeatureSpec
 
 
 def fusion_block(in_channels: int, hidden: int) -> nn.Sequential:

@@ -5,7 +5,7 @@ schedule, errors. The backbone modules (`backbone`, `tiny`) import diffusers/tra
 imported by `extract` alone, never from here, so heads run where only torch and zarr exist.
 """
 
-from refseg_core.errors import (  # noqa: F401
+from refseg.core.errors import (  # noqa: F401
     CacheError,
     CacheMismatchError,
     DataError,
@@ -15,6 +15,6 @@ from refseg_core.errors import (  # noqa: F401
     RunError,
     UnsafePickleError,
 )
-from refseg_core.feature_spec import FeatureSpec, TensorInfo  # noqa: F401
+from refseg.core.feature_spec import FeatureSpec, TensorInfo  # noqa: F401
 
 __version__ = "0.1.0"

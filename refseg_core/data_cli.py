@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from refseg_core.cli import user_errors
+from refseg.core.cli import user_errors
 
 
 @click.group(name="refseg-data")
@@ -28,7 +28,7 @@ def synth(out: Path, images: int, seed: int, image_size: int):
 
     Then: refseg-data info --data-root OUT --dataset refcoco-synth
     """
-    from refseg_core.synthetic import generate
+    from refseg.core.synthetic import generate
 
     start = time.perf_counter()
     root = generate(out, images=images, seed=seed, image_size=image_size)
@@ -53,7 +53,7 @@ def info(data_root: Path, dataset: str, split_by: str, image_root: Path | None):
 
 
 def _load(data_root, dataset, split_by, image_root):
-    from refseg_core.refer import ReferDataset
+    from refseg.core.refer import ReferDataset
 
     return ReferDataset(data_root, dataset, split_by=split_by, image_root=image_root)
 

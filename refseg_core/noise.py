@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from refseg_core.errors import ModelError
+from refseg.core.errors import ModelError
 
 
 def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from refseg_core.errors import DataError, RefsegError
-from refseg_core.safe_pickle import safe_load
+from refseg.core.errors import DataError, RefsegError
+from refseg.core.safe_pickle import safe_load
 
 MASK_RULES = ("vpd", "union")
 TEXT_FIELDS = ("sent", "raw")

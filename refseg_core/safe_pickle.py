@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from refseg_core.errors import DataError, UnsafePickleError
+from refseg.core.errors import DataError, UnsafePickleError
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from refseg_core.errors import DataError
+from refseg.core.errors import DataError
 
 
 def load_image(path: str | Path, target_size: int | None = None) -> Image.Image:

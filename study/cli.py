@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from refseg_core.cli import user_errors
+from refseg.core.cli import user_errors
 
 
 @click.group(help="Studies over the whole pipeline (the demo: the report's Table 4 noise ablation).")
@@ -30,7 +30,7 @@ def main():
 @click.option("--quiet", is_flag=True)
 @user_errors
 def demo(out, model, images, image_size, noise_ts, heads, epochs, hidden, device, threads, quiet):
-    from study.demo import DemoConfig, run_demo
+    from refseg.study.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, model=model, images=images, image_size=image_size, epochs=epochs, hidden=hidden,
                      device=device, threads=threads, progress=not quiet)

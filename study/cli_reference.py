@@ -1,6 +1,6 @@
 """docs/CLI.md, generated from the commands' own `--help`, so the documented options cannot drift.
 
-    python -m study.cli_reference > docs/CLI.md     (tests/test_docs.py checks it is current)
+    python -m refseg.study.cli_reference > docs/CLI.md     (tests/test_docs.py checks it is current)
 """
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 import click
 from click.testing import CliRunner
 
-from cache.cli import main as cache_main
-from extract.cli import main as extract_main
-from heads.cli_eval import main as eval_main
-from heads.cli_train import main as train_main
-from refseg_core.data_cli import main as data_main
-from study.cli import main as report_main
+from refseg.cache.cli import main as cache_main
+from refseg.extract.cli import main as extract_main
+from refseg.heads.cli_eval import main as eval_main
+from refseg.heads.cli_train import main as train_main
+from refseg.core.data_cli import main as data_main
+from refseg.study.cli import main as report_main
 
 COMMANDS = {
     "refseg-data": data_main,
@@ -31,7 +31,7 @@ def _help(command, name: str, args: list[str]) -> str:
 
 
 def reference() -> str:
-    parts = ["# Command reference\n", "Generated from each command's `--help` by `python -m study.cli_reference`.\n"]
+    parts = ["# Command reference\n", "Generated from each command's `--help` by `python -m refseg.study.cli_reference`.\n"]
     for name, command in COMMANDS.items():
         parts.append(f"## `{name}`\n\n```\n{_help(command, name, [])}\n```\n")
         if isinstance(command, click.Group):

@@ -47,7 +47,7 @@ class DemoConfig:
 def resolve_model(model: str) -> str:
     if model != "auto":
         return model
-    from refseg_core.backbone import TINY_SYNTH_DIR
+    from refseg.backbones.loading import TINY_SYNTH_DIR
 
     return "tiny-synth" if (TINY_SYNTH_DIR / "model_index.json").exists() else "tiny"
 
@@ -71,10 +71,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _run_demo(cfg: DemoConfig) -> dict:
-    from extract.pipeline import ExtractionConfig, run_extraction
-    from heads import evaluate, train
-    from refseg_core.backbone import load_backbone
-    from refseg_core.synthetic import generate
+    from refseg.extract.pipeline import ExtractionConfig, run_extraction
+    from refseg.heads import evaluate, train
+    from refseg.backbones.loading import load_backbone
+    from refseg.core.synthetic import generate
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,10 +129,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
 
 def write_report(out: Path, results: list[dict], val_cache_path: Path, backbone, cfg: DemoConfig) -> dict:
-    from cache import open_cache
-    from heads.evaluate import predict
-    from refseg_core.refer import ReferDataset
-    from study import figures
+    from refseg.cache import open_cache
+    from refseg.heads.evaluate import predict
+    from refseg.core.refer import ReferDataset
+    from refseg.study import figures
 
     cache = open_cache(val_cache_path)
     refer = ReferDataset(str(out / "data"), "refcoco-synth")

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from refseg_core.metrics import format_table  # noqa: E402
+from refseg.core.metrics import format_table  # noqa: E402
 
 METRIC_KEYS = ("P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "oIoU", "mIoU")
 
@@ -103,8 +103,8 @@ def noise_strip(backbone, cache, row: int, noise_ts, image_path, path) -> Path:
     """
     import torch
 
-    from refseg_core.noise import add_noise, alphas_cumprod, make_noise
-    from refseg_core.transforms import image_to_tensor, load_image
+    from refseg.core.noise import add_noise, alphas_cumprod, make_noise
+    from refseg.core.transforms import image_to_tensor, load_image
 
     image_row = int(cache.index["image_row"][row])
     image_id = int(cache.index["image_id"][row])
@@ -187,8 +187,8 @@ def overlay_grid(records: list[dict], cache, image_path_of, path, k: int = 4) ->
 
     `records`: [{"row", "pred" (bool S×S), "iou"}]; `image_path_of(image_id)` gives the file.
     """
-    from heads.overlays import overlay_image
-    from refseg_core.transforms import load_image
+    from refseg.heads.overlays import overlay_image
+    from refseg.core.transforms import load_image
 
     ranked = sorted(records, key=lambda r: (r["iou"], r["row"]))
     worst, best = ranked[:k], ranked[::-1][:k]

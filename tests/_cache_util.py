@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from cache.layout import build_tables
-from cache.writer import CacheWriter
-from refseg_core.feature_spec import FeatureSpec
+from refseg.cache.layout import build_tables
+from refseg.cache.writer import CacheWriter
+from refseg.core.feature_spec import FeatureSpec
 
 TINY_UNET = {
     "block_out_channels": (8, 16, 16, 16),

@@ -35,11 +35,11 @@ import pytest
 # their models lazily: name the modules themselves.
 PRELOAD = [
     "_fault_util", "torch", "numpy", "zarr", "click", "safetensors.torch",
-    "refseg_core.backbone", "refseg_core.tiny", "refseg_core.refer", "refseg_core.transforms",
-    "cache", "cache.writer", "cache.reader", "cache.dataset", "extract.cli", "extract.pipeline", "extract.capture",
+    "refseg.backbones.loading", "refseg.backbones.tiny", "refseg.core.refer", "refseg.core.transforms",
+    "refseg.cache", "refseg.cache.writer", "refseg.cache.reader", "refseg.cache.dataset", "refseg.extract.cli", "refseg.extract.pipeline", "refseg.extract.capture",
     "diffusers.models.autoencoders.autoencoder_kl", "diffusers.models.unets.unet_2d_condition",
     "diffusers.schedulers.scheduling_ddpm", "transformers.models.clip.modeling_clip",
-    "transformers.models.clip.tokenization_clip", "heads.train", "heads.cli_train", "heads.cli_eval",
+    "transformers.models.clip.tokenization_clip", "refseg.heads.train", "refseg.heads.cli_train", "refseg.heads.cli_eval",
 ]
 ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 
@@ -105,8 +105,8 @@ def _torn_put(path, value, *_, **__) -> None:
 
 
 # ---- running a command line in a forked process ----------------------------------------------------
-COMMANDS = {"refseg-extract": "extract.cli:main", "refseg-train-head": "heads.cli_train:main",
-            "refseg-eval": "heads.cli_eval:main"}
+COMMANDS = {"refseg-extract": "refseg.extract.cli:main", "refseg-train-head": "refseg.heads.cli_train:main",
+            "refseg-eval": "refseg.heads.cli_eval:main"}
 _context = None
 
 

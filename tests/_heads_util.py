@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.layout import build_tables
-from cache.writer import CacheWriter
-from refseg_core.feature_spec import FeatureSpec
+from refseg.cache.layout import build_tables
+from refseg.cache.writer import CacheWriter
+from refseg.core.feature_spec import FeatureSpec
 
 UNET = {
     "block_out_channels": (8, 12, 16, 16),
@@ -71,7 +71,7 @@ def make_cache(path, n: int = 48, *, split="train", seed=0, noise_levels=(5,), t
     grid = S // 8
 
     if refer is not None:
-        from refseg_core.transforms import mask_to_size
+        from refseg.core.transforms import mask_to_size
 
         chosen = refer.samples(split)[:n]
         samples = [{"sent_id": s.sent_id, "ref_id": s.ref_id, "ann_id": s.ann_id, "image_id": s.image_id,

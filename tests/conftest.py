@@ -25,7 +25,7 @@ TOKENS = 16
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic RefCOCO-format dataset: <root>/refcoco-synth/{instances.json, refs(unc).p, images/}."""
-    from refseg_core.synthetic import generate
+    from refseg.core.synthetic import generate
 
     root = tmp_path_factory.mktemp("synth")
     generate(root, images=SYNTH_IMAGES, seed=0, image_size=96)
@@ -34,7 +34,7 @@ def synth_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from refseg_core.backbone import load_backbone
+    from refseg.backbones.loading import load_backbone
 
     return load_backbone("tiny", device="cpu")
 
@@ -42,7 +42,7 @@ def tiny_backbone():
 @pytest.fixture(scope="session")
 def extract_config(synth_root, tmp_path_factory):
     """A factory of ExtractionConfig for the synthetic val split at test size."""
-    from extract.pipeline import ExtractionConfig
+    from refseg.extract.pipeline import ExtractionConfig
 
     def make(out, **overrides):
         kwargs = dict(data_root=str(synth_root), dataset="refcoco-synth", split="val", out=str(out), model="tiny",

@@ -7,12 +7,12 @@ from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
 from _backbone_util import to_ldm_state_dict
-from refseg_core import backbone as backbone_mod
-from refseg_core.backbone import load_backbone, resolve_dtype, save_backbone, weights_sha256
-from refseg_core.errors import ModelError
-from refseg_core.synthetic import VOCABULARY
-from refseg_core.tiny import build_tiny
-from refseg_core.tokenizer_vocab import build_tokenizer, build_vocab
+from refseg.backbones import loading as backbone_mod
+from refseg.backbones.loading import load_backbone, resolve_dtype, save_backbone, weights_sha256
+from refseg.core.errors import ModelError
+from refseg.core.synthetic import VOCABULARY
+from refseg.backbones.tiny import build_tiny
+from refseg.backbones.tokenizer_vocab import build_tokenizer, build_vocab
 
 FORMS = ("Hugging Face hub id", "local diffusers folder", ".safetensors/.ckpt", "--model-config", "'tiny'")
 

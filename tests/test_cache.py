@@ -9,10 +9,10 @@ import pytest
 import zarr
 from _cache_util import fill, open_writer, random_contents, settings, store_files, tables, tiny_spec
 
-from cache import CacheWriter, FeatureDataset, noise_group_name, open_cache
-from cache.layout import FORMAT_VERSION, build_tables
-from cache.writer import shard_slices
-from refseg_core.errors import CacheError, CacheMismatchError, NonFiniteError
+from refseg.cache import CacheWriter, FeatureDataset, noise_group_name, open_cache
+from refseg.cache.layout import FORMAT_VERSION, build_tables
+from refseg.cache.writer import shard_slices
+from refseg.core.errors import CacheError, CacheMismatchError, NonFiniteError
 
 
 @pytest.fixture

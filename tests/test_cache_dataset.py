@@ -6,8 +6,8 @@ import pytest
 import torch
 from _cache_util import fill, filled_store, open_writer, random_contents
 
-from cache import FeatureDataset
-from refseg_core.errors import CacheError
+from refseg.cache import FeatureDataset
+from refseg.core.errors import CacheError
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +130,9 @@ def test_preload_gives_identical_items(filled):
 
 
 def test_preload_refuses_more_than_available_ram(filled, monkeypatch):
-    import cache.dataset
+    import refseg.cache.dataset
 
     path, _ = filled
-    monkeypatch.setattr(cache.dataset, "available_memory", lambda: 1000)
+    monkeypatch.setattr(refseg.cache.dataset, "available_memory", lambda: 1000)
     with pytest.raises(CacheError, match=r"needs 0.00 GB of RAM but 0.00 GB is available"):
         FeatureDataset(path, 500, preload=True)

@@ -9,9 +9,9 @@ import zarr
 from _cache_util import filled_store, tables
 from click.testing import CliRunner
 
-from cache.cli import main
-from cache.h5export import export_h5
-from refseg_core.errors import CacheError
+from refseg.cache.cli import main
+from refseg.cache.h5export import export_h5
+from refseg.core.errors import CacheError
 
 
 @pytest.fixture(scope="module")

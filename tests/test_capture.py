@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from extract.capture import UNetCapture
-from refseg_core.backbone import load_backbone
-from refseg_core.feature_spec import FeatureSpec
+from refseg.extract.capture import UNetCapture
+from refseg.backbones.loading import load_backbone
+from refseg.core.feature_spec import FeatureSpec
 
 B, L = 2, 12
 

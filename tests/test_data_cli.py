@@ -4,8 +4,8 @@ import pickle
 
 from click.testing import CliRunner
 
-from refseg_core.data_cli import main
-from refseg_core.refer import ReferDataset
+from refseg.core.data_cli import main
+from refseg.core.refer import ReferDataset
 
 
 def _table(output):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from study.cli_reference import reference
+from refseg.study.cli_reference import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

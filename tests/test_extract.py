@@ -11,11 +11,11 @@ import torch
 import zarr
 
 from _cache_util import store_files
-from cache import open_cache
-from cache.writer import CacheWriter
-from extract.capture import UNetCapture
-from extract.pipeline import run_extraction
-from refseg_core.noise import add_noise, alphas_cumprod, make_noise
+from refseg.cache import open_cache
+from refseg.cache.writer import CacheWriter
+from refseg.extract.capture import UNetCapture
+from refseg.extract.pipeline import run_extraction
+from refseg.core.noise import add_noise, alphas_cumprod, make_noise
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_new_noise_level_reuses_latents_and_embeddings(reference_cache, extract_
 
 def test_command_line_and_plain_zarr(synth_root, tmp_path):
     out = tmp_path / "C.zarr"
-    cmd = [sys.executable, "-m", "extract", "--data-root", str(synth_root), "--dataset", "refcoco-synth",
+    cmd = [sys.executable, "-m", "refseg.extract", "--data-root", str(synth_root), "--dataset", "refcoco-synth",
            "--split", "val", "--model", "tiny", "--noise-t", "0", "--noise-t", "5", "--out", str(out),
            "--image-size", "64", "--token-length", "16", "--limit", "6", "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -138,7 +138,7 @@ def test_command_line_and_plain_zarr(synth_root, tmp_path):
 
 
 def test_bad_flags_exit_2_with_one_line(synth_root, tmp_path):
-    base = [sys.executable, "-m", "extract", "--data-root", str(synth_root), "--dataset", "refcoco-synth",
+    base = [sys.executable, "-m", "refseg.extract", "--data-root", str(synth_root), "--dataset", "refcoco-synth",
             "--out", str(tmp_path / "x.zarr"), "--image-size", "64", "--quiet"]
     for extra, needle in [(["--split", "nope"], "nope"), (["--split", "val", "--model", "/no/such/model"], "accepts"),
                           (["--split", "val", "--noise-t", "1000"], "0..999"),

@@ -7,9 +7,9 @@ import pytest
 import zarr
 from _cache_util import fill, open_writer, random_contents
 
-from cache import FeatureDataset, open_cache
-from cache.fastread import ShardFiles, ShardRowReader
-from refseg_core.errors import CacheError
+from refseg.cache import FeatureDataset, open_cache
+from refseg.cache.fastread import ShardFiles, ShardRowReader
+from refseg.core.errors import CacheError
 
 PER_ROW_READS = ("gt", "embeddings", "attention_mask", "input_ids")
 

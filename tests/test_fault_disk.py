@@ -13,8 +13,8 @@ import pytest
 from _cache_util import store_files
 from _fault_util import Fault, extract_args, extraction_reference, partial_files, run  # noqa: F401
 
-from cache import open_cache
-from refseg_core.errors import CacheError
+from refseg.cache import open_cache
+from refseg.core.errors import CacheError
 
 
 @pytest.mark.parametrize("action, match, on_call, message, done", [

@@ -20,8 +20,8 @@ from _cache_util import store_files
 from _heads_util import train_val_caches
 from _fault_util import Fault, extract_args, extraction_reference, partial_files, run  # noqa: F401
 
-from cache import open_cache
-from refseg_core.errors import CacheError
+from refseg.cache import open_cache
+from refseg.core.errors import CacheError
 
 
 class DoneWatcher(threading.Thread):
@@ -72,7 +72,7 @@ def test_kill_at_any_point_then_rerun_equals_an_uninterrupted_run(synth_root, ex
     watcher.start()
 
     # 1. during the VAE stage: the third image is being decoded (the first batch of 2 was encoded)
-    killed = run("refseg-extract", args, logs=logs, faults=[Fault("extract.pipeline:image_to_tensor", on_call=3)])
+    killed = run("refseg-extract", args, logs=logs, faults=[Fault("refseg.extract.pipeline:image_to_tensor", on_call=3)])
     assert killed.killed, killed.stderr
     cache = open_cache(store)
     assert not cache.text_done().any() and cache.noise_levels == []
@@ -95,7 +95,7 @@ def test_kill_at_any_point_then_rerun_equals_an_uninterrupted_run(synth_root, ex
 
     # 4. between two shards: right after the first shard of T=5 was written and flagged
     killed = run("refseg-extract", args, logs=logs,
-                 faults=[Fault("cache.writer:CacheWriter.write_features", after=True)])
+                 faults=[Fault("refseg.cache.writer:CacheWriter.write_features", after=True)])
     assert killed.killed, killed.stderr
     assert open_cache(store).done(5).tolist() == [True] * 2 + [False] * 8
 
@@ -148,20 +148,20 @@ def test_killed_head_training_resumes_to_the_weights_of_an_uninterrupted_one(hea
     args = train_args(head_caches, out)
 
     # 1. right after epoch 1's checkpoint (its state file) was written
-    killed = run("refseg-train-head", args, logs=logs, faults=[Fault("heads.run_dir:save_state", after=True)])
+    killed = run("refseg-train-head", args, logs=logs, faults=[Fault("refseg.heads.run_dir:save_state", after=True)])
     assert killed.killed, killed.stderr
     assert [e[0] for e in _log(out)] == [1]
 
     # 2. resumed, then killed in the middle of epoch 2 (its second optimisation step)
     killed = run("refseg-train-head", args + ["--resume"], logs=logs,
-                 faults=[Fault("heads.train:segmentation_loss", on_call=2)])
+                 faults=[Fault("refseg.heads.train:segmentation_loss", on_call=2)])
     assert killed.killed, killed.stderr
     assert "resuming" in killed.stdout and "after epoch 1/3" in killed.stdout
 
     # 3. resumed, then killed while epoch 2's state is being written: its weights and log line are
     #    already there, the state file (what --resume trusts) still says epoch 1
     killed = run("refseg-train-head", args + ["--resume"], logs=logs,
-                 faults=[Fault("heads.run_dir:save_file", after=True, match=".state.safetensors.tmp")])
+                 faults=[Fault("refseg.heads.run_dir:save_file", after=True, match=".state.safetensors.tmp")])
     assert killed.killed, killed.stderr
     assert [e[0] for e in _log(out)] == [1, 2] and (out / ".state.safetensors.tmp").exists()
 

@@ -19,10 +19,10 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache import open_cache
-from extract.cli import main
-from extract.pipeline import ExtractionConfig, run_extraction
-from refseg_core.errors import NonFiniteError
+from refseg.cache import open_cache
+from refseg.extract.cli import main
+from refseg.extract.pipeline import ExtractionConfig, run_extraction
+from refseg.core.errors import NonFiniteError
 
 
 def scaled(backbone, factor: float, dtype=torch.float32):
@@ -43,7 +43,7 @@ def args(synth_root, out) -> list[str]:
 
 
 def test_features_beyond_float16_are_refused_naming_the_sample(synth_root, tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr("extract.pipeline.load_backbone", lambda *a, **k: scaled(tiny_backbone, 1e7))
+    monkeypatch.setattr("refseg.extract.pipeline.load_backbone", lambda *a, **k: scaled(tiny_backbone, 1e7))
     out = tmp_path / "C.zarr"
     result = CliRunner().invoke(main, args(synth_root, out))
     assert result.exit_code == 2, result.output

@@ -16,7 +16,7 @@ from _fault_util import (computed, extract_args, extraction_reference, partial_f
                          start_function)
 from click.testing import CliRunner
 
-from cache import open_cache
+from refseg.cache import open_cache
 
 
 def test_processes_creating_one_store_at_the_same_instant_make_one_store(tmp_path):
@@ -82,7 +82,7 @@ def test_a_part_run_alone_does_all_of_stage_one_then_the_other_part_finishes(syn
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from cache.lock import StoreLock
+    from refseg.cache.lock import StoreLock
     path, stage, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
     lock = StoreLock(path)
     with lock.metadata():
@@ -138,7 +138,7 @@ def test_a_hanging_writer_is_waited_for_then_reported_and_its_shard_taken_over_w
 
 
 def test_torchrun_variables_are_checked(tmp_path):
-    from extract.cli import main
+    from refseg.extract.cli import main
 
     base = ["--data-root", str(tmp_path), "--dataset", "x", "--split", "val", "--out", str(tmp_path / "c.zarr")]
     for env, needle in [({"RANK": "a", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE must be integers"),
@@ -149,7 +149,7 @@ def test_torchrun_variables_are_checked(tmp_path):
 
 def test_a_shard_another_process_holds_is_left_to_it_and_reported(synth_root, tiny_backbone, extraction_reference,
                                                                  tmp_path):
-    from extract.pipeline import ExtractionConfig, run_extraction
+    from refseg.extract.pipeline import ExtractionConfig, run_extraction
 
     store = tmp_path / "C.zarr"
     holder = hold(store, 5, 1)  # shard 1 (rows 2-3) of noise level T=5

@@ -2,7 +2,7 @@
 
 import pytest
 
-from refseg_core.feature_spec import FeatureSpec
+from refseg.core.feature_spec import FeatureSpec
 
 SD15_UNET = {
     "block_out_channels": [320, 640, 1280, 1280],

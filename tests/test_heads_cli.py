@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cache import open_cache
+from refseg.cache import open_cache
 
-from heads.cli_eval import main as eval_main
-from heads.cli_train import main as train_main
+from refseg.heads.cli_eval import main as eval_main
+from refseg.heads.cli_train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def _per_sample(path):
 
 
 def test_protocols_compare_the_right_pixels_and_overlays(synth_root, tmp_path):
-    from refseg_core.refer import ReferDataset
+    from refseg.core.refer import ReferDataset
 
     refer = ReferDataset(synth_root, "refcoco-synth", "unc")
     make_cache(tmp_path / "train.zarr", 64, split="train", refer=refer,

@@ -12,9 +12,9 @@ import torch
 from _heads_util import train_val_caches
 from safetensors.torch import load_file
 
-from heads import train
-from heads.distributed import RankBatches, Ranks
-from heads.train import EpochShuffle
+from refseg.heads import train
+from refseg.heads.distributed import RankBatches, Ranks
+from refseg.heads.train import EpochShuffle
 
 T = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def test_ranks_split_every_global_batch_and_fill_in_a_placeholder():
 RANK_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from heads import train
+    from refseg.heads import train
     torch.set_num_threads(1)
     train(sys.argv[1], 5, "linear", sys.argv[2], val_cache=sys.argv[3], **json.loads(sys.argv[4]))
 """)

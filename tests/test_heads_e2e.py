@@ -4,12 +4,12 @@ import json
 
 from click.testing import CliRunner
 
-from heads.cli_eval import main as eval_main
-from heads.cli_train import main as train_main
+from refseg.heads.cli_eval import main as eval_main
+from refseg.heads.cli_train import main as train_main
 
 
 def test_extract_train_eval(extract_config, tiny_backbone, tmp_path):
-    from extract.pipeline import run_extraction
+    from refseg.extract.pipeline import run_extraction
 
     for split in ("train", "val"):
         run_extraction(extract_config(tmp_path / f"{split}.zarr", split=split, noise_ts=(5,), limit=8),

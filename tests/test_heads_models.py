@@ -4,8 +4,8 @@ import pytest
 import torch
 from _heads_util import spec as make_spec
 
-from heads import HEADS, build_head, register_head
-from refseg_core.feature_spec import FeatureSpec
+from refseg.heads import HEADS, build_head, register_head
+from refseg.core.feature_spec import FeatureSpec
 
 SD15_UNET = {
     "block_out_channels": (320, 640, 1280, 1280),

@@ -10,13 +10,13 @@ import torch
 from _heads_util import make_cache, train_val_caches
 from safetensors.torch import load_file
 
-from cache import open_cache
-from heads import build_head, evaluate, predict, train
-from heads import run_dir
-from heads.evaluate import evaluate_model
-from cache import FeatureDataset
-from refseg_core.errors import CacheError, CacheMismatchError, RefsegError, RunError
-from refseg_core.metrics import RefSegMetrics
+from refseg.cache import open_cache
+from refseg.heads import build_head, evaluate, predict, train
+from refseg.heads import run_dir
+from refseg.heads.evaluate import evaluate_model
+from refseg.cache import FeatureDataset
+from refseg.core.errors import CacheError, CacheMismatchError, RefsegError, RunError
+from refseg.core.metrics import RefSegMetrics
 
 T = 5
 FAST = dict(batch_size=8, lr=1e-3, optimizer="adam", hidden=16, progress=False, preload=True)
@@ -244,18 +244,18 @@ def test_heads_never_import_the_backbone_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, heads, heads.cli_train, heads.cli_eval; "
-            "bad = [m for m in ('diffusers', 'transformers', 'extract') if m in sys.modules]; "
+    code = ("import sys, refseg.heads, refseg.heads.cli_train, refseg.heads.cli_eval; "
+            "bad = [m for m in ('diffusers', 'transformers', 'refseg.extract', 'refseg.backbones') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr + result.stdout
 
 
 def test_preload_that_does_not_fit_is_refused(caches, tmp_path, monkeypatch, capsys):
-    import cache.dataset
+    import refseg.cache.dataset
 
     train_cache, _ = caches
-    monkeypatch.setattr(cache.dataset, "available_memory", lambda: 1000)
+    monkeypatch.setattr(refseg.cache.dataset, "available_memory", lambda: 1000)
     with pytest.raises(CacheError, match="needs .* of RAM"):
         train(train_cache, T, "vpd", tmp_path / "r", **dict(FAST, epochs=1, progress=True))
     assert "preload: 0.00 GB for 128 samples" in capsys.readouterr().out  # said before trying
@@ -264,7 +264,7 @@ def test_preload_that_does_not_fit_is_refused(caches, tmp_path, monkeypatch, cap
 def test_auto_preload_gives_the_same_weights_and_falls_back_when_ram_is_short(caches, tmp_path, monkeypatch):
     import sys
 
-    heads_train = sys.modules["heads.train"]  # `heads.train` the attribute is the function
+    heads_train = sys.modules["refseg.heads.train"]  # `refseg.heads.train` the attribute is the function
     train_cache, _ = caches
     args = {k: v for k, v in dict(FAST, epochs=1).items() if k != "preload"}
     train(train_cache, T, "vpd", tmp_path / "off", preload=False, **args)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from extract.host_copy import HostCopies
+from refseg.extract.host_copy import HostCopies
 
 
 def test_cpu_copies_are_synchronous_and_exact():

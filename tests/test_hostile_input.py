@@ -23,10 +23,10 @@ from _fault_util import run
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from cache import open_cache
-from extract.cli import main
-from extract.pipeline import ExtractionConfig, run_extraction
-from refseg_core.errors import DataError
+from refseg.cache import open_cache
+from refseg.extract.cli import main
+from refseg.extract.pipeline import ExtractionConfig, run_extraction
+from refseg.core.errors import DataError
 
 DATASET = "hostile"
 
@@ -74,7 +74,7 @@ def config(root, out, **overrides) -> ExtractionConfig:
 @pytest.fixture
 def cli(monkeypatch, tiny_backbone):
     """`refseg-extract` in-process on the session's tiny backbone -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr("extract.pipeline.load_backbone", lambda *a, **k: tiny_backbone)
+    monkeypatch.setattr("refseg.extract.pipeline.load_backbone", lambda *a, **k: tiny_backbone)
 
     def invoke(args):
         result = CliRunner().invoke(main, args)

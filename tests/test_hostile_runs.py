@@ -16,9 +16,9 @@ import torch
 from _heads_util import make_cache
 from click.testing import CliRunner
 
-from heads import train
-from heads.cli_eval import main as eval_main
-from heads.cli_train import main as train_main
+from refseg.heads import train
+from refseg.heads.cli_eval import main as eval_main
+from refseg.heads.cli_train import main as train_main
 
 T = 5
 FAST = dict(epochs=1, batch_size=8, lr=1e-3, optimizer="adam", progress=False)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from refseg_core.metrics import RefSegMetrics, format_table
+from refseg.core.metrics import RefSegMetrics, format_table
 
 
 def _mask(shape, *cells):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from refseg_core.errors import ModelError
-from refseg_core.noise import add_noise, alphas_cumprod, make_noise, noise_seed
+from refseg.core.errors import ModelError
+from refseg.core.noise import add_noise, alphas_cumprod, make_noise, noise_seed
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

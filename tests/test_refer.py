@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from refseg_core.errors import DataError, RefsegError, UnsafePickleError
-from refseg_core.refer import ReferDataset, Sample
-from refseg_core.safe_pickle import safe_load
+from refseg.core.errors import DataError, RefsegError, UnsafePickleError
+from refseg.core.refer import ReferDataset, Sample
+from refseg.core.safe_pickle import safe_load
 
 from _data_util import DATASET, expected_masks, instances, py2_pickle, refs, write_tiny_dataset
 
@@ -242,7 +242,7 @@ def test_malformed_segmentations(tmp_path, segmentation, expected):
 def test_rle_string_counts_match_pycocotools():
     from pycocotools import mask as mask_utils
 
-    from refseg_core.refer import _rle_string_counts
+    from refseg.core.refer import _rle_string_counts
 
     rng = np.random.default_rng(0)
     for shape in ((10, 10), (37, 23), (64, 80)):

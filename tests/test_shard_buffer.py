@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from extract.shard_buffer import BackgroundWriter, ShardBuffer
+from refseg.extract.shard_buffer import BackgroundWriter, ShardBuffer
 
 
 def test_rows_in_any_order_make_whole_shards():

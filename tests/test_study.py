@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from study.demo import DemoConfig, run_demo
+from refseg.study.demo import DemoConfig, run_demo
 
 
 def test_demo_writes_the_ablation_table_and_figures(tmp_path):

@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from refseg_core.refer import ReferDataset
-from refseg_core.synthetic import (
+from refseg.core.refer import ReferDataset
+from refseg.core.synthetic import (
     COLOURS, SHAPES, SIZES, VOCABULARY, describe_scene, generate, refer_scene, render_scene,
 )
 
@@ -97,7 +97,7 @@ def test_sentences_never_shared_between_refs_of_an_image(synth30):
 def test_pixels_are_the_objects_colour(synth30):
     from PIL import Image
 
-    from refseg_core.synthetic import RGB
+    from refseg.core.synthetic import RGB
 
     ds = ReferDataset(synth30, "refcoco-synth")
     colour_of = {}

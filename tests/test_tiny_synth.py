@@ -8,14 +8,14 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from refseg_core.backbone import TINY_SYNTH_DIR, load_backbone
-from refseg_core.tiny import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
-from refseg_core.tiny_synth import checkpoint
-from refseg_core.tiny_synth.cli import main as cli
-from refseg_core.tiny_synth.config import TrainConfig
-from refseg_core.tiny_synth.data import SAMPLE_STREAM, render_scenes, to_model_range
-from refseg_core.tiny_synth.sample import generate
-from refseg_core.tiny_synth.train import train
+from refseg.backbones.loading import TINY_SYNTH_DIR, load_backbone
+from refseg.backbones.tiny import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
+from refseg.backbones.tiny_synth import checkpoint
+from refseg.backbones.tiny_synth.cli import main as cli
+from refseg.backbones.tiny_synth.config import TrainConfig
+from refseg.backbones.tiny_synth.data import SAMPLE_STREAM, render_scenes, to_model_range
+from refseg.backbones.tiny_synth.sample import generate
+from refseg.backbones.tiny_synth.train import train
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_shipped_folder_is_an_fp16_diffusers_folder_under_20mb():
                                            else "diffusion_pytorch_model.safetensors")
         with safe_open(str(weights), framework="pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, part
-    assert (TINY_SYNTH_DIR / "README.md").read_text().count("python -m refseg_core.tiny_synth train") >= 1
+    assert (TINY_SYNTH_DIR / "README.md").read_text().count("python -m refseg.backbones.tiny_synth train") >= 1
 
 
 def test_loads_offline_through_the_folder_path_with_the_tiny_topology(synth, monkeypatch):

@@ -5,10 +5,10 @@ import math
 
 from click.testing import CliRunner
 
-from cache import open_cache
-from extract.cli import main as extract_main
-from heads.cli_eval import main as eval_main
-from heads.cli_train import main as train_main
+from refseg.cache import open_cache
+from refseg.extract.cli import main as extract_main
+from refseg.heads.cli_eval import main as eval_main
+from refseg.heads.cli_train import main as train_main
 
 
 def test_tiny_synth_runs_through_the_toolkit(synth_root, tmp_path, monkeypatch):

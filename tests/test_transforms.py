@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from refseg_core.errors import DataError
-from refseg_core.transforms import image_to_tensor, load_image, mask_to_size
+from refseg.core.errors import DataError
+from refseg.core.transforms import image_to_tensor, load_image, mask_to_size
 
 
 def _random_rgb(h, w, seed=0):

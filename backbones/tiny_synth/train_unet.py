@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from refseg_core.tiny_synth import checkpoint
-from refseg_core.tiny_synth.config import TrainConfig, learning_rate
-from refseg_core.tiny_synth.data import step_generator
+from refseg.backbones.tiny_synth import checkpoint
+from refseg.backbones.tiny_synth.config import TrainConfig, learning_rate
+from refseg.backbones.tiny_synth.data import step_generator
 
 STAGE = 2
 LOG_EVERY = 25

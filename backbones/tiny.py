@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from refseg_core.tokenizer_vocab import build_tokenizer
+from refseg.backbones.tokenizer_vocab import build_tokenizer
 
 TEXT_DIM = 32
 TOKEN_LIMIT = 77  # CLIP's context length; --token-length must not exceed it

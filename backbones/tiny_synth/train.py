@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from refseg_core.errors import RunError
-from refseg_core.tiny import build_tiny
-from refseg_core.tiny_synth.config import TrainConfig
-from refseg_core.tiny_synth.data import render_scenes, to_model_range
-from refseg_core.tiny_synth.train_unet import encode_posteriors, held_out_loss, scaling_factor, tokenize, train_unet
-from refseg_core.tiny_synth.train_vae import reconstruction_error, train_vae
+from refseg.core.errors import RunError
+from refseg.backbones.tiny import build_tiny
+from refseg.backbones.tiny_synth.config import TrainConfig
+from refseg.backbones.tiny_synth.data import render_scenes, to_model_range
+from refseg.backbones.tiny_synth.train_unet import encode_posteriors, held_out_loss, scaling_factor, tokenize, train_unet
+from refseg.backbones.tiny_synth.train_vae import reconstruction_error, train_vae
 
 HELD_OUT = 32  # scenes after the training ones, for the losses the model card reports
 
@@ -89,14 +89,14 @@ def train(cfg: TrainConfig, work, out=None, *, resume: bool = False, log=print,
 
 
 def _sha(vae, unet, text_encoder) -> str:
-    from refseg_core.backbone import weights_sha256
+    from refseg.backbones.loading import weights_sha256
 
     return weights_sha256({"vae": vae, "unet": unet, "text_encoder": text_encoder})
 
 
 def export(parts: dict, out, summary: dict) -> Path:
     """Write the trained parts as a diffusers folder in fp16 safetensors (what the package ships)."""
-    from refseg_core.backbone import save_backbone
+    from refseg.backbones.loading import save_backbone
 
     out = Path(out)
     half = dict(parts)

@@ -1,33 +1,19 @@
-"""`python -m refseg_core.tiny_synth train|sample`."""
+"""`python -m refseg.backbones.tiny_synth train|sample`."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import click
 import torch
 
-from refseg_core.cli import user_errors
-from refseg_core.tiny_synth.config import TrainConfig
+from refseg.core.cli import dataclass_options, user_errors
+from refseg.backbones.tiny_synth.config import TrainConfig
 
 
 @click.group()
 def main():
     """Train the tiny-synth backbone on the synthetic world, or draw samples from one."""
-
-
-def _config_options(fn):
-    # One option per TrainConfig field, so the command line can state every setting of a run.
-    for f in reversed(dataclasses.fields(TrainConfig)):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
-                              show_default=True)(fn)
-        else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            fn = click.option(name, f.name, type=kind, default=f.default, show_default=True)(fn)
-    return fn
 
 
 @main.command()
@@ -36,11 +22,11 @@ def _config_options(fn):
 @click.option("--resume", is_flag=True, help="continue the run in --work from its checkpoints")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads (bytes depend on it)")
 @click.option("--checkpoint-seconds", type=float, default=180.0, show_default=True)
-@_config_options
+@dataclass_options(TrainConfig)
 @user_errors
 def train(work, out, resume, threads, checkpoint_seconds, **settings):
     """Train stage A (VAE) then stage B (UNet + text encoder), deterministically from --seed."""
-    from refseg_core.tiny_synth.train import train as run
+    from refseg.backbones.tiny_synth.train import train as run
 
     torch.set_num_threads(threads)
     cfg = TrainConfig(**settings)
@@ -59,7 +45,7 @@ def train(work, out, resume, threads, checkpoint_seconds, **settings):
 @user_errors
 def sample(model, out, count, steps, guidance, seed, threads):
     """A grid: real synthetic scenes (left) and samples for their captions."""
-    from refseg_core.tiny_synth.sample import write_grid
+    from refseg.backbones.tiny_synth.sample import write_grid
 
     torch.set_num_threads(threads)
     path = write_grid(model, out, count=count, steps=steps, guidance=guidance, seed=seed)

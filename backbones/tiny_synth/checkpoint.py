@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from refseg_core.errors import RunError
+from refseg.core.errors import RunError
 
 
 def save(path: Path, state: dict) -> None:

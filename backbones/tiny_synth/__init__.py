@@ -3,10 +3,10 @@
 Stage A trains the KL autoencoder (×8, 4 latent channels) to reconstruct synthetic scenes; stage B
 trains the text-conditioned UNet (DDPM epsilon objective on the autoencoder's scaled latents) and
 the CLIP text encoder together, on captions that name every object of a scene. The result is an
-ordinary diffusers folder, shipped as `refseg_core/assets/tiny-synth` (`--model tiny-synth`).
+ordinary diffusers folder, shipped as `backbones/assets/tiny-synth` (`--model tiny-synth`).
 
-    python -m refseg_core.tiny_synth train --work DIR [--resume] [--out FOLDER]
-    python -m refseg_core.tiny_synth sample --model FOLDER --out grid.png
+    python -m refseg.backbones.tiny_synth train --work DIR [--resume] [--out FOLDER]
+    python -m refseg.backbones.tiny_synth sample --model FOLDER --out grid.png
 
 Imports diffusers and transformers: never imported from `refseg_core/__init__`.
 """

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from refseg_core.tiny_synth.data import SAMPLE_STREAM, render_scenes, to_uint8
+from refseg.backbones.tiny_synth.data import SAMPLE_STREAM, render_scenes, to_uint8
 
 CAPTION_WIDTH = 300  # px of text beside each row
 LINE_CHARS = 48
@@ -42,7 +42,7 @@ def write_grid(model: str, out, *, count: int = 12, samples: int = 2, steps: int
                seed: int = 0, image_size: int = 128) -> Path:
     """Rows: a real scene, `samples` samples for its caption, the caption. Scenes come from a stream
     of their own (neither training scenes nor the referring dataset's)."""
-    from refseg_core.backbone import load_backbone
+    from refseg.backbones.loading import load_backbone
 
     backbone = load_backbone(model, device="cpu", dtype="fp32")
     real, captions = render_scenes(seed, count, image_size, stream=SAMPLE_STREAM)

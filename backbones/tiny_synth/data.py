@@ -1,4 +1,4 @@
-"""Training scenes for tiny-synth: images and captions from `refseg_core.synthetic`, by seed and index.
+"""Training scenes for tiny-synth: images and captions from `refseg.core.synthetic`, by seed and index.
 
 Scene i comes from `np.random.default_rng([seed, SCENE_STREAM, i])`, a stream distinct from the one
 `synthetic.generate` uses (`[seed, i]`), so the pretraining scenes are the same world as the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refseg_core.synthetic import describe_scene, render_scene
+from refseg.core.synthetic import describe_scene, render_scene
 
 SCENE_STREAM = 1
 SAMPLE_STREAM = 2  # the generator grid's reference scenes: neither training nor referring-dataset images

@@ -3,7 +3,7 @@
 Same format as OpenAI CLIP's byte-level BPE (`vocab.json` + `merges.txt`): the 256 byte symbols,
 the same with `</w>` (end of word), then one token per merge, then `<|startoftext|>` and
 `<|endoftext|>`. Every byte has a token, so any text tokenizes (unknown words fall back to
-pieces); the synthetic world's words (`refseg_core.synthetic.VOCABULARY`) are whole tokens.
+pieces); the synthetic world's words (`refseg.core.synthetic.VOCABULARY`) are whole tokens.
 
 The merges come from BPE training on the word list itself (most frequent pair first, ties broken
 alphabetically), which guarantees each listed word encodes to a single token. A naive per-word
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 
-from refseg_core.synthetic import VOCABULARY
+from refseg.core.synthetic import VOCABULARY
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from refseg_core.errors import ModelError
-from refseg_core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES, FeatureSpec
+from refseg.core.errors import ModelError
+from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES, FeatureSpec
 
 ACCEPTED_FORMS = (
     "--model accepts: a Hugging Face hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), "
@@ -87,7 +87,7 @@ def load_backbone(model: str, *, model_config: str | None = None, device="auto",
 
 def _load(model: str, model_config: str | None, device: torch.device, dtype: torch.dtype) -> Backbone:
     if model == "tiny":
-        from refseg_core.tiny import build_tiny
+        from refseg.backbones.tiny import build_tiny
 
         parts, kind, name = build_tiny(), "tiny", "tiny"
         parts["scheduler_config"] = dict(parts.pop("scheduler").config)

@@ -1,0 +1,3 @@
+from refseg.backbones.tiny_synth.cli import main
+
+main()

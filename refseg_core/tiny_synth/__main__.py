@@ -1,3 +1,0 @@
-from refseg_core.tiny_synth.cli import main
-
-main()
