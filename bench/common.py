@@ -241,6 +241,10 @@ class Table:
             raise KeyError(f"unknown columns {sorted(unknown)}")
         self.rows.append(row)
 
+    def as_dict(self) -> dict:
+        """The table as plain data (bench/gpu_check.py collects these): numbers stay numbers."""
+        return {"columns": self.columns, "rows": [{c: row.get(c) for c in self.columns} for row in self.rows]}
+
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "|".join("---" for _ in self.columns) + "|"]
         for row in self.rows:
@@ -248,8 +252,9 @@ class Table:
         return "\n".join(lines)
 
 
-def publish(title: str, info: RunInfo, sections: list, notes: list[str] = (), append: bool = True) -> str:
-    """Print a benchmark's result and append it to BENCHMARKS.md.
+def publish(title: str, info: RunInfo, sections: list, notes: list[str] = (), append: bool = True,
+            json_out: str | None = None) -> str:
+    """Print a benchmark's result and append it to BENCHMARKS.md (and, with `json_out`, write it as JSON).
 
     `sections` is a list of (caption, Table or str). Returns the markdown text.
     """
@@ -267,7 +272,19 @@ def publish(title: str, info: RunInfo, sections: list, notes: list[str] = (), ap
         with open(BENCHMARKS, "a", encoding="utf-8") as f:
             f.write("\n" + text)
         print(f"(appended to {BENCHMARKS})", flush=True)
+    if json_out:
+        write_json(json_out, title, info, sections, notes)
     return text
+
+
+def write_json(path: str, title: str, info: RunInfo, sections: list, notes) -> None:
+    import json
+
+    body = {"title": title, "info": info.lines(), "notes": list(notes),
+            "sections": [{"caption": c, **(b.as_dict() if isinstance(b, Table) else {"text": str(b)})}
+                         for c, b in sections]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(body, f, indent=1, default=str)
 
 
 def add_common_args(parser) -> None:
@@ -276,3 +293,4 @@ def add_common_args(parser) -> None:
                         help="torch CPU threads (default 1: the dev machine's 2 cores are shared)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median reported)")
     parser.add_argument("--no-append", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
+    parser.add_argument("--json", default=None, help="also write the tables to this JSON file (bench/gpu_check.py)")

@@ -289,7 +289,7 @@ def main(argv=None) -> None:
         common.publish(title + " — FLOPs per sample", info, [("", flop_table)],
                        ["counted with torch.utils.flop_counter.FlopCounterMode on meta tensors (2 FLOPs per "
                         "multiply-add; matmuls, convolutions and SDPA; elementwise ops are not counted)"],
-                       append=not args.no_append)
+                       append=not args.no_append, json_out=args.json)
         return
 
     print(f"measuring the {common.dtype_name(dtype)} matmul peak on {device} ...", flush=True)
@@ -409,7 +409,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         notes.append("CPU rows: the machine is shared (see the load average); variants are interleaved so the "
                      "ratios hold better than the absolute figures")
-    common.publish(title, info, sections, notes, append=not args.no_append)
+    common.publish(title, info, sections, notes, append=not args.no_append, json_out=args.json)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,43 @@ def build_backbone(arch: str, device: torch.device, dtype: torch.dtype, seed: in
     identity = {"model": f"bench-{arch}-random", "kind": "bench", "weights_sha256": f"random-seed{seed}"}
     return Backbone(parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"],
                     dict(SD15_SCHEDULER_CONFIG), identity, device, dtype)
+
+
+def save_folder(arch: str, out: str, device="cpu", seed: int = 0, dtype=torch.float16) -> str:
+    """Write `arch` with random weights as a diffusers folder that `--model OUT` loads like real weights.
+
+    Built on `device` (SD1.5's ~1.1 B parameters initialise in seconds on a GPU), saved in `dtype`
+    (float16 halves the file, as the hub's fp16 variants do; refseg-extract casts on load).
+    """
+    import json
+    import os
+
+    from diffusers import DDPMScheduler
+
+    parts = build_modules(arch, device=device, seed=seed)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].to(dtype).save_pretrained(os.path.join(out, name))
+    parts["tokenizer"].save_pretrained(os.path.join(out, "tokenizer"))
+    scheduler = dict(SD15_SCHEDULER_CONFIG) if arch == "sd15" else None
+    if scheduler is None:
+        from refseg.backbones import tiny
+
+        scheduler = dict(tiny.SCHEDULER_CONFIG)
+    DDPMScheduler(**scheduler).save_pretrained(os.path.join(out, "scheduler"))
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "_note": f"refseg bench/models.py {arch}, random seed {seed}"}, f)
+    return out
+
+
+if __name__ == "__main__":  # python bench/models.py ARCH OUT [--device cuda]
+    import argparse
+    import os
+    import sys
+
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    p = argparse.ArgumentParser(description="Save a random-weight backbone as a diffusers folder.")
+    p.add_argument("arch", choices=ARCHS)
+    p.add_argument("out")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    print(save_folder(a.arch, a.out, device=a.device))

@@ -408,7 +408,7 @@ def main(argv=None) -> None:
     if real is not None:
         sections.append(("Codecs on real features (a trained backbone's, extracted by refseg-extract)", real))
     common.publish(f"Cache reads: SD1.5 shapes at {args.image_size}², L={args.token_length}", info, sections, notes,
-                   append=not args.no_append)
+                   append=not args.no_append, json_out=args.json)
 
 
 if __name__ == "__main__":

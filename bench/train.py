@@ -160,7 +160,7 @@ def main(argv=None) -> None:
         spec = FeatureSpec.from_unet_config(dict(unet_cfg), args.image_size, args.token_length)
         common.publish(f"Cached vs in-loop head training: {args.arch} at {args.image_size}², {args.head} head "
                        f"hidden {args.hidden} — FLOPs per sample", info, [("", flop_table(args, spec))],
-                       [FLOP_RATIO_NOTE], append=not args.no_append)
+                       [FLOP_RATIO_NOTE], append=not args.no_append, json_out=args.json)
         return
 
     from refseg.cache import FeatureDataset, open_cache
@@ -316,7 +316,7 @@ def main(argv=None) -> None:
     common.publish(f"Cached vs in-loop head training: {args.arch} at {args.image_size}², {args.head} head "
                    f"hidden {args.hidden}", info,
                    [("", table), ("FLOPs per sample (torch.utils.flop_counter, meta tensors)", flop_table(args, spec))],
-                   notes, append=not args.no_append)
+                   notes, append=not args.no_append, json_out=args.json)
 
 
 if __name__ == "__main__":
