@@ -52,3 +52,16 @@ def extract_config(synth_root, tmp_path_factory):
         return ExtractionConfig(**kwargs)
 
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it, run by bench/gpu_check.sh (pytest -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (bench/gpu_check.sh runs these on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
