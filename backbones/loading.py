@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from refseg.core.device import resolve_device
 from refseg.core.errors import ModelError
 from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES, FeatureSpec
 
@@ -126,20 +127,6 @@ def _load(model: str, model_config: str | None, device: torch.device, dtype: tor
         identity["model_config"] = os.path.abspath(model_config) if model_config else None
     return Backbone(parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"],
                     parts["scheduler_config"], identity, device, dtype)
-
-
-def resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelError(f"unknown --device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {device} was asked for, but CUDA is not available on this machine")
-    return dev
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -3,7 +3,8 @@
 Same format as OpenAI CLIP's byte-level BPE (`vocab.json` + `merges.txt`): the 256 byte symbols,
 the same with `</w>` (end of word), then one token per merge, then `<|startoftext|>` and
 `<|endoftext|>`. Every byte has a token, so any text tokenizes (unknown words fall back to
-pieces); the synthetic world's words (`refseg.core.synthetic.VOCABULARY`) are whole tokens.
+pieces); the words of `WORDS` (the synthetic world's, `refseg.core.synthetic.VOCABULARY`) are
+whole tokens.
 
 The merges come from BPE training on the word list itself (most frequent pair first, ties broken
 alphabetically), which guarantees each listed word encodes to a single token. A naive per-word
@@ -16,9 +17,18 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 
-from refseg.core.synthetic import VOCABULARY
-
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# The whole-word tokens, frozen as written: the vocabulary's size and every token id follow from
+# this list, and they decide the tiny backbones' text-encoder weights, so every tiny cache's
+# fingerprint. It is the synthetic world's word list as it was when they were made; a word added
+# there later still tokenizes (in pieces), and tests/test_synthetic.py fails until it is added here
+# on purpose (which makes new tiny weights).
+WORDS = (
+    "a", "above", "and", "at", "below", "big", "blue", "bottom", "circle", "diamond", "green", "in", "left",
+    "middle", "next", "of", "on", "one", "orange", "purple", "red", "right", "shape", "small", "square", "star",
+    "the", "to", "top", "triangle", "yellow",
+)
 
 
 @lru_cache(maxsize=1)
@@ -65,8 +75,8 @@ def train_merges(words) -> list[tuple[str, str]]:
 
 
 def build_vocab(words=None) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab token -> id, merges) in CLIP's layout; `words` defaults to the synthetic vocabulary."""
-    merges = train_merges(VOCABULARY if words is None else words)
+    """(vocab token -> id, merges) in CLIP's layout; `words` defaults to `WORDS`."""
+    merges = train_merges(WORDS if words is None else words)
     base = list(bytes_to_unicode().values())
     tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab: dict[str, int] = {}

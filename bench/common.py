@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from refseg.core.device import resolve_device  # noqa: F401  (the scripts call common.resolve_device)
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "BENCHMARKS.md"
 
@@ -98,12 +100,6 @@ class RunInfo:
 
 def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -248,7 +248,7 @@ def main(argv=None) -> None:
     common.set_threads(args.threads)
     info = common.RunInfo(torch.device("cpu"))
     from refseg.cache.layout import DEFAULT_SHARD_SIZE
-    from refseg.heads.evaluate import make_loader
+    from refseg.heads.batches import make_loader
 
     spec = spec_for(args.image_size, args.token_length)
     codecs = [c for c in args.codecs.split(",") if c]

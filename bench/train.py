@@ -8,10 +8,10 @@ One process, one machine, the same samples in the same order, the same head:
   1. synthetic images -> refseg's extraction (run_extraction) -> a cache at one noise level (timed:
      the one-off cost the cache has to repay);
   2. one copy of the head per side, built by heads.build_head under the same seed, each with its own
-     AdamW (refseg.heads.train's defaults: lr 5e-5, wd 1e-2);
+     AdamW (refseg.heads.settings' defaults: lr 5e-5, wd 1e-2);
   3. epoch rounds; in each, every side trains one epoch in turn; round 0 is warm-up:
        cache:   FeatureDataset (as refseg-train-head reads it without preload: direct shard reads;
-                also with preload, and through zarr) -> refseg.heads.evaluate.make_loader -> head step
+                also with preload, and through zarr) -> refseg.heads.batches.make_loader -> head step
        in-loop: decode + resize the image (DataLoader), tokenize, text encoder, VAE encoder, noise,
                 UNet with UNetCapture (batched: no byte-invariance needed here) -> the same head step
      The head step is refseg.heads.train's loop body: batch_to_device, autocast (bf16 on a GPU), the head,
@@ -167,9 +167,10 @@ def main(argv=None) -> None:
     from refseg.extract.capture import UNetCapture
     from refseg.extract.pipeline import ExtractionConfig, run_extraction
     from refseg.heads import build_head
-    from refseg.heads.evaluate import autocast, batch_to_device, make_loader
+    from refseg.heads.batches import autocast, batch_to_device, make_loader
     from refseg.heads.losses import segmentation_loss
-    from refseg.heads.train import OPTIMIZERS, EpochShuffle
+    from refseg.heads.settings import OPTIMIZERS
+    from refseg.heads.train_setup import EpochShuffle
     from refseg.core.noise import add_noise, alphas_cumprod, make_noise
     from refseg.core.refer import ReferDataset
     from refseg.core.synthetic import generate

@@ -85,14 +85,12 @@ def _copy_array(array: zarr.Array, f: h5py.File, path: str, shard_size: int, bar
         return
     dtype = np.dtype(array.dtype)
     per_row = array.shards is not None  # the per-sample arrays: one sample per chunk, as in the store
-    chunks = (1, *shape[1:]) if per_row and len(shape) > 0 and shape[0] > 0 else None
+    # a store holds at least one sample and one image (validate_tables), so no axis here is empty
+    chunks = (1, *shape[1:]) if per_row else None
     dataset = f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks)
-    if array.metadata.dimension_names:
-        dataset.attrs["dimension_names"] = json.dumps(list(array.metadata.dimension_names))
+    # every array of the layout is created with dimension names (layout.create_array, create_flags)
+    dataset.attrs["dimension_names"] = json.dumps(list(array.metadata.dimension_names))
     _copy_attrs(array.attrs.asdict(), dataset.attrs)
-    if len(shape) == 0:
-        dataset[()] = array[()]
-        return
     row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
     block = max(1, _BLOCK_BYTES // row_bytes // shard_size) * shard_size  # whole shards per read
     for start in range(0, shape[0], block):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refseg.core.errors import CacheError
+from refseg.core.errors import CacheError, CacheNotFoundError, IncompleteCacheError, NewerFormatError
 from refseg.core.feature_spec import FeatureSpec
 
 FORMAT_VERSION = 1
@@ -53,18 +53,6 @@ def parse_noise_group(name: str) -> int | None:
     """The noise level of a group name ("t0005" -> 5), or None for any other name."""
     m = _NOISE_GROUP.match(name)
     return int(m.group(1)) if m else None
-
-
-class CacheNotFoundError(CacheError):
-    """No store at the path."""
-
-
-class IncompleteCacheError(CacheError):
-    """The store's creation was interrupted before it was finished."""
-
-
-class NewerFormatError(CacheError):
-    """The store was written by a newer refseg, in a format this one does not know."""
 
 
 # ---- sample tables ------------------------------------------------------------------------------

@@ -8,17 +8,9 @@ import numpy as np
 import zarr
 
 from refseg.cache.fastread import ShardFiles, ShardRowReader
-from refseg.cache.layout import (
-    FORMAT_ATTR,
-    INDEX_FIELDS,
-    SETTINGS_KEYS,
-    noise_group_name,
-    open_root,
-    parse_noise_group,
-    store_nbytes,
-)
+from refseg.cache.layout import SETTINGS_KEYS, open_root, store_nbytes
+from refseg.cache.store import Store, take_rows
 from refseg.core.errors import CacheError
-from refseg.core.feature_spec import FeatureSpec
 
 
 def open_cache(path, direct_reads: bool = True) -> "Cache":
@@ -32,54 +24,11 @@ def open_cache(path, direct_reads: bool = True) -> "Cache":
     return Cache(path, open_root(path, mode="r"), direct_reads=direct_reads)
 
 
-def list_noise_levels(root: zarr.Group) -> list[int]:
-    """The noise levels whose groups are finished (they get their attributes last)."""
-    levels = []
-    for name, group in root.groups():
-        t = parse_noise_group(name)
-        if t is not None and "noise_t" in group.attrs:
-            levels.append(t)
-    return sorted(levels)
-
-
-def take_rows(arr: zarr.Array, rows) -> np.ndarray:
-    """Rows of `arr` by int, slice, or a sequence of ints (any order, repeats allowed).
-
-    A sequence is read as slices of consecutive rows: zarr's orthogonal selection over a list of
-    rows measured ~27x slower than slices (bench/read.py findings in BENCHMARKS.md).
-    """
-    if isinstance(rows, (slice, int, np.integer)):
-        return arr[rows]
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size == 0:
-        return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
-    unique, inverse = np.unique(rows, return_inverse=True)
-    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-    runs = [arr[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)]
-    return np.concatenate(runs)[inverse]
-
-
-class Cache:
+class Cache(Store):
     """A refseg cache store opened for reading. Arrays are opened once and read on demand."""
 
     def __init__(self, path: str, root: zarr.Group, direct_reads: bool = True):
-        self.path = path
-        self._root = root
-        self.attrs: dict = root.attrs.asdict()
-        self.format_version: int = int(self.attrs[FORMAT_ATTR])
-        self.spec = FeatureSpec.from_dict(self.attrs["spec"])
-        self.fingerprint: str = self.attrs["fingerprint"]
-        self.settings: dict = {key: self.attrs[key] for key in SETTINGS_KEYS}
-        self.shard_size = int(self.attrs["shard_size"])
-        self.codec: str = self.attrs.get("codec", "none")
-        self.index: dict[str, np.ndarray] = {name: root[f"index/{name}"][:] for name in INDEX_FIELDS}
-        self.n_samples = len(self.index["sent_id"])
-        self._latent = root["images/latent"]
-        self.n_images = self._latent.shape[0]
-        self._embedding = root["text/embedding"]
-        self._attention_mask = root["text/attention_mask"]
-        self._input_ids = root["text/input_ids"]
-        self._gt = root["masks/gt"]
+        super().__init__(path, root)
         self._texts: list[str] | None = None
         self._levels: dict[int, zarr.Group] = {}
         self._level_arrays: dict[tuple[int, str], zarr.Array] = {}
@@ -93,16 +42,11 @@ class Cache:
             self._texts = [str(s) for s in self._root["index/text"][:]]
         return self._texts
 
-    @property
-    def noise_levels(self) -> list[int]:
-        return list_noise_levels(self._root)
-
     def _level(self, t) -> zarr.Group:
         t = int(t)
         if t not in self._levels:
-            name = noise_group_name(t)
-            group = self._root[name] if name in self._root else None
-            if group is None or "noise_t" not in group.attrs:
+            group = self._noise_group(t)
+            if group is None:
                 levels = self.noise_levels
                 have = f"it has T={', '.join(map(str, levels))}" if levels else "it has no noise levels yet"
                 raise CacheError(f"noise level T={t} is not in cache {self.path} ({have})")

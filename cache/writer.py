@@ -16,7 +16,6 @@ killed are removed by the next writer that finds itself alone with the store.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 
@@ -31,10 +30,7 @@ from refseg.cache.layout import (
     FORMAT_ATTR,
     FORMAT_VERSION,
     INDEX_FIELDS,
-    CacheNotFoundError,
     ImageTable,
-    IncompleteCacheError,
-    NewerFormatError,
     SampleTable,
     base_arrays,
     create_array,
@@ -47,8 +43,15 @@ from refseg.cache.layout import (
     validate_tables,
 )
 from refseg.cache.lock import StoreLock
-from refseg.cache.reader import take_rows
-from refseg.core.errors import CacheError, CacheMismatchError, NonFiniteError
+from refseg.cache.store import Store
+from refseg.core.errors import (
+    CacheError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    IncompleteCacheError,
+    NewerFormatError,
+    NonFiniteError,
+)
 from refseg.core.feature_spec import FeatureSpec
 
 
@@ -89,24 +92,6 @@ def remove_stale_partial_files(path: str) -> int:
     return removed
 
 
-class CacheWriteError(CacheError, OSError):
-    """Writing the store failed (a full disk, an I/O error): one line that says what to do next.
-
-    Both a `CacheError` (CLIs print it and exit 2) and an `OSError` (what callers catching I/O
-    errors expect); `errno` is that of the original error.
-    """
-
-    @classmethod
-    def from_os_error(cls, path: str, exc: OSError) -> "CacheWriteError":
-        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
-        what = " ".join(str(exc.strerror or exc).split()) + (f" ({code})" if code else "")
-        where = f" at {exc.filename}" if exc.filename else ""
-        err = cls(f"writing cache {path} failed: {what}{where}; the shards finished before are kept and valid: "
-                  "free space or fix the disk, then rerun the same command to resume")
-        err.errno = exc.errno
-        return err
-
-
 def _refuse_what_is_not_a_cache(path: str) -> None:
     try:
         open_root(path, mode="r")
@@ -114,31 +99,16 @@ def _refuse_what_is_not_a_cache(path: str) -> None:
         pass  # to be created, redone or replaced: decided under the lock
 
 
-class CacheWriter:
+class CacheWriter(Store):
     """Writes one cache store. Use `CacheWriter.open(...)`; the constructor takes an opened root group."""
 
     def __init__(self, path: str, root: zarr.Group, lock: StoreLock | None = None):
-        self.path = path
-        self._root = root
+        super().__init__(path, root)
         self._lock = lock  # None for a remote (fsspec) store: no inter-process locks there
-        attrs = root.attrs.asdict()
-        self.spec = FeatureSpec.from_dict(attrs["spec"])
-        self.fingerprint = attrs["fingerprint"]
-        self.shard_size = int(attrs["shard_size"])
-        self.codec = attrs["codec"]
-        self.index = {name: root[f"index/{name}"][:] for name in INDEX_FIELDS}
-        self.n_samples = len(self.index["sent_id"])
         self.image_ids = root["images/image_id"][:]
-        self.n_images = len(self.image_ids)
-        # handles opened once; noise groups are opened on first use
-        self._latent = root["images/latent"]
         self._images_done = root["images/done"]
-        self._input_ids = root["text/input_ids"]
-        self._attention_mask = root["text/attention_mask"]
-        self._embedding = root["text/embedding"]
         self._text_done = root["text/done"]
-        self._gt = root["masks/gt"]
-        self._levels: dict[int, dict[str, zarr.Array]] = {}
+        self._levels: dict[int, dict[str, zarr.Array]] = {}  # noise levels' arrays, opened on first use
 
     # ---- open / create ------------------------------------------------------------------------
     @classmethod
@@ -204,10 +174,10 @@ class CacheWriter:
             root = None
         if root is not None:
             attrs = root.attrs.asdict()
-            if attrs.get("fingerprint") == fingerprint:
+            if attrs["fingerprint"] == fingerprint:
                 return root
             if not overwrite:
-                stored = {key: attrs.get(key) for key in payload}
+                stored = {key: attrs[key] for key in payload}
                 raise CacheMismatchError(mismatch_message(path, stored, payload))
         if not alone:
             raise CacheError(f"cache {path} is being written by another process now: --overwrite cannot replace "
@@ -268,9 +238,6 @@ class CacheWriter:
             raise NonFiniteError(f"non-finite values (NaN/inf in float16) {where}: {listed}; "
                                  f"nothing of this shard was written to {self.path}")
 
-    def _rows_to_read(self, arr: zarr.Array, rows) -> np.ndarray:
-        return take_rows(arr, rows)
-
     # ---- stage 1: per image --------------------------------------------------------------------
     def image_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
         done = self._images_done[:]
@@ -285,7 +252,7 @@ class CacheWriter:
         self._images_done[rows] = np.ones(n, dtype=bool)
 
     def read_latents(self, rows) -> np.ndarray:
-        return self._rows_to_read(self._latent, rows)
+        return self._take(self._latent, rows)
 
     # ---- stage 1: per sentence -----------------------------------------------------------------
     def text_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
@@ -308,10 +275,10 @@ class CacheWriter:
         self._text_done[rows] = np.ones(n, dtype=bool)
 
     def read_embeddings(self, rows) -> np.ndarray:
-        return self._rows_to_read(self._embedding, rows)
+        return self._take(self._embedding, rows)
 
     def read_attention_mask(self, rows) -> np.ndarray:
-        return self._rows_to_read(self._attention_mask, rows)
+        return self._take(self._attention_mask, rows)
 
     # ---- stage 2: per noise level ---------------------------------------------------------------
     def add_noise_level(self, t: int, timestep: int) -> None:
@@ -344,18 +311,11 @@ class CacheWriter:
     def _level(self, t: int) -> dict[str, zarr.Array]:
         t = int(t)
         if t not in self._levels:
-            name = noise_group_name(t)
-            if name not in self._root or "noise_t" not in self._root[name].attrs:
+            group = self._noise_group(t)
+            if group is None:
                 raise CacheError(f"noise level T={t} was not added to cache {self.path} (call add_noise_level)")
-            group = self._root[name]
             self._levels[t] = {key: group[key] for key in (*self.spec.names, "done", "skipped")}
         return self._levels[t]
-
-    @property
-    def noise_levels(self) -> list[int]:
-        from refseg.cache.reader import list_noise_levels
-
-        return list_noise_levels(self._root)
 
     def done(self, t: int) -> np.ndarray:
         return self._level(t)["done"][:]

@@ -8,10 +8,13 @@ evaluate("runs/vpd-t5", "testA.zarr")   # {"P@0.5": ..., "oIoU": ..., "mIoU": ..
 Never imports diffusers, transformers or `extract`: a head trains where only torch and zarr exist.
 """
 
-from refseg.heads.registry import HEADS, _load_builtin_heads, build_head, register_head  # noqa: F401
+from refseg.heads.base import Head
+from refseg.heads.registry import HEADS, build_head, register_head
 
-_load_builtin_heads()
-from refseg.heads.evaluate import evaluate, predict  # noqa: E402,F401
-from refseg.heads.train import train  # noqa: E402,F401
+# The built-in heads: importing their modules registers them, here and only here.
+from refseg.heads import film, linear, vpd  # noqa: F401  isort:skip
 
-__all__ = ["HEADS", "build_head", "register_head", "train", "evaluate", "predict"]
+from refseg.heads.evaluate import evaluate, predict
+from refseg.heads.train import train
+
+__all__ = ["HEADS", "Head", "build_head", "register_head", "train", "evaluate", "predict"]

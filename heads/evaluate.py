@@ -11,90 +11,29 @@ same way, compared with the union of the ref's polygons at full resolution (read
 from __future__ import annotations
 
 import csv
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from refseg.cache import FeatureDataset, open_cache
-from refseg.heads import run_dir
-from refseg.heads.registry import build_head
+from refseg.cache import FeatureDataset
+from refseg.core.device import resolve_device
 from refseg.core.errors import CacheMismatchError, RefsegError, RunError
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.metrics import RefSegMetrics
-
-PROTOCOLS = ("vpd", "original")
-
-
-# ---- small shared pieces (train.py uses them too) -----------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RefsegError("--device cuda was asked for but CUDA is not available (use --device cpu or auto)")
-    return device
+from refseg.heads import run_dir
+from refseg.heads.batches import autocast, batch_to_device, make_loader
+from refseg.heads.caches import as_cache, check_compatible
+from refseg.heads.losses import upsample_logits
+from refseg.heads.registry import build_head
+from refseg.heads.settings import EvalSettings
 
 
-def as_cache(cache):
-    """An opened cache from a path (or an already opened one); -> (cache, path)."""
-    if isinstance(cache, (str, Path)):
-        return open_cache(cache), Path(cache)
-    return cache, Path(cache.path)
-
-
-def check_compatible(run_settings: dict, cache_settings: dict, run_name: str, cache_name: str,
-                     reference: str = "the run") -> None:
-    """Refuse a cache whose backbone or extraction settings differ from the run's (one line).
-
-    The dataset part may differ (a run trained on the train split is evaluated on val).
-    """
-    for part in ("backbone", "extraction"):
-        a, b = run_settings.get(part) or {}, cache_settings.get(part) or {}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                raise CacheMismatchError(
-                    f"cache {cache_name} is incompatible with {run_name}: {part}.{key} is "
-                    f"{_short(b.get(key))} in the cache but {_short(a.get(key))} in {reference}")
-
-
-def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = False):
-    features = {k: v.to(device, non_blocking=non_blocking).float() for k, v in batch["features"].items()}
-    text = batch.get("text_embedding")
-    mask = batch.get("text_mask")
-    if text is not None:
-        text = text.to(device, non_blocking=non_blocking).float()
-        mask = mask.to(device, non_blocking=non_blocking).bool()
-    return features, text, mask
-
-
-def make_loader(dataset, batch_size: int | None, device: torch.device, *, sampler=None, batch_sampler=None,
-                workers: int = 0) -> DataLoader:
-    if batch_sampler is not None:  # it makes the batches: DataLoader takes no batch_size then
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
-                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-
-
-def autocast(device: torch.device):
-    # bf16 on GPU (the heads are small, the features are f16 already); fp32 on CPU.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
+# ---- logits -> masks -> scores --------------------------------------------------------------------
 def logits_to_mask(logits: torch.Tensor, size) -> torch.Tensor:
     """(B, 2, h, w) logits -> (B, H, W) bool: bilinear (align_corners=True), then fg where logit1 > logit0."""
-    logits = logits.float()
-    if tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+    logits = upsample_logits(logits, size)
     return logits[:, 1] > logits[:, 0]
 
 
@@ -113,29 +52,47 @@ def iterate_logits(model, dataset, *, device, batch_size=16, workers=0):
         model.train(was_training)
 
 
+def compare(model, dataset, *, device, batch_size=16, workers=0, progress=False, original_gt=None):
+    """Yield (row, prediction, target), bool masks, per sample of `dataset`.
+
+    Protocol `vpd`: at S x S, against the cached GT. Protocol `original` (`original_gt(row)` gives
+    the target at the image's size): the logits are resized to that size.
+    """
+    batches = iterate_logits(model, dataset, device=device, batch_size=batch_size, workers=workers)
+    for rows, logits, gt in _maybe_progress(batches, len(dataset), progress):
+        preds = logits_to_mask(logits, gt.shape[-2:]).cpu().numpy()
+        for k, row in enumerate(rows):
+            if original_gt is None:
+                yield row, preds[k], gt[k].numpy() != 0
+            else:
+                target = original_gt(row)
+                yield row, logits_to_mask(logits[k:k + 1], target.shape)[0].cpu().numpy(), target
+
+
+def overlap(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
+    """(intersection, union) pixel counts of two bool masks."""
+    return int(np.count_nonzero(pred & target)), int(np.count_nonzero(pred | target))
+
+
 @torch.no_grad()
 def evaluate_model(model, dataset, *, device, batch_size=16, workers=0, progress=False) -> tuple[dict, list[dict]]:
     """Protocol `vpd` over `dataset` -> (summary, per-sample [{row, iou, i, u}]). Used by training's val."""
-    metrics = RefSegMetrics()
-    records = []
-    for rows, logits, gt in _maybe_progress(iterate_logits(model, dataset, device=device, batch_size=batch_size,
-                                                           workers=workers), len(dataset), batch_size, progress):
-        pred = logits_to_mask(logits, gt.shape[-2:]).cpu().numpy()
-        gt = gt.numpy() != 0
-        for row, p, g in zip(rows, pred, gt):
-            i, u = int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
-            records.append({"row": row, "iou": metrics.add(i, u), "i": i, "u": u})
+    metrics, records = RefSegMetrics(), []
+    for row, pred, target in compare(model, dataset, device=device, batch_size=batch_size, workers=workers,
+                                     progress=progress):
+        i, u = overlap(pred, target)
+        records.append({"row": row, "iou": metrics.add(i, u), "i": i, "u": u})
     return metrics.summary(), records
 
 
-def _maybe_progress(iterable, n, batch_size, progress):
+def _maybe_progress(batches, n, progress):
     if not progress:
-        yield from iterable
+        yield from batches
         return
     from tqdm.auto import tqdm
 
     with tqdm(total=n, unit="sample", desc="eval", dynamic_ncols=True) as bar:
-        for item in iterable:
+        for item in batches:
             yield item
             bar.update(len(item[0]))
 
@@ -161,101 +118,130 @@ def load_head(run, checkpoint: str = "best", device="cpu"):
     return model.to(device).eval(), cfg, used
 
 
-def _prepare(run, cache, noise_t, checkpoint, device, allow_noise_mismatch):
-    device = resolve_device(device)
-    cfg = run_dir.read_config(run)  # a bad run fails before the cache is touched
-    cache, cache_path = as_cache(cache)
-    check_compatible(cfg["cache"]["settings"], cache.settings, f"run {run}", str(cache_path))
-    if noise_t is None:
-        noise_t = cfg["noise_t"]
-    elif int(noise_t) != int(cfg["noise_t"]) and not allow_noise_mismatch:
-        raise RefsegError(f"run {run} was trained at noise T={cfg['noise_t']} but T={noise_t} was asked for: "
+@dataclass
+class RunOnCache:
+    """A run's head loaded to score one cache at one noise level (all checked)."""
+
+    model: torch.nn.Module
+    config: dict  # the run's config.json
+    checkpoint: str  # the checkpoint used ("best" falls back to "last" without a val cache)
+    cache: object
+    cache_path: Path
+    noise_t: int
+    dataset: FeatureDataset
+    device: torch.device
+
+
+def load_run_on_cache(s: EvalSettings) -> RunOnCache:
+    """Check the run against the cache before anything long: settings, noise level, tensors."""
+    device = resolve_device(s.device)
+    cfg = run_dir.read_config(s.run)  # a bad run fails before the cache is touched
+    cache, cache_path = as_cache(s.cache)
+    check_compatible(cfg["cache"]["settings"], cache.settings, f"run {s.run}", str(cache_path))
+    noise_t = cfg["noise_t"] if s.noise_t is None else s.noise_t
+    if int(noise_t) != int(cfg["noise_t"]) and not s.allow_noise_mismatch:
+        raise RefsegError(f"run {s.run} was trained at noise T={cfg['noise_t']} but T={noise_t} was asked for: "
                           "pass --allow-noise-mismatch for a transfer study")
     noise_t = int(noise_t)
     cache.done(noise_t)  # a missing noise level raises the cache's CacheError here
-    model, cfg, used = load_head(run, checkpoint, device)
+    model, cfg, used = load_head(s.run, s.checkpoint, device)
     missing = [n for n in model.tensor_names if n not in cache.spec]
     if missing:
         raise CacheMismatchError(f"cache {cache_path} lacks {', '.join(missing)}, which head {cfg['head']!r} reads")
     dataset = FeatureDataset(cache_path, noise_t, names=model.tensor_names, text=model.uses_text)
-    return model, cfg, used, cache, cache_path, noise_t, dataset, device
+    return RunOnCache(model, cfg, used, cache, cache_path, noise_t, dataset, device)
 
 
-def predict(run, cache, noise_t=None, *, checkpoint="best", device="auto", batch_size=16,
-            allow_noise_mismatch=False):
+# ---- the Python API ------------------------------------------------------------------------------
+def predict(run, cache, noise_t=None, **options):
     """Per finished sample, {"row", "sent_id", "ref_id", "pred": bool (S, S)} (protocol `vpd`), as an iterator.
 
-    The run and cache are checked now (errors raise here); predictions are computed as you iterate.
+    `options`: EvalSettings.PREDICT (checkpoint="best", device="auto", batch_size=16,
+    allow_noise_mismatch=False). The run and cache are checked now (errors raise here); predictions
+    are computed as you iterate.
     """
-    model, cfg, used, cache, _, noise_t, dataset, device = _prepare(
-        run, cache, noise_t, checkpoint, device, allow_noise_mismatch)
-    index = cache.index
+    unknown = sorted(set(options) - set(EvalSettings.PREDICT))
+    if unknown:
+        raise TypeError(f"predict() got an unexpected keyword argument {unknown[0]!r}")
+    s = EvalSettings(run=run, cache=cache, noise_t=noise_t, **options)
+    loaded = load_run_on_cache(s)
+    index = loaded.cache.index
 
     def generate():
-        for rows, logits, gt in iterate_logits(model, dataset, device=device, batch_size=batch_size):
-            pred = logits_to_mask(logits, gt.shape[-2:]).cpu().numpy()
-            for row, p in zip(rows, pred):
-                yield {"row": row, "sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]),
-                       "pred": p}
+        for row, pred, _ in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size):
+            yield {"row": row, "sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]),
+                   "pred": pred}
 
     return generate()
 
 
-def evaluate(run, cache, noise_t=None, *, protocol="vpd", checkpoint="best", json_out=None, per_sample=None,
-             overlays=None, max_overlays=16, data_root=None, device="auto", batch_size=16,
-             allow_noise_mismatch=False, progress=False) -> dict:
-    """Metrics of a run on a cache -> summary {"P@0.5".."P@0.9", "oIoU", "mIoU", "n"} (percent)."""
-    if protocol not in PROTOCOLS:
-        raise RefsegError(f"unknown protocol {protocol!r} (choose {' or '.join(PROTOCOLS)})")
-    model, cfg, used, cache, cache_path, noise_t, dataset, device = _prepare(
-        run, cache, noise_t, checkpoint, device, allow_noise_mismatch)
+def evaluate(run, cache, noise_t=None, *, progress=False, **options) -> dict:
+    """Metrics of a run on a cache -> summary {"P@0.5".."P@0.9", "oIoU", "mIoU", "n"} (percent).
+
+    `options`: the fields of EvalSettings (protocol="vpd", checkpoint="best", json_out=None, ...).
+    """
+    return run_evaluation(EvalSettings(run=run, cache=cache, noise_t=noise_t, **options), progress=progress)
+
+
+def run_evaluation(s: EvalSettings, progress: bool = False) -> dict:
+    """`evaluate` from its settings (what `refseg-eval` runs)."""
+    s.check()
+    loaded = load_run_on_cache(s)
     refer = None
-    if protocol == "original" or overlays:
-        refer = _refer_dataset(cache, data_root)  # fail on a missing dataset before the long part
-    index = cache.index
-    texts = cache.texts
+    if s.protocol == "original" or s.overlays:
+        refer = _refer_dataset(loaded.cache, s.data_root)  # fail on a missing dataset before the long part
+    index, texts = loaded.cache.index, loaded.cache.texts
+    original_gt = _union_masks(refer, index) if s.protocol == "original" else None
 
-    metrics = RefSegMetrics()
-    records, drawn = [], 0
-    gt_cache: dict[int, np.ndarray] = {}
-    for rows, logits, gt in _maybe_progress(iterate_logits(model, dataset, device=device, batch_size=batch_size),
-                                            len(dataset), batch_size, progress):
-        preds_s = logits_to_mask(logits, gt.shape[-2:]).cpu().numpy()
-        for k, row in enumerate(rows):
-            ref_id = int(index["ref_id"][row])
-            if protocol == "vpd":
-                pred, target = preds_s[k], gt[k].numpy() != 0
-            else:
-                if ref_id not in gt_cache:
-                    gt_cache = {ref_id: refer.mask(ref_id, rule="union")}  # sentences of a ref are adjacent
-                target = gt_cache[ref_id]
-                pred = logits_to_mask(logits[k:k + 1], target.shape)[0].cpu().numpy()
-            i, u = int(np.count_nonzero(pred & target)), int(np.count_nonzero(pred | target))
-            iou = metrics.add(i, u)
-            record = {"sent_id": int(index["sent_id"][row]), "ref_id": ref_id, "iou": iou, "i": i, "u": u}
-            records.append(record)
-            if overlays and drawn < max_overlays:
-                from refseg.heads.overlays import draw_overlay
+    metrics, records = RefSegMetrics(), []
+    for row, pred, target in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size,
+                                     progress=progress, original_gt=original_gt):
+        i, u = overlap(pred, target)
+        iou = metrics.add(i, u)
+        record = {"sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]), "iou": iou, "i": i,
+                  "u": u}
+        if s.overlays and len(records) < s.max_overlays:
+            from refseg.heads.overlays import draw_overlay
 
-                image_id = int(index["image_id"][row])
-                draw_overlay(refer.image_path(image_id), pred, target, f"{texts[row]}  (IoU {100 * iou:.1f})",
-                             Path(overlays) / f"{drawn:03d}_sent{record['sent_id']}.png")
-                drawn += 1
+            draw_overlay(refer.image_path(int(index["image_id"][row])), pred, target,
+                         f"{texts[row]}  (IoU {100 * iou:.1f})",
+                         Path(s.overlays) / f"{len(records):03d}_sent{record['sent_id']}.png")
+        records.append(record)
 
     summary = metrics.summary()
-    if per_sample:
-        _write_csv(per_sample, records)
-    if json_out:
-        info = {
-            "summary": summary,
-            "run": str(run), "head": cfg["head"], "checkpoint": used, "protocol": protocol,
-            "noise_t": noise_t, "trained_noise_t": cfg["noise_t"],
-            "cache": str(cache_path), "cache_fingerprint": cache.fingerprint, "cache_settings": cache.settings,
-            "run_cache_fingerprint": cfg["cache"]["fingerprint"],
-        }
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        run_dir.write_json(Path(json_out), info)
+    if s.per_sample:
+        _write_csv(s.per_sample, records)
+    if s.json_out:
+        _write_json(s, loaded, summary)
     return summary
+
+
+# ---- evaluate's pieces ---------------------------------------------------------------------------
+def _union_masks(refer, index):
+    """row -> the union of its ref's polygons at full resolution, keeping the last ref's mask only."""
+    last: dict[int, np.ndarray] = {}
+
+    def target(row) -> np.ndarray:
+        ref_id = int(index["ref_id"][row])
+        if ref_id not in last:
+            last.clear()  # the sentences of a ref are adjacent rows
+            last[ref_id] = refer.mask(ref_id, rule="union")
+        return last[ref_id]
+
+    return target
+
+
+def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
+    cfg = loaded.config
+    info = {
+        "summary": summary,
+        "run": str(s.run), "head": cfg["head"], "checkpoint": loaded.checkpoint, "protocol": s.protocol,
+        "noise_t": loaded.noise_t, "trained_noise_t": cfg["noise_t"],
+        "cache": str(loaded.cache_path), "cache_fingerprint": loaded.cache.fingerprint,
+        "cache_settings": loaded.cache.settings, "run_cache_fingerprint": cfg["cache"]["fingerprint"],
+    }
+    Path(s.json_out).parent.mkdir(parents=True, exist_ok=True)
+    run_dir.write_json(Path(s.json_out), info)
 
 
 def _write_csv(path, records) -> None:

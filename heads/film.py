@@ -33,7 +33,7 @@ class FiLMHead(VPDHead):
     def __init__(self, spec: FeatureSpec, *, hidden: int = 640, tensors=None, text_hidden: int | None = None):
         super().__init__(spec, hidden=hidden, tensors=tensors)
         text_hidden = text_hidden or hidden
-        self.head_args["text_hidden"] = text_hidden
+        self.head_args["text_hidden"] = text_hidden  # None recorded as the width used
         n = len(self.blocks)
         self.film = nn.Sequential(
             nn.LayerNorm(spec.text_dim),

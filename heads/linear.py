@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.heads.registry import levels_by_stride, register_head
+from refseg.heads.base import Head
+from refseg.heads.levels import levels_by_stride
+from refseg.heads.registry import register_head
 from refseg.core.feature_spec import FeatureSpec
 
 
 @register_head("linear")
-class LinearHead(nn.Module):
+class LinearHead(Head):
     uses_text = False
 
     def __init__(self, spec: FeatureSpec, *, tensors=None, norm: bool = True):
@@ -26,8 +28,7 @@ class LinearHead(nn.Module):
         levels = levels_by_stride(spec, tensors)
         self.inputs = [t for _, infos in levels for t in infos]
         self.tensor_names = [t.name for t in self.inputs]
-        self.output_stride = levels[-1][0]
-        self.head_args = {"tensors": self.tensor_names, "norm": norm}
+        self.head_args["tensors"] = self.tensor_names  # None (all) recorded as what is read
         channels = sum(t.channels for t in self.inputs)
         self.norm = nn.BatchNorm2d(channels, affine=False) if norm else nn.Identity()
         self.classifier = nn.Conv2d(channels, 2, 1)

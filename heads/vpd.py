@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.heads.registry import concat_level, levels_by_stride, register_head
+from refseg.heads.base import Head
+from refseg.heads.levels import concat_level, levels_by_stride
+from refseg.heads.registry import register_head
 from refseg.core.feature_spec import FeatureSpec
 
 
@@ -30,7 +32,7 @@ def fusion_block(in_channels: int, hidden: int) -> nn.Sequential:
 
 
 @register_head("vpd")
-class VPDHead(nn.Module):
+class VPDHead(Head):
     """LAVT/VPD SimpleDecoding. `tensors` restricts which cached tensors are read (default: all)."""
 
     uses_text = False
@@ -40,8 +42,7 @@ class VPDHead(nn.Module):
         levels = levels_by_stride(spec, tensors)
         self.levels = [[t for t in infos] for _, infos in levels]
         self.tensor_names = [t.name for infos in self.levels for t in infos]
-        self.output_stride = levels[-1][0]
-        self.head_args = {"hidden": hidden, "tensors": self.tensor_names}
+        self.head_args["tensors"] = self.tensor_names  # None (all) recorded as what is read
         self.hidden = hidden
 
         channels = [sum(t.channels for t in infos) for infos in self.levels]

@@ -4,6 +4,8 @@ Raise the most specific subclass, with a message that names the file, sample or 
 the message is printed as is, so it must read well on its own.
 """
 
+import errno
+
 
 class RefsegError(Exception):
     """Base class: something about the user's input, files or flags is wrong (exit 2, no traceback)."""
@@ -25,8 +27,38 @@ class CacheError(RefsegError):
     """A cache store is missing, incompatible, from a newer format, or lacks what was asked for."""
 
 
+class CacheNotFoundError(CacheError):
+    """No store at the path."""
+
+
+class IncompleteCacheError(CacheError):
+    """The store's creation was interrupted before it was finished."""
+
+
+class NewerFormatError(CacheError):
+    """The store was written by a newer refseg, in a format this one does not know."""
+
+
 class CacheMismatchError(CacheError):
     """A store exists with a different fingerprint (backbone, extraction settings or dataset)."""
+
+
+class CacheWriteError(CacheError, OSError):
+    """Writing the store failed (a full disk, an I/O error): one line that says what to do next.
+
+    Both a `CacheError` (CLIs print it and exit 2) and an `OSError` (what callers catching I/O
+    errors expect); `errno` is that of the original error.
+    """
+
+    @classmethod
+    def from_os_error(cls, path: str, exc: OSError) -> "CacheWriteError":
+        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        what = " ".join(str(exc.strerror or exc).split()) + (f" ({code})" if code else "")
+        where = f" at {exc.filename}" if exc.filename else ""
+        err = cls(f"writing cache {path} failed: {what}{where}; the shards finished before are kept and valid: "
+                  "free space or fix the disk, then rerun the same command to resume")
+        err.errno = exc.errno
+        return err
 
 
 class NonFiniteError(RefsegError):

@@ -117,61 +117,85 @@ class FeatureSpec:
         attn_strides=DEFAULT_ATTN_STRIDES,
     ) -> "FeatureSpec":
         """The spec for a diffusers `UNet2DConditionModel` config (a plain dict)."""
-        boc = list(unet_config["block_out_channels"])
-        n = len(boc)
-        up_types = list(unet_config.get("up_block_types") or [])
-        down_types = list(unet_config.get("down_block_types") or [])
-        lpb = unet_config.get("layers_per_block", 2)
-        lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
-        tlpb = unet_config.get("transformer_layers_per_block", 1)
-        tlpb = list(tlpb) if isinstance(tlpb, (list, tuple)) else [tlpb] * n
+        unet = UNetLevels.from_config(unet_config, latent_stride)
         if image_size % latent_stride:
             raise ValueError(f"image size {image_size} is not a multiple of the VAE stride {latent_stride}")
-
-        def down_stride(i: int) -> int:  # down block i runs at latent resolution / 2**i
-            return latent_stride * 2**i
-
-        def up_stride(i: int) -> int:  # up block i mirrors down block n-1-i
-            return latent_stride * 2 ** (n - 1 - i)
-
-        tensors: list[TensorInfo] = []
-        for stride in sorted(strides):
-            ups = [i for i in range(n) if up_stride(i) == stride]
-            if not ups or image_size % stride:
-                raise ValueError(f"feature stride {stride} does not exist for this UNet at {image_size}px "
-                                 f"(available: {sorted(up_stride(i) for i in range(n))})")
-            i = ups[0]
-            if i == n - 1:
-                module = f"up_blocks.{i}"
-            elif "CrossAttn" in up_types[i]:
-                module = f"up_blocks.{i}.attentions.1"
-            else:
-                module = f"up_blocks.{i}.resnets.1"
-            channels = list(reversed(boc))[i]
-            tensors.append(TensorInfo(f"s{stride}", "feature", channels, stride, image_size // stride, (module,)))
-
-        for stride in sorted(attn_strides):
-            modules = []
-            for i, t in enumerate(down_types):
-                if "CrossAttn" in t and down_stride(i) == stride:
-                    for j in range(lpb[i]):
-                        modules += [f"down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2" for k in range(tlpb[i])]
-            rev_tlpb = list(reversed(tlpb))
-            rev_lpb = list(reversed(lpb))
-            for i, t in enumerate(up_types):
-                if "CrossAttn" in t and up_stride(i) == stride:
-                    for j in range(rev_lpb[i] + 1):
-                        modules += [f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2" for k in range(rev_tlpb[i])]
-            if not modules or image_size % stride:
-                raise ValueError(f"no cross-attention layers at stride {stride} in this UNet")
-            tensors.append(TensorInfo(f"attn_s{stride}", "attention", token_length, stride, image_size // stride,
-                                      tuple(modules)))
-
+        features = [unet.feature(stride, image_size) for stride in sorted(strides)]
+        attention = [unet.attention(stride, image_size, token_length) for stride in sorted(attn_strides)]
         return cls(
             image_size=image_size,
             token_length=token_length,
             text_dim=int(unet_config["cross_attention_dim"]),
             latent_channels=int(unet_config.get("in_channels", 4)),
             latent_stride=latent_stride,
-            tensors=tuple(tensors),
+            tensors=tuple(features + attention),
         )
+
+
+@dataclass(frozen=True)
+class UNetLevels:
+    """What a UNet config says about its levels: lists per level, in down-block order (level 0 finest).
+
+    Up block i mirrors down block n-1-i with one layer more (diffusers builds `layers_per_block + 1`:
+    one per skip connection the mirrored down block hands over, its downsampler's included).
+    """
+
+    channels: tuple[int, ...]  # block_out_channels
+    down_types: tuple[str, ...]
+    up_types: tuple[str, ...]  # in up-block order (up block 0 is the coarsest)
+    layers: tuple[int, ...]  # layers_per_block
+    transformer_layers: tuple[int, ...]  # transformer_layers_per_block
+    latent_stride: int
+
+    @classmethod
+    def from_config(cls, unet_config: dict, latent_stride: int) -> "UNetLevels":
+        channels = tuple(unet_config["block_out_channels"])
+
+        def per_level(value) -> tuple[int, ...]:  # diffusers takes one number for every level, or a list
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(channels)
+
+        return cls(channels, tuple(unet_config.get("down_block_types") or ()),
+                   tuple(unet_config.get("up_block_types") or ()),
+                   per_level(unet_config.get("layers_per_block", 2)),
+                   per_level(unet_config.get("transformer_layers_per_block", 1)), latent_stride)
+
+    def down_stride(self, i: int) -> int:  # down block i runs at latent resolution / 2**i
+        return self.latent_stride * 2**i
+
+    def up_stride(self, i: int) -> int:  # up block i mirrors down block n-1-i
+        return self.latent_stride * 2 ** (len(self.channels) - 1 - i)
+
+    def feature(self, stride: int, image_size: int) -> TensorInfo:
+        """`s{stride}`: the output of the second layer of the up block at `stride` (the last: the whole block)."""
+        n = len(self.channels)
+        ups = [i for i in range(n) if self.up_stride(i) == stride]
+        if not ups or image_size % stride:
+            raise ValueError(f"feature stride {stride} does not exist for this UNet at {image_size}px "
+                             f"(available: {sorted(self.up_stride(i) for i in range(n))})")
+        i = ups[0]
+        if i == n - 1:
+            module = f"up_blocks.{i}"
+        elif "CrossAttn" in self.up_types[i]:
+            module = f"up_blocks.{i}.attentions.1"
+        else:
+            module = f"up_blocks.{i}.resnets.1"
+        return TensorInfo(f"s{stride}", "feature", self.channels[::-1][i], stride, image_size // stride, (module,))
+
+    def attention(self, stride: int, image_size: int, token_length: int) -> TensorInfo:
+        """`attn_s{stride}`: every cross-attention layer (`attn2`) of the down and up blocks at `stride`."""
+        modules = []
+        for i, kind in enumerate(self.down_types):
+            if "CrossAttn" in kind and self.down_stride(i) == stride:
+                modules += self._attn2(f"down_blocks.{i}", self.layers[i], self.transformer_layers[i])
+        up_layers, up_transformer_layers = self.layers[::-1], self.transformer_layers[::-1]
+        for i, kind in enumerate(self.up_types):
+            if "CrossAttn" in kind and self.up_stride(i) == stride:
+                modules += self._attn2(f"up_blocks.{i}", up_layers[i] + 1, up_transformer_layers[i])
+        if not modules or image_size % stride:
+            raise ValueError(f"no cross-attention layers at stride {stride} in this UNet")
+        return TensorInfo(f"attn_s{stride}", "attention", token_length, stride, image_size // stride, tuple(modules))
+
+    @staticmethod
+    def _attn2(block: str, layers: int, transformer_layers: int) -> list[str]:
+        return [f"{block}.attentions.{j}.transformer_blocks.{k}.attn2"
+                for j in range(layers) for k in range(transformer_layers)]

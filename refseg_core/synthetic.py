@@ -378,59 +378,25 @@ def generate(out_root: str | Path, images: int = 200, seed: int = 0, image_size:
 
     splits = _split_names(images, np.random.default_rng([seed, 2**31]))
     coco_images, annotations, refs = [], [], []
-    ann_id, ref_id, sent_id = 1, 0, 0
+    n_sentences = 0
     for index in range(images):
         image_id = index + 1
-        rng = np.random.default_rng([seed, index])
-        while True:
-            scene = render_scene(rng, image_size)
-            referred = refer_scene(rng, scene)
-            if referred:
-                break
+        scene, referred = _referred_scene(np.random.default_rng([seed, index]), image_size)
         file_name = f"synth_{image_id:06d}.jpg"
-        buf = _jpeg_bytes(scene.image)
-        target = image_dir / file_name
-        if not target.is_file() or target.read_bytes() != buf:
-            _write_atomic(target, buf)
+        _write_if_changed(image_dir / file_name, _jpeg_bytes(scene.image))
         coco_images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
-        ann_ids = []
-        for obj in scene.objects:
-            annotations.append({
-                "id": ann_id,
-                "image_id": image_id,
-                "category_id": SHAPES.index(obj.shape) + 1,
-                "segmentation": obj.polygons,
-                "area": obj.area,
-                "bbox": obj.bbox,
-                "iscrowd": 0,
-            })
-            ann_ids.append(ann_id)
-            ann_id += 1
-        for obj_index, sentences in referred:
-            obj = scene.objects[obj_index]
-            sents = []
-            for text in sentences:
-                sents.append({"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()})
-                sent_id += 1
-            refs.append({
-                "ref_id": ref_id,
-                "ann_id": ann_ids[obj_index],
-                "image_id": image_id,
-                "category_id": SHAPES.index(obj.shape) + 1,
-                "split": splits[index],
-                "sent_ids": [s["sent_id"] for s in sents],
-                "sentences": sents,
-                # like the real files: image name + ann id; no such file exists, readers ignore it
-                "file_name": f"COCO_train2014_{image_id:012d}_{ann_ids[obj_index]}.jpg",
-            })
-            ref_id += 1
+        new_annotations = _annotations(scene, image_id, first_ann_id=len(annotations) + 1)
+        new_refs = _refs(scene, referred, image_id, [a["id"] for a in new_annotations], splits[index],
+                         first_ref_id=len(refs), first_sent_id=n_sentences)
+        annotations += new_annotations
+        refs += new_refs
+        n_sentences += sum(len(r["sent_ids"]) for r in new_refs)
 
     # A smaller re-run into the same folder must not leave images of the larger one behind.
     wanted = {img["file_name"] for img in coco_images}
     for stale in image_dir.glob("synth_*.jpg"):
         if stale.name not in wanted:
             stale.unlink()
-
     instances = {
         "info": {
             "description": "refseg synthetic shapes (annotations with two polygons overlap in a band)",
@@ -444,6 +410,57 @@ def generate(out_root: str | Path, images: int = 200, seed: int = 0, image_size:
     _write_atomic(root / "instances.json", json.dumps(instances, separators=(",", ":")).encode())
     _write_atomic(root / f"refs({SPLIT_BY}).p", pickle.dumps(refs, protocol=2))
     return root
+
+
+def _referred_scene(rng: np.random.Generator, image_size: int) -> tuple[Scene, list[tuple[int, list[str]]]]:
+    """A scene and its referred objects, redrawn (from the same generator) until one can be referred to."""
+    while True:
+        scene = render_scene(rng, image_size)
+        referred = refer_scene(rng, scene)
+        if referred:
+            return scene, referred
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not path.is_file() or path.read_bytes() != data:
+        _write_atomic(path, data)
+
+
+def _annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[dict]:
+    """One COCO annotation per object of the scene, numbered from `first_ann_id`."""
+    return [{
+        "id": first_ann_id + k,
+        "image_id": image_id,
+        "category_id": SHAPES.index(obj.shape) + 1,
+        "segmentation": obj.polygons,
+        "area": obj.area,
+        "bbox": obj.bbox,
+        "iscrowd": 0,
+    } for k, obj in enumerate(scene.objects)]
+
+
+def _refs(scene: Scene, referred, image_id: int, ann_ids: list[int], split: str, first_ref_id: int,
+          first_sent_id: int) -> list[dict]:
+    """One RefCOCO ref per referred object, with its sentences; ids numbered on from the given firsts."""
+    refs, sent_id = [], first_sent_id
+    for obj_index, sentences in referred:
+        obj = scene.objects[obj_index]
+        sents = []
+        for text in sentences:
+            sents.append({"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()})
+            sent_id += 1
+        refs.append({
+            "ref_id": first_ref_id + len(refs),
+            "ann_id": ann_ids[obj_index],
+            "image_id": image_id,
+            "category_id": SHAPES.index(obj.shape) + 1,
+            "split": split,
+            "sent_ids": [s["sent_id"] for s in sents],
+            "sentences": sents,
+            # like the real files: image name + ann id; no such file exists, readers ignore it
+            "file_name": f"COCO_train2014_{image_id:012d}_{ann_ids[obj_index]}.jpg",
+        })
+    return refs
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:

@@ -20,28 +20,39 @@ from pathlib import Path
 
 import click
 
+from refseg.core.cli import cli
+
 
 @dataclass
 class DemoConfig:
-    out: str = "demo-out"
-    model: str = "auto"  # auto: tiny-synth when it is shipped, else tiny
-    images: int = 200
-    image_size: int = 128
+    """The study's settings; `refseg-report demo` has an option for each field with `cli` metadata."""
+
+    out: str = field(default="demo-out", metadata=cli(type=click.Path()))
+    model: str = field(default="auto", metadata=cli("auto = tiny-synth when shipped, else tiny."))
+    images: int = field(default=200, metadata=cli())
+    image_size: int = field(default=128, metadata=cli())
     token_length: int = 16  # the synthetic sentences are short; RefCOCO uses 40
-    noise_ts: tuple[int, ...] = (0, 5, 500)
-    heads: tuple[str, ...] = ("vpd", "film")
-    epochs: int = 12
-    hidden: int = 64  # VPD uses 640; 64 keeps the CPU demo in minutes
+    noise_ts: tuple[int, ...] = field(default=(0, 5, 500),
+                                      metadata=cli("Noise levels.", flag="--noise-t", type=int, multiple=True))
+    heads: tuple[str, ...] = field(default=("vpd", "film"),
+                                   metadata=cli("Heads to train.", flag="--head", type=str, multiple=True))
+    epochs: int = field(default=12, metadata=cli())
+    hidden: int = field(default=64, metadata=cli("Head width (VPD: 640)."))  # 64 keeps the CPU demo in minutes
     batch_size: int = 16
     lr: float = 1e-3
     optimizer: str = "adam"
     seed: int = 0
-    device: str = "auto"
+    device: str = field(default="auto", metadata=cli())
     # CPU threads for torch. 1 makes the table reproducible: with 2 threads, GEMM reductions split
     # differently and the same study gave oIoU up to 6 points apart (BENCHMARKS.md, demo rows).
-    threads: int | None = 1
+    threads: int | None = field(default=1, metadata=cli(
+        "Torch CPU threads. 1 reproduces the table exactly; more run faster but round differently."))
     progress: bool = True
     timings: dict = field(default_factory=dict)
+
+
+# The fields without a command-line option (`refseg-report demo` has --quiet for `progress`).
+NOT_OPTIONS = ("token_length", "batch_size", "lr", "optimizer", "seed", "progress", "timings")
 
 
 def resolve_model(model: str) -> str:

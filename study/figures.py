@@ -7,7 +7,6 @@ Each function takes plain inputs (paths, caches, summaries) and writes one file.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from refseg.core.metrics import format_table  # noqa: E402
-
-METRIC_KEYS = ("P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "oIoU", "mIoU")
+from refseg.core.metrics import TABLE_COLUMNS, format_table  # noqa: E402
+from refseg.heads.run_dir import read_metrics  # noqa: E402
 
 
 # ---- ablation table ------------------------------------------------------------------------------
@@ -37,10 +35,10 @@ def write_ablation_csv(results: list[dict], path) -> Path:
     path = Path(path)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["head", "noise_t", *METRIC_KEYS, "n"])
+        w.writerow(["head", "noise_t", *TABLE_COLUMNS, "n"])
         for r in results:
             s = r["summary"]
-            w.writerow([r["head"], r["noise_t"], *[f"{s[k]:.2f}" for k in METRIC_KEYS], s["n"]])
+            w.writerow([r["head"], r["noise_t"], *[f"{s[k]:.2f}" for k in TABLE_COLUMNS], s["n"]])
     return path
 
 
@@ -70,10 +68,10 @@ def plot_curves(runs: dict[str, Path], path) -> Path:
     """Training loss and val oIoU per epoch from each run's metrics.jsonl."""
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(9, 3.2))
     for label, run in runs.items():
-        lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        epochs = [m["epoch"] for m in lines]
-        ax_loss.plot(epochs, [m["loss"] for m in lines], label=label)
-        val = [(m["epoch"], m["val"]["oIoU"]) for m in lines if m.get("val")]
+        records = read_metrics(run)
+        epochs = [m["epoch"] for m in records]
+        ax_loss.plot(epochs, [m["loss"] for m in records], label=label)
+        val = [(m["epoch"], m["val"]["oIoU"]) for m in records if m.get("val")]
         if val:
             ax_iou.plot(*zip(*val), marker=".", label=label)
     ax_loss.set(title="training loss", xlabel="epoch")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from refseg.heads import train
 from refseg.heads.distributed import RankBatches, Ranks
-from refseg.heads.train import EpochShuffle
+from refseg.heads.train_setup import EpochShuffle
 
 T = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

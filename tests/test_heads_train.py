@@ -264,12 +264,12 @@ def test_preload_that_does_not_fit_is_refused(caches, tmp_path, monkeypatch, cap
 def test_auto_preload_gives_the_same_weights_and_falls_back_when_ram_is_short(caches, tmp_path, monkeypatch):
     import sys
 
-    heads_train = sys.modules["refseg.heads.train"]  # `refseg.heads.train` the attribute is the function
+    train_setup = sys.modules["refseg.heads.train_setup"]
     train_cache, _ = caches
     args = {k: v for k, v in dict(FAST, epochs=1).items() if k != "preload"}
     train(train_cache, T, "vpd", tmp_path / "off", preload=False, **args)
     train(train_cache, T, "vpd", tmp_path / "auto", **args)  # default "auto": this small cache is preloaded
-    monkeypatch.setattr(heads_train, "available_memory", lambda: 1000)
+    monkeypatch.setattr(train_setup, "available_memory", lambda: 1000)
     train(train_cache, T, "vpd", tmp_path / "short", **args)  # auto with too little RAM: reads from disk, no error
     weights = {name: (tmp_path / name / "head.safetensors").read_bytes() for name in ("off", "auto", "short")}
     assert weights["off"] == weights["auto"] == weights["short"]

@@ -1,10 +1,13 @@
 """The synthetic world: determinism, RefCOCO format round trip, sentences that are true and unique."""
 
+import hashlib
+import json
 import pickle
 
 import numpy as np
 import pytest
 
+from refseg.backbones.tokenizer_vocab import WORDS, build_vocab
 from refseg.core.refer import ReferDataset
 from refseg.core.synthetic import (
     COLOURS, SHAPES, SIZES, VOCABULARY, describe_scene, generate, refer_scene, render_scene,
@@ -26,6 +29,33 @@ def test_vocabulary_constants():
     assert list(VOCABULARY) == sorted(set(VOCABULARY))
     assert all(w == w.lower() and w.isalpha() for w in VOCABULARY)
     assert set(COLOURS) | set(SHAPES) | set(SIZES) <= set(VOCABULARY)
+
+
+# Recorded from the tokenizer and the tiny backbone as they were built before the vocabulary was frozen.
+TINY_VOCAB_SHA256 = "9862110f12597da6a1375407335a2f3d063b8026df61cce620ec4395d3e3949a"
+TINY_TOKENIZER_SHA256 = "7229876d1bbf9095742efd73f167be61403b3b29954c1b8ad8596bbb8e49f7fa"
+TINY_WEIGHTS_SHA256 = "120b4ee10d503ce023793787e207f11cf27ef99c0feaa263dc4d420a1a6939f4"
+
+
+def test_synthetic_words_are_whole_tokens_of_the_frozen_tiny_vocabulary():
+    """A word added to the synthetic world must be added to the tiny vocabulary on purpose: that
+    changes the tiny backbone's weights and every tiny cache's fingerprint."""
+    vocab, _ = build_vocab()
+    missing = [w for w in VOCABULARY if w + "</w>" not in vocab]
+    assert not missing, f"add {missing} to refseg.backbones.tokenizer_vocab.WORDS (new tiny weights)"
+    assert set(VOCABULARY) <= set(WORDS)
+
+
+def test_tiny_vocabulary_is_frozen():
+    vocab, merges = build_vocab()
+    assert len(vocab) == 602
+    assert hashlib.sha256(json.dumps([sorted(vocab.items()), merges]).encode()).hexdigest() == TINY_VOCAB_SHA256
+
+
+def test_tiny_backbone_identity_is_frozen(tiny_backbone):
+    """The tiny backbone's weights and tokenizer as cache fingerprints see them."""
+    assert tiny_backbone.identity["tokenizer_sha256"] == TINY_TOKENIZER_SHA256
+    assert tiny_backbone.identity["weights_sha256"] == TINY_WEIGHTS_SHA256
 
 
 def test_same_seed_same_bytes(tmp_path):

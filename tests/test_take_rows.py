@@ -3,7 +3,7 @@
 import numpy as np
 import zarr
 
-from refseg.cache.reader import take_rows
+from refseg.cache.store import take_rows
 
 
 def test_take_rows_matches_fancy_indexing(tmp_path):

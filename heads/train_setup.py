@@ -1,0 +1,282 @@
+"""Everything training does before its first step, apart from the loop (as DINOv2 splits the set-up
+of a linear evaluation from its loop): checks, data, the head, config.json, the run directory and
+resuming. `set_up` returns the `TrainState` the loop in heads/train.py reads and advances.
+
+The order of the steps is part of the result: the head is initialised under the seed before
+anything else draws random numbers, and a resumed run restores the random state last.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refseg.cache import FeatureDataset
+from refseg.core.device import resolve_device
+from refseg.core.errors import CacheError, RunError
+from refseg.core.memory import available_memory
+from refseg.heads import run_dir
+from refseg.heads.batches import make_loader
+from refseg.heads.caches import as_cache, check_compatible
+from refseg.heads.distributed import RankBatches, Ranks
+from refseg.heads.losses import CLASS_WEIGHTS
+from refseg.heads.registry import HEADS, build_head
+from refseg.heads.settings import POLY_POWER, TrainSettings
+
+RESUME_KEYS = ("head", "head_args", "noise_t", "seed", "optimizer", "lr", "loss", "batch_size", "max_samples")
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A fresh permutation per epoch, drawn from a generator seeded by (seed, epoch): reproducible
+    and independent of how many epochs ran before in this process (so resuming changes nothing)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class HeadState:
+    """One head in training: what the per-batch step and the end of an epoch read and update.
+
+    The loop holds one; a sweep that trains K heads on the same batches holds K.
+    """
+
+    model: torch.nn.Module  # the head: what is saved and validated
+    trained: torch.nn.Module  # what the step calls: the head, or DDP around it under torchrun
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]  # the learning rate of optimizer step `iteration`
+    out: Path  # its run directory
+    parameters: int
+    best_oiou: float | None = None  # the best val oIoU so far (best.safetensors)
+
+
+@dataclass
+class TrainState:
+    """What the loop reads and advances: the data every head shares, the head, and the position."""
+
+    settings: TrainSettings
+    head: HeadState
+    ranks: Ranks
+    device: torch.device
+    batches: RankBatches  # this rank's share of each global batch of the epoch's permutation
+    loader: torch.utils.data.DataLoader
+    n_samples: int  # in the training set (all ranks together)
+    val_set: FeatureDataset | None  # rank 0 only
+    progress: bool
+    epoch: int = 0  # the last completed epoch
+    iteration: int = 0  # optimizer steps taken
+
+    def say(self, message: str) -> None:
+        say(self.progress, message)
+
+
+@dataclass
+class Samples:
+    """A cache and its rows used: those finished at the noise level."""
+
+    cache: object
+    path: Path
+    rows: np.ndarray
+
+
+def set_up(s: TrainSettings, head_args: dict, progress: bool = True) -> TrainState:
+    """Checks, data, head, run directory, optimizer and (with `resume`) the state to continue from."""
+    # 1. settings, processes (one unless launched by torchrun) and samples: refused before anything is written
+    s.check()
+    ranks = Ranks.from_env()
+    device = ranks.start(resolve_device(s.device))
+    progress = progress and ranks.main
+    train, val = _finished_samples(s)
+
+    # 2. the head, initialised under the seed before anything else draws random numbers
+    torch.manual_seed(s.seed)
+    model = build_head(s.head, train.cache.spec, **_head_args(s, head_args))
+
+    # 3. config.json's content, and the run directory: new, or the same experiment to resume
+    config = _config(s, model, train, val, ranks.world)
+    _open_run_dir(s, config, ranks)
+
+    # 4. data: every rank loads its own copy of the training set; rank 0 alone validates
+    def dataset(part: Samples, copies: int = 1) -> FeatureDataset:
+        return FeatureDataset(part.path, s.noise_t, names=model.tensor_names, rows=part.rows, text=model.uses_text,
+                              preload=_preload_ok(s.preload, train.cache.spec, model, len(part.rows), part.path,
+                                                  progress, copies))
+
+    train_set = dataset(train, ranks.local_world)
+    val_set = dataset(val) if val is not None and ranks.main else None
+    batches = RankBatches(EpochShuffle(len(train_set), s.seed), s.batch_size, ranks)
+    loader = make_loader(train_set, None, device, batch_sampler=batches, workers=s.workers)
+
+    # 5. the optimizer and its schedule, then the position to start from
+    head = _head_state(s, model, ranks, device, len(train_set))
+    state = TrainState(s, head, ranks, device, batches, loader, len(train_set), val_set, progress)
+    if s.resume:
+        _resume(state)
+    if ranks.main:
+        run_dir.write_json(s.out / run_dir.CONFIG, config)
+    state.say(f"training {s.head} ({head.parameters / 1e6:.2f}M parameters) on {len(train_set)} samples at "
+              f"T={s.noise_t}, {device}, {s.epochs} epochs x {len(batches)} iterations"
+              + (f", {ranks.world} ranks" if ranks.active else ""))
+    return state
+
+
+# ---- the steps ----------------------------------------------------------------------------------
+def _finished_samples(s: TrainSettings) -> tuple[Samples, Samples | None]:
+    """The training samples (and val's), refused in one line when there are none."""
+    train_cache, train_path = as_cache(s.cache)
+    train = _finished(train_cache, train_path, s.noise_t, "cache", s.max_samples)
+    if s.val_cache is None:
+        return train, None
+    val_cache, val_path = as_cache(s.val_cache)
+    check_compatible(train_cache.settings, val_cache.settings, f"training cache {train_path}", str(val_path),
+                     reference="the training cache")
+    return train, _finished(val_cache, val_path, s.noise_t, "val cache")
+
+
+def _finished(cache, path: Path, noise_t: int, what: str, limit: int | None = None) -> Samples:
+    rows = np.flatnonzero(np.asarray(cache.done(noise_t)))  # a missing noise level: the cache's CacheError
+    if limit is not None:
+        rows = rows[: int(limit)]
+    if len(rows) == 0:
+        raise CacheError(f"{what} {path} has no finished samples at noise T={noise_t}")
+    return Samples(cache, path, rows)
+
+
+def _head_args(s: TrainSettings, head_args: dict) -> dict:
+    """The head's own arguments, with --hidden for the heads that take it."""
+    args = dict(head_args)
+    if "hidden" in inspect.signature(HEADS[s.head]).parameters:
+        args["hidden"] = s.hidden
+    return args
+
+
+def _config(s: TrainSettings, model, train: Samples, val: Samples | None, world: int) -> dict:
+    """config.json: what was trained on what (its keys and their order are part of a run directory)."""
+    import refseg.core
+
+    lr, weight_decay, poly = s.optimization()
+    return {
+        "head": s.head, "head_args": model.head_args, "spec": train.cache.spec.select(model.tensor_names).to_dict(),
+        "noise_t": s.noise_t, "timestep": int(train.cache.timestep(s.noise_t)),
+        "cache": {"path": str(train.path), "fingerprint": train.cache.fingerprint, "settings": train.cache.settings,
+                  "samples": int(len(train.rows))},
+        "val_cache": str(val.path) if val is not None else None,
+        "seed": s.seed, "optimizer": s.optimizer, "lr": lr, "weight_decay": weight_decay,
+        "lr_schedule": f"poly {POLY_POWER} per iteration" if poly else "constant",
+        "loss": s.loss, "class_weights": list(CLASS_WEIGHTS), "epochs": s.epochs, "batch_size": s.batch_size,
+        "max_samples": s.max_samples, "parameters": sum(p.numel() for p in model.parameters()),
+        "versions": {"torch": torch.__version__, "refseg": refseg.core.__version__}, "world_size": world,
+    }
+
+
+def _open_run_dir(s: TrainSettings, config: dict, ranks: Ranks) -> None:
+    if s.resume and (s.out / run_dir.CONFIG).exists():
+        _check_resumable(s.out, config)
+    elif s.resume and s.out.is_dir() and any(s.out.iterdir()):
+        raise RunError(f"{s.out} is not empty and is not a head run directory (no {run_dir.CONFIG}): "
+                       "nothing to resume")
+    elif not s.resume and ranks.main:
+        run_dir.prepare_new(s.out)
+    ranks.barrier()  # the other ranks look at `out` only once rank 0 has made it
+    s.out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resumable(out: Path, config: dict) -> None:
+    """A resumed run must be the same experiment; only the number of epochs may grow."""
+    old = run_dir.read_config(out)
+    if old["head"] != config["head"]:
+        raise RunError(f"run {out} trains head {old['head']!r}, not {config['head']!r}: choose another --out")
+    if old["cache"]["fingerprint"] != config["cache"]["fingerprint"]:
+        raise RunError(f"run {out} was trained on a different cache (fingerprint {old['cache']['fingerprint']}, "
+                       f"this one {config['cache']['fingerprint']})")
+    for key in RESUME_KEYS:
+        if old.get(key) != config.get(key):
+            raise RunError(f"run {out} was trained with {key}={old.get(key)!r}, not {config.get(key)!r}: resume with "
+                           "the same settings, or choose another --out")
+
+
+def _head_state(s: TrainSettings, model, ranks: Ranks, device: torch.device, n_samples: int) -> HeadState:
+    lr, weight_decay, poly = s.optimization()
+    total_iterations = s.epochs * math.ceil(n_samples / s.batch_size)
+    model.to(device)
+    trained = ranks.wrap(model, device)  # DDP under torchrun: its forward/backward all-reduce the gradients
+    optimizer_class = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def lr_at(iteration: int) -> float:
+        return lr * (1 - iteration / total_iterations) ** POLY_POWER if poly else lr
+
+    return HeadState(model, trained, optimizer, lr_at, s.out, sum(p.numel() for p in model.parameters()))
+
+
+def _resume(state: TrainState) -> None:
+    """Continue from the last completed epoch: weights, optimizer, random state, position, log."""
+    s, head, out = state.settings, state.head, state.settings.out
+    if not (out / run_dir.STATE).exists():
+        if state.ranks.main:
+            run_dir.truncate_metrics(out, 0)  # a first epoch that never finished may have logged a line
+        state.say(f"nothing to resume in {out}: starting from epoch 1")
+        return
+    info, model_sd, opt_sd, rng = run_dir.load_state(out)
+    try:
+        head.model.load_state_dict(model_sd)
+        head.optimizer.load_state_dict(opt_sd)
+    except (RuntimeError, ValueError, KeyError) as exc:  # a state file of another head or other settings
+        raise RunError(f"{out / run_dir.STATE} does not fit head {s.head!r} {head.model.head_args}: "
+                       f"{run_dir.first_mismatch(exc)}") from None
+    torch.set_rng_state(rng["rng.torch"])
+    if state.device.type == "cuda" and "rng.cuda.0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                                      if f"rng.cuda.{i}" in rng])
+    state.epoch, state.iteration, head.best_oiou = info["epoch"], info["iteration"], info["best_val_oIoU"]
+    if state.ranks.main:
+        run_dir.truncate_metrics(out, state.epoch)
+    if s.optimization()[2] and info.get("epochs") != s.epochs:
+        state.say(f"note: the poly lr schedule was planned for {info.get('epochs')} epochs and now spans "
+                  f"{s.epochs}: the result differs from a run trained for {s.epochs} epochs from the start")
+    state.say(f"resuming {out} after epoch {state.epoch}/{s.epochs}")
+
+
+def _preload_ok(preload, spec, model, n: int, path, progress: bool, copies: int = 1) -> bool:
+    """Whether to load the samples into RAM first; says how much it needs.
+
+    preload=True: always (FeatureDataset refuses, with one line, what does not fit). preload=None or
+    "auto" (the default): when it needs less than half the available memory, counting `copies` (the
+    ranks on this machine each load their own). Reading from RAM is as fast as direct shard reads of
+    a local uncompressed cache and 4x faster than zarr's API (BENCHMARKS.md), spares the disk, and
+    gives the same bytes.
+    """
+    auto = preload is None or preload == "auto"
+    if not (preload or auto):
+        return False
+    per_sample = sum(spec[name].nbytes(2) for name in model.tensor_names) + spec.image_size ** 2
+    if model.uses_text:
+        per_sample += spec.token_length * (spec.text_dim * 2 + 1)
+    need = per_sample * n
+    avail = available_memory()
+    if auto and (avail is None or need * copies > avail / 2):
+        return False
+    say(progress, f"preload: {need / 1e9:.2f} GB for {n} samples of {path}"
+        + (f" ({avail / 1e9:.1f} GB available)" if avail else ""))
+    return True
+
+
+def say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
