@@ -30,7 +30,7 @@ from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES, Feat
 ACCEPTED_FORMS = (
     "--model accepts: a Hugging Face hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), "
     "a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), "
-    "a single .safetensors/.ckpt file (with --model-config DIR offline), or 'tiny'"
+    "a single .safetensors/.ckpt file (with --model-config DIR offline), 'tiny' or 'tiny-synth'"
 )
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TINY_SYNTH_DIR = Path(__file__).parent / "assets" / "tiny-synth"

@@ -3,7 +3,7 @@
 Same structure as SD (4 UNet levels, CrossAttn×3 + plain down/up blocks, 2 layers per block, so
 5 `attn2` layers at strides 32 and 16 as in SD; VAE ×8 with 4 latent channels; a CLIP text
 encoder and byte-level BPE tokenizer) but a few hundred thousand weights, so extraction at
-64–128 px runs in milliseconds on a CPU. Deterministic from `seed`: each component is built right
+64–128 px is cheap on a CPU (BENCHMARKS.md, "Extraction: tiny"). Deterministic from `seed`: each component is built right
 after `torch.manual_seed`, so the same seed gives the same weights, byte for byte.
 """
 

@@ -9,7 +9,7 @@ One run writes, under --dir (default: the system temp dir; removed at the end):
     CacheWriter exactly as extraction writes it;
   - the floor: the same bytes as raw .npy files (one per tensor), a sample's rows read with one
     pread each (what a memmap slice costs, without the mapping that would keep pages cached).
-Then every variant is read through the same DataLoader (refseg.heads.evaluate.make_loader: what
+Then every variant is read through the same DataLoader (refseg.heads.batches.make_loader: what
 refseg-train-head uses), shuffled as training shuffles, with workers 0 and 2, items exactly as
 FeatureDataset yields them (all feature tensors + GT mask + text embedding + mask). Passes are
 interleaved across variants and repeated; medians are reported.
@@ -396,7 +396,7 @@ def main(argv=None) -> None:
     notes = [
         f"{args.samples} samples per store; an item = {len(spec.names)} feature/attention tensors "
         f"({feature_bytes / 1e6:.2f} MB f16) + GT mask + text embedding + mask = {item_bytes / 1e6:.2f} MB, "
-        f"read in shuffled order, batch {args.batch_size}, through refseg.heads.evaluate.make_loader (persistent workers)",
+        f"read in shuffled order, batch {args.batch_size}, through refseg.heads.batches.make_loader (persistent workers)",
         f"{len(paths)} readers (floor included), {total_gb:.2f} GB on disk in all; median of {args.repeats} passes, "
         "interleaved across layouts; '% of floor' compares with the raw-file row at the same workers/mode",
         "cold = files evicted from the page cache (posix_fadvise DONTNEED) before each pass; warm = in the page cache",

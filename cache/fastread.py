@@ -1,9 +1,9 @@
 """Single rows of a local, uncompressed cache array, read straight from its shard files.
 
 Why: a synchronous zarr read is a round trip to zarr's event-loop thread plus codec-pipeline
-bookkeeping, about a millisecond or more whatever the size; a training item is ~9 such reads.
-Through zarr, the DataLoader reached 13-48% of the raw-file floor (bench/read.py); one `os.preadv`
-per tensor straight into the output array reaches 91-109% (BENCHMARKS.md, "Cache reads").
+bookkeeping, whatever the size, and a training item is several such reads. One `os.preadv` per
+tensor straight into the output array avoids both; the speeds of either reader against the raw-file
+floor are measured by bench/read.py (BENCHMARKS.md, "Cache reads").
 
 It applies only where the bytes on disk are the array's bytes: a local store, a sharded array with
 one row per inner chunk, inner codecs = little-endian `bytes` alone (the store's codec is `none`),

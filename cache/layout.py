@@ -1,6 +1,6 @@
 """What a refseg cache store holds and where: names, shapes, chunking, codecs, and the sample tables.
 
-The store is plain Zarr v3 (DESIGN §6)::
+The store is plain Zarr v3 (docs/DESIGN.md §6)::
 
     CACHE.zarr/   attrs: refseg_cache, fingerprint, backbone, extraction, dataset, spec, samples,
                          shard_size, codec  (+ "bad" once a sample was recorded as bad)
@@ -28,7 +28,9 @@ from refseg.core.errors import CacheError, CacheNotFoundError, IncompleteCacheEr
 from refseg.core.feature_spec import FeatureSpec
 
 FORMAT_VERSION = 1
-DEFAULT_SHARD_SIZE = 16  # SD1.5 at 512px: ~87 MB of features per shard; a benchmark may retune it
+# SD1.5 at 512 px: 16 x FeatureSpec.bytes_per_sample() ≈ 78 MB of features per shard (shard sizes
+# compared in BENCHMARKS.md, "Cache reads")
+DEFAULT_SHARD_SIZE = 16
 CODECS = ("none", "zstd", "blosc")
 
 FORMAT_ATTR = "refseg_cache"

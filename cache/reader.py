@@ -17,8 +17,8 @@ def open_cache(path, direct_reads: bool = True) -> "Cache":
     """Open the store at `path` read-only. CacheError if it is missing, not a refseg cache, or newer.
 
     `direct_reads`: read rows of local uncompressed arrays straight from their shard files
-    (cache/fastread.py; the same values, 2.3-6.8x the samples/s of zarr's API through the training
-    DataLoader in BENCHMARKS.md); False reads everything through zarr.
+    (cache/fastread.py; the same values, faster than zarr's API through the training DataLoader:
+    BENCHMARKS.md, "Cache reads"); False reads everything through zarr.
     """
     path = os.fspath(path)
     return Cache(path, open_root(path, mode="r"), direct_reads=direct_reads)

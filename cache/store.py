@@ -19,7 +19,7 @@ def take_rows(arr: zarr.Array, rows) -> np.ndarray:
     """Rows of `arr` by int, slice, or a sequence of ints (any order, repeats allowed).
 
     A sequence is read as slices of consecutive rows: zarr's orthogonal selection over a list of
-    rows measured ~27x slower than slices (bench/read.py findings in BENCHMARKS.md).
+    rows is much slower than slices (bench/read.py; BENCHMARKS.md, findings).
     """
     if isinstance(rows, (slice, int, np.integer)):
         return arr[rows]

@@ -5,14 +5,15 @@ Features: forward hooks on the spec's modules (`up_blocks.1.attentions.1`, ...) 
 Attention: only the `attn2` layers the spec lists get a recording processor. It lets the layer's
 own processor (SDPA by default) compute the output, so the UNet's result is bit-identical with
 capture on, and separately computes softmax(Q·Kᵀ·scale) from the same inputs, averaged over heads.
-That costs one extra Q/K projection per recorded layer (about 1% of an SD forward) and keeps
+That costs one extra Q/K projection per recorded layer (FLOPs with and without capture:
+BENCHMARKS.md, "Extraction ... FLOPs per sample") and keeps
 self-attention (`attn1`) and every unrecorded layer on the fused kernel. Maps are summed per stride
 and divided by the number of layers at that stride.
 
 Early exit: once the last listed tensor is captured, a hook raises to skip the rest of the decoder.
 Not on a UNet compiled with `unet.compile()`: an exception raised inside traced code splits the
-graph (56 graphs for the tiny UNet, recompiling over the first four calls, measured with the eager
-backend), while the full forward traces as one graph that is never recompiled. So by default the
+graph into dozens of pieces and recompiles (BENCHMARKS.md, findings: torch.compile), while the full
+forward traces as one graph that is never recompiled. So by default the
 capture runs the whole UNet when it is compiled (the skipped part is at most the last up block).
 
     with UNetCapture(unet, spec) as cap:

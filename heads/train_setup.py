@@ -259,7 +259,7 @@ def _preload_ok(preload, spec, model, n: int, path, progress: bool, copies: int 
     preload=True: always (FeatureDataset refuses, with one line, what does not fit). preload=None or
     "auto" (the default): when it needs less than half the available memory, counting `copies` (the
     ranks on this machine each load their own). Reading from RAM is as fast as direct shard reads of
-    a local uncompressed cache and 4x faster than zarr's API (BENCHMARKS.md), spares the disk, and
+    a local uncompressed cache and faster than zarr's API (BENCHMARKS.md, "Cached vs in-loop"), spares the disk, and
     gives the same bytes.
     """
     auto = preload is None or preload == "auto"

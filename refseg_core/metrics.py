@@ -1,4 +1,4 @@
-"""Referring-segmentation metrics (DESIGN §8): P@X, oIoU, mIoU over sentences, in percent.
+"""Referring-segmentation metrics (docs/DESIGN.md §8): P@X, oIoU, mIoU over sentences, in percent.
 
 Per sentence: I = |pred ∧ gt|, U = |pred ∨ gt|, IoU = I/U (0 when U = 0, as LAVT/VPD count it).
 mIoU = mean IoU; oIoU = ΣI / ΣU; P@X = share of sentences with IoU ≥ X.

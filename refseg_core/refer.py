@@ -1,4 +1,4 @@
-"""RefCOCO / RefCOCO+ / RefCOCOg reader, in the manner of the `refer` API (DESIGN §3).
+"""RefCOCO / RefCOCO+ / RefCOCOg reader, in the manner of the `refer` API (docs/DESIGN.md §3).
 
 Layout::
 

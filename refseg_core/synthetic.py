@@ -16,7 +16,7 @@ attributes ("the big red circle"), position among look-alikes ("the square on th
 relation to another uniquely named object ("the star next to the blue circle", "the red one above
 the green square"). Every word used is in `VOCABULARY`.
 
-Output (DESIGN §3): ``<out>/refcoco-synth/{instances.json, refs(unc).p, images/*.jpg}``, splits
+Output (docs/DESIGN.md §3): ``<out>/refcoco-synth/{instances.json, refs(unc).p, images/*.jpg}``, splits
 train/val/testA/testB by image (≈70/10/10/10%). The same seed gives the same bytes in every file;
 image i depends only on (seed, i), so a smaller set is a prefix of a larger one (splits aside).
 """

@@ -1,4 +1,4 @@
-"""Image and mask transforms of the VPD protocol (DESIGN §5, §8).
+"""Image and mask transforms of the VPD protocol (docs/DESIGN.md §5, §8).
 
 Images are squashed (no aspect-preserving padding) to S×S with bilinear resampling and scaled to
 [-1, 1]; ground-truth masks are squashed to S×S with nearest-neighbour resampling.

@@ -44,7 +44,7 @@ class DemoConfig:
     seed: int = 0
     device: str = field(default="auto", metadata=cli())
     # CPU threads for torch. 1 makes the table reproducible: with 2 threads, GEMM reductions split
-    # differently and the same study gave oIoU up to 6 points apart (BENCHMARKS.md, demo rows).
+    # differently and the same study gave oIoU several points apart (BENCHMARKS.md, "Demo wall time").
     threads: int | None = field(default=1, metadata=cli(
         "Torch CPU threads. 1 reproduces the table exactly; more run faster but round differently."))
     progress: bool = True
@@ -122,7 +122,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
             train(caches["train"], t, head, run, val_cache=caches["val"], epochs=cfg.epochs,
                   batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed, device=cfg.device,
                   hidden=cfg.hidden, progress=cfg.progress, resume=(run / "config.json").exists(),
-                  preload=True)  # the demo's caches fit in RAM; preloading made an epoch 3.7x faster (BENCHMARKS.md)
+                  preload=True)  # the demo's caches fit in RAM: epochs read from memory (BENCHMARKS.md, "Demo wall time")
             summary = evaluate(run, caches["val"], json_out=run / "eval_val.json", per_sample=run / "val.csv",
                                device=cfg.device)
             results.append({"head": head, "noise_t": t, "summary": summary, "run": str(run)})

@@ -1,4 +1,4 @@
-"""End-to-end extraction on the tiny backbone and the synthetic data (DESIGN §5, §6)."""
+"""End-to-end extraction on the tiny backbone and the synthetic data (docs/DESIGN.md §5, §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RefSegMetrics against hand-computed values (DESIGN §8)."""
+"""RefSegMetrics against hand-computed values (docs/DESIGN.md §8)."""
 
 import numpy as np
 import pytest

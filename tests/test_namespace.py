@@ -1,5 +1,6 @@
 """Installed import names live under `refseg.*`: a user's `cache/` folder cannot shadow them (issue 15, item 1)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,8 +27,12 @@ def test_the_api_works_from_a_folder_holding_a_cache_package(tmp_path):
 
 
 def test_a_wheel_installs_every_package_under_refseg_only(tmp_path):
+    # built from a copy: setuptools builds in the source tree, and a build/ left there would outlive its sources
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "demo-out",
+                                                                "gpu-out", ".whl", "__pycache__", "*.zarr"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("refseg-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
