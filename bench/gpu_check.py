@@ -15,9 +15,9 @@ are rewritten after every step, so a run stopped from outside still returns what
      refseg-eval; then the same training under torchrun (NCCL, SyncBatchNorm) against the one-process
      weights. Per stage: seconds, samples/s, peak GPU memory (torch allocator), peak host RSS; cache
      bytes per sample against FeatureSpec (the README's disk table)
-  c  throughput: bench/extract.py (capture on/off, batch 8 and 32, channels_last), the host-copy
-     overlap end to end, bench/train.py's cached vs in-loop ratio, then torch.compile (whole UNet)
-     and CUDA graphs while budget remains
+  c  throughput: bench/extract.py (capture on/off, batch 8 and 32, channels_last), torch.compile
+     (whole UNet), the host-copy overlap end to end, bench/train.py's cached vs in-loop ratio, then
+     CUDA graphs while budget remains
 
 Outputs in $OUT (else gpu-out/): gpu_check.json, gpu_check.md, gpu_check.log.
 """
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 SIZES = {  # what each mode runs: the real check, and the CPU rehearsal that keeps the script from rotting
     "full": dict(device="cuda", arch="sd15", image_size=512, tokens=40, images=100, limit=None, extract_batch=16,
-                 train_batch=8, hidden=640, budget=480),
+                 train_batch=8, hidden=640, budget=450),
     "tiny": dict(device="cpu", arch="tiny", image_size=64, tokens=16, images=8, limit=12, extract_batch=4,
                  train_batch=4, hidden=16, budget=400),
 }
@@ -251,6 +251,9 @@ BENCHES = {  # name -> (mode -> arguments, step budget in s); run in this order 
                   "--variants", "unet,capture,capture+host,vae,text"],
          "tiny": ["--arch", "tiny", "--image-size", "64", "--batch-sizes", "2", "--repeats", "1",
                   "--variants", "unet,capture+host", "--pipeline-images", "0"]}, 150),
+    "c. torch.compile, whole UNet (bench/extract.py --compile on)": (
+        {"full": ["--arch", "sd15", "--batch-sizes", "32", "--channels-last", "on", "--compile", "on",
+                  "--compile-scope", "unet", "--variants", "capture+host"]}, 150),
     "c. host-copy overlap end to end (bench/extract.py --pipeline-images)": (
         {"full": ["--arch", "sd15", "--batch-sizes", "32", "--channels-last", "on", "--variants", "capture+host",
                   "--pipeline-images", "12", "--repeats", "2"],
@@ -260,9 +263,6 @@ BENCHES = {  # name -> (mode -> arguments, step budget in s); run in this order 
         {"full": ["--arch", "sd15", "--workers", "4", "--repeats", "3", "--cached-readers", "direct,preload"],
          "tiny": ["--arch", "tiny", "--image-size", "64", "--images", "4", "--samples", "8", "--repeats", "1",
                   "--cached-readers", "direct", "--batch-size", "4"]}, 120),
-    "c. torch.compile, whole UNet (bench/extract.py --compile on)": (
-        {"full": ["--arch", "sd15", "--batch-sizes", "32", "--channels-last", "on", "--compile", "on",
-                  "--compile-scope", "unet", "--variants", "unet,capture+host"]}, 240),
     "c. CUDA graphs (torch.compile mode reduce-overhead)": (
         {"full": ["--arch", "sd15", "--batch-sizes", "32", "--channels-last", "on", "--compile", "on",
                   "--compile-scope", "unet", "--compile-mode", "reduce-overhead", "--variants", "capture+host"]}, 240),
@@ -311,7 +311,7 @@ def measure(stats_path: str, argv: list[str]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny backbone on the CPU (the rehearsal a test runs)")
-    p.add_argument("--budget", type=float, default=None, help="seconds in all (default 480 full, 400 tiny)")
+    p.add_argument("--budget", type=float, default=None, help="seconds in all (default 450 full, 400 tiny)")
     p.add_argument("--only", default=None, help="comma list of step letters to run (a,b,c)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder (caches, runs)")
     return p.parse_args(argv)
