@@ -20,10 +20,11 @@ if ! "$PY" -c "import refseg.extract, refseg.heads, diffusers, zarr, pycocotools
     exit 2
   fi
   site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 2
-  # refseg itself, built by this machine's setuptools (its packages live under refseg.*: see setup.py)
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$site" . \
-    || exit 2
+  # the wheels and refseg itself (built by this machine's setuptools) in ONE call: a second
+  # `pip install --target` into the same folder skips whatever already exists there, bin/ included,
+  # which left refseg's console scripts off PATH (torchrun could not find refseg-train-head)
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+    --target "$site" .whl/*.whl . || exit 2
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 fi
 export GPU_CHECK_INSTALL_SECONDS=$(( $(date +%s) - start ))
