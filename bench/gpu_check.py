@@ -76,6 +76,7 @@ class Check:
         self.log = open(out / "gpu_check.log", "a", encoding="utf-8")
         self.measured = 0
         self.results: dict = {"mode": mode, "budget_s": budget, "machine": machine(), "steps": {},
+                              "command": " ".join(["bench/gpu_check.sh", *sys.argv[1:]]),
                               "install_s": float(os.environ.get("GPU_CHECK_INSTALL_SECONDS", "0"))}
 
     def left(self) -> float:
@@ -208,16 +209,26 @@ def step_torchrun(check: Check, caches: dict, solo_run: Path) -> None:
     cmd = check.run("torchrun refseg-train-head vpd (1 rank)", argv, timeout=90)
     figures = {}
     if cmd.ok:
-        figures["max_abs_weight_difference_vs_one_process"] = weight_difference(solo_run, out)
+        figures["weight_difference_vs_one_process"] = weight_difference(solo_run, out)
     record(check, "b. torchrun (DDP, NCCL on CUDA)", [cmd], **figures)
 
 
-def weight_difference(a: Path, b: Path) -> float:
+def weight_difference(a: Path, b: Path) -> dict:
+    """How far two runs' saved tensors are apart: the largest absolute difference, and the largest
+    relative one (||a - b|| / ||a|| per tensor), which is what to judge: BatchNorm running variances are
+    large numbers, so a max absolute difference alone overstates a tiny relative one."""
+    import numpy as np
     from safetensors.numpy import load_file
 
     wa, wb = load_file(str(a / "head.safetensors")), load_file(str(b / "head.safetensors"))
     assert wa.keys() == wb.keys(), "the two runs saved different tensors"
-    return max(float(abs(wa[k].astype("float64") - wb[k].astype("float64")).max()) for k in wa)
+    absolute, relative = {}, {}
+    for k in wa:
+        x, y = wa[k].astype("float64"), wb[k].astype("float64")
+        absolute[k] = float(np.abs(x - y).max()) if x.size else 0.0
+        relative[k] = float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))
+    worst = max(relative, key=relative.get)
+    return {"max_abs": max(absolute.values()), "max_relative": relative[worst], "worst_tensor": worst}
 
 
 def samples_per_split(caches: dict) -> dict:

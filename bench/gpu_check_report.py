@@ -65,7 +65,7 @@ def markdown(results: dict) -> str:
              f"({m['date']})", "",
              "- versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "torch", "diffusers", "transformers",
                                                                   "zarr", "numpy") if m.get(k)),
-             f"- command: `bench/gpu_check.sh{' --tiny' if results['mode'] == 'tiny' else ''}`; budget "
+             f"- command: `{results['command']}`; budget "
              f"{results['budget_s']:.0f} s, install {results['install_s']:.0f} s, steps "
              f"{results.get('total_s', '?')} s", ""]
     for name, step in results["steps"].items():
@@ -77,9 +77,10 @@ def markdown(results: dict) -> str:
             lines.append(f"- {fig['figure']}: {values}")
         if step.get("figures"):
             lines.append("")
-        if "max_abs_weight_difference_vs_one_process" in step:
-            lines += [f"- max |weight difference| against the one-process run: "
-                      f"{step['max_abs_weight_difference_vs_one_process']:.3g}", ""]
+        if "weight_difference_vs_one_process" in step:
+            d = step["weight_difference_vs_one_process"]
+            lines += [f"- saved tensors against the one-process run: max relative difference {d['max_relative']:.3g} "
+                      f"({d['worst_tensor']}), max absolute {d['max_abs']:.3g}", ""]
         if name.startswith("b. end to end"):
             lines += end_to_end(step)
         elif step.get("commands") and not step.get("bench"):
