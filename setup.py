@@ -48,6 +48,8 @@ setup(
             "refseg-train-head=refseg.heads.cli_train:main",
             "refseg-eval=refseg.heads.cli_eval:main",
             "refseg-report=refseg.study.cli:main",
+            "refseg-import=refseg.study.cli_import:main",
+            "refseg-predict=refseg.study.cli_predict:main",
         ],
     },
 )

@@ -3,8 +3,10 @@
 `--model` accepts a Hugging Face hub id, a local diffusers folder, a single `.safetensors`/`.ckpt`
 file (with `--model-config DIR` offline), `tiny` (random, built in code) or `tiny-synth` (trained,
 shipped as a diffusers folder). Nothing downloads implicitly: only a hub id that is not a local
-path reaches the network, never with HF_HUB_OFFLINE=1; whatever cannot be found is a `ModelError`
-listing these forms.
+path reaches the network, never with HF_HUB_OFFLINE=1, and only when it is not in the local
+Hugging Face cache already and a quick connection to the hub opens (else it fails at once, saying
+so, instead of retrying for half a minute); whatever cannot be found is a `ModelError` listing
+these forms.
 
 Imported by `extract` only (it pulls in diffusers and transformers), never by `refseg_core/__init__`.
 """
@@ -16,10 +18,13 @@ import hashlib
 import json
 import os
 import re
+import socket
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -35,6 +40,7 @@ ACCEPTED_FORMS = (
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TINY_SYNTH_DIR = Path(__file__).parent / "assets" / "tiny-synth"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PROBE_SECONDS = 5.0  # how long a connection to the hub may take to open before it counts as unreachable
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -51,6 +57,13 @@ class Backbone:
     identity: dict
     device: torch.device
     dtype: torch.dtype
+    # VPD's text adapter (backbones/text_adapter.py), from a folder's text_adapter/; None: CLIP's output as is
+    text_adapter: torch.nn.Module | None = None
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the UNet is conditioned on: the text encoder's last_hidden_state, through the adapter if any."""
+        embedding = self.text_encoder(input_ids)[0]
+        return embedding if self.text_adapter is None else self.text_adapter(embedding)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -63,6 +76,17 @@ class Backbone:
     @property
     def max_token_length(self) -> int:
         return int(self.text_encoder.config.max_position_embeddings)
+
+    @property
+    def max_stride(self) -> int:
+        """The coarsest feature stride (pixels): the UNet halves the latent once per level after the first,
+        so an image side must be a multiple of this (64 for Stable Diffusion)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def schedule_steps(self) -> int:
+        """Steps of the noise schedule (1000 for Stable Diffusion): noise levels are 0 .. this - 1."""
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
     def spec(self, image_size: int = 512, token_length: int = 40, strides=DEFAULT_STRIDES,
              attn_strides=DEFAULT_ATTN_STRIDES) -> FeatureSpec:
@@ -96,7 +120,8 @@ def _load(model: str, model_config: str | None, device: torch.device, dtype: tor
         if not (TINY_SYNTH_DIR / "unet").is_dir():
             raise ModelError(f"cannot load model 'tiny-synth': it is not built in this installation "
                              f"({TINY_SYNTH_DIR} is missing); use --model tiny")
-        parts, kind, name = _load_folder(str(TINY_SYNTH_DIR), dtype), "folder", "tiny-synth"
+        # kind 'tiny-synth' (it was 'folder'): the fingerprint hashes it as before (cache/fingerprint.py, FORMER_KIND)
+        parts, kind, name = _load_folder(str(TINY_SYNTH_DIR), dtype), "tiny-synth", "tiny-synth"
     elif os.path.isdir(model):
         parts, kind, name = _load_folder(model, dtype), "folder", os.path.abspath(model)
     elif os.path.isfile(model):
@@ -125,8 +150,25 @@ def _load(model: str, model_config: str | None, device: torch.device, dtype: tor
     }
     if kind == "file":
         identity["model_config"] = os.path.abspath(model_config) if model_config else None
+    adapter = _text_adapter(model, kind, device, dtype)
+    if adapter is not None:  # only then: caches of backbones without one keep their fingerprint
+        from refseg.backbones.text_adapter import adapter_identity
+
+        identity["text_adapter"] = adapter_identity(adapter)
     return Backbone(parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"],
-                    parts["scheduler_config"], identity, device, dtype)
+                    parts["scheduler_config"], identity, device, dtype, adapter)
+
+
+def _text_adapter(model: str, kind: str, device: torch.device, dtype: torch.dtype):
+    """A local folder's `text_adapter/` (written by `refseg-import vpd`), frozen like the rest; else None."""
+    if kind != "folder" or not os.path.isdir(model):
+        return None
+    from refseg.backbones.text_adapter import load_text_adapter
+
+    adapter = load_text_adapter(model)
+    if adapter is not None:
+        adapter.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return adapter
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -204,12 +246,54 @@ def _load_folder(path: str, dtype: torch.dtype) -> dict:
 def _load_hub(repo_id: str, dtype: torch.dtype) -> dict:
     offline = _offline()
     try:
+        if not offline:
+            with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
+                return _load_components(repo_id, dtype, local_files_only=True)  # cached: no network needed
+            unreachable = hub_unreachable()
+            if unreachable:
+                raise ModelError(f"cannot load model {repo_id!r}: it is not in the local Hugging Face cache and the "
+                                 f"network is unreachable ({unreachable}); connect to the network, or use a local "
+                                 f"folder or file. {ACCEPTED_FORMS}")
         return _load_components(repo_id, dtype, local_files_only=offline)
     except OSError as exc:  # not found: not on the hub, not in the local cache, or offline
         where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else _first_line(exc)
         raise ModelError(f"cannot load model {repo_id!r}: not found ({where}). {ACCEPTED_FORMS}") from None
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load model {repo_id!r}: {_first_line(exc)}") from None
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub cannot be reached (None when a connection to it opens within `timeout`).
+
+    Without this, huggingface_hub retries a dead network for about half a minute and then reports a
+    missing config.json. One TCP connection to HF_ENDPOINT (or to the HTTPS proxy, when one is set)
+    says it at once; the name lookup runs in a thread so a hanging resolver cannot stall it either.
+    """
+    from huggingface_hub import constants
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    url = urlsplit(proxy or endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    probe = threading.Thread(target=connect, name="refseg-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    where = f"{'proxy ' if proxy else ''}{host}:{port}"
+    if not outcome:
+        return f"no answer from {where} within {timeout:g} s"
+    if outcome[0] is not None:
+        return f"cannot connect to {where}: {' '.join(str(outcome[0].strerror or outcome[0]).split())}"
+    return None
 
 
 def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype) -> dict:

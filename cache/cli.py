@@ -2,7 +2,7 @@
 
 import click
 
-from refseg.core.cli import user_errors
+from refseg.core.cli import current_runtime, user_errors
 
 
 @click.group()
@@ -32,7 +32,7 @@ def export_h5_command(cache_path, out_path, overwrite):
     """
     from refseg.cache.h5export import export_h5
 
-    export_h5(cache_path, out_path, overwrite=overwrite, progress=True)
+    export_h5(cache_path, out_path, overwrite=overwrite, progress=current_runtime().progress)
     click.echo(f"wrote {out_path}")
 
 

@@ -2,17 +2,21 @@
 
 It covers the three settings dicts (backbone identity, extraction settings, dataset selection), the
 FeatureSpec, and the exact samples (their sent_ids, in order). It does **not** cover the noise levels
-(they are groups added to the same store) or storage choices (shard size, codec).
+(they are groups added to the same store), storage choices (shard size, codec), or the contents of the
+dataset's files: those have their own digest (`dataset_sha256`, a root attribute beside the
+fingerprint), so that a changed dataset is said as such without changing any store's fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 
-from refseg.cache.layout import SETTINGS_KEYS
+from refseg.cache.layout import DATASET_DIGEST_ATTR, SETTINGS_KEYS
+from refseg.core.errors import CacheMismatchError
 from refseg.core.feature_spec import FeatureSpec
 
 
@@ -55,16 +59,74 @@ def fingerprint_payload(settings: dict, spec: FeatureSpec, sent_ids) -> dict:
 LOCATION_KEYS = (("backbone", "model"), ("dataset", "data_root"), ("dataset", "image_root"))
 
 
+# Backbone kinds renamed after stores were fingerprinted, hashed under their former name so that those
+# stores keep their fingerprint: the shipped tiny-synth loads from a folder and was recorded as kind
+# 'folder' (its weights hash says what it is either way), and is now recorded as what it is.
+FORMER_KIND = {"tiny-synth": "folder"}
+
+
 def without_locations(payload: dict) -> dict:
+    """`payload` as the fingerprint sees it: without where files live, kinds under their former names."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in payload.items()}
     for group, key in LOCATION_KEYS:
         if isinstance(out.get(group), dict):
             out[group].pop(key, None)
+    backbone = out.get("backbone")
+    if isinstance(backbone, dict) and backbone.get("kind") in FORMER_KIND:
+        backbone["kind"] = FORMER_KIND[backbone["kind"]]
     return out
 
 
 def compute_fingerprint(payload: dict) -> str:
     return hashlib.sha256(canonical_json(without_locations(payload)).encode()).hexdigest()[:16]
+
+
+# ---- the dataset's files --------------------------------------------------------------------------
+
+
+def dataset_sha256(*paths) -> str:
+    """sha256 over the named files (their base names and bytes): the refs pickle and instances.json.
+
+    Cheap (the images are not read: a replaced image is not seen) and independent of where the dataset
+    lives, like the fingerprint. Recorded in the store (`DATASET_DIGEST_ATTR`) when it is created.
+    """
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(os.path.basename(os.fspath(path)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def dataset_changed(stored_attrs: dict, digest: str | None) -> bool:
+    """Whether the dataset files now differ from those the store was extracted from (False when either
+    digest is unknown: a store made before the digest existed is not checked)."""
+    stored = stored_attrs.get(DATASET_DIGEST_ATTR)
+    return bool(stored and digest and stored != digest)
+
+
+DATASET_CHANGED = "the dataset changed since this cache was made"
+
+
+def dataset_changed_message(path: str, stored_attrs: dict, digest: str) -> str:
+    """The clause that names a changed dataset, with both digests' beginnings."""
+    return (f"{DATASET_CHANGED} ({path}: its refs/instances files had sha256 {stored_attrs[DATASET_DIGEST_ATTR][:12]}, "
+            f"they have {digest[:12]} now)")
+
+
+def check_dataset_unchanged(path: str, stored_attrs: dict, refs_path, instances_path) -> None:
+    """Refuse to read the dataset for a store extracted from other versions of its files (one line).
+
+    For readers that look samples of the store up in the dataset (GT at the original size, overlays):
+    a sample of the store may be missing from the new files, or be another object there.
+    """
+    digest = dataset_sha256(refs_path, instances_path)
+    if dataset_changed(stored_attrs, digest):
+        raise CacheMismatchError(f"{dataset_changed_message(path, stored_attrs, digest)}: its samples may not be "
+                                 "in the dataset any more, or name other objects; restore the dataset the cache was "
+                                 "made from, or extract the cache again")
 
 
 _ABSENT = object()
@@ -95,8 +157,9 @@ def _show(value) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def mismatch_message(path: str, stored: dict, requested: dict) -> str:
-    """One line naming each differing key path with both values.
+def mismatch_message(path: str, stored: dict, requested: dict, first: str | None = None) -> str:
+    """One line naming each differing key path with both values (after `first`, the cause when known:
+    a changed dataset).
 
     The spec follows from the backbone and extraction settings, so when those differ the spec's own
     differences are summarised instead of listed.
@@ -109,4 +172,6 @@ def mismatch_message(path: str, stored: dict, requested: dict) -> str:
         parts.append("the feature spec differs accordingly")
     if not parts:  # same payload, different fingerprint: the stored fingerprint was edited by hand
         parts = ["its fingerprint attribute does not match its own settings"]
+    if first:
+        parts.insert(0, first)
     return f"cache {path} was made with different settings: {'; '.join(parts)} (use --overwrite to replace it)"

@@ -3,7 +3,7 @@
 The store is plain Zarr v3 (docs/DESIGN.md §6)::
 
     CACHE.zarr/   attrs: refseg_cache, fingerprint, backbone, extraction, dataset, spec, samples,
-                         shard_size, codec  (+ "bad" once a sample was recorded as bad)
+                         shard_size, codec, dataset_sha256  (+ "bad" once a sample was recorded as bad)
       index/   sent_id ref_id ann_id image_id image_row (N,) int64   text (N,) string
       images/  image_id (M,) int64  orig_hw (M,2) int32  latent (M,C,h,w) f16  done (M,) bool
       text/    input_ids (N,L) int32  attention_mask (N,L) uint8  embedding (N,L,D) f16  done (N,) bool
@@ -38,6 +38,11 @@ FORMAT_ATTR = "refseg_cache"
 # so a creation that was interrupted is recognised (and redone) rather than mistaken for a cache.
 CREATING_ATTR = "refseg_cache_creating"
 SETTINGS_KEYS = ("backbone", "extraction", "dataset")
+# A digest of the dataset's files (refs + instances) the store was extracted from: not part of the
+# fingerprint (which names the selection, not the files' contents), checked when the store is resumed
+# so that a changed dataset is named as such (cache/fingerprint.py, `dataset_sha256`). Stores made
+# before it existed lack it, and are not checked.
+DATASET_DIGEST_ATTR = "dataset_sha256"
 INDEX_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "image_row")
 
 _NOISE_GROUP = re.compile(r"^t(\d{4})$")

@@ -8,8 +8,8 @@ import numpy as np
 import zarr
 
 from refseg.cache.fastread import ShardFiles, ShardRowReader
-from refseg.cache.layout import SETTINGS_KEYS, open_root, store_nbytes
-from refseg.cache.store import Store, take_rows
+from refseg.cache.layout import SETTINGS_KEYS, is_local, local_path, open_root, store_nbytes
+from refseg.cache.store import Coverage, Store, take_rows
 from refseg.core.errors import CacheError
 
 
@@ -21,7 +21,44 @@ def open_cache(path, direct_reads: bool = True) -> "Cache":
     BENCHMARKS.md, "Cache reads"); False reads everything through zarr.
     """
     path = os.fspath(path)
+    _refuse_what_is_not_a_store(path)
     return Cache(path, open_root(path, mode="r"), direct_reads=direct_reads)
+
+
+def _refuse_what_is_not_a_store(path: str) -> None:
+    """A CacheError naming what a local `path` is when it is a refseg file or folder other than a
+    store (a run, a dataset, a file inside a store): the usual mix-ups of `--cache`. Anything else
+    is left to `open_root`, which says what it found."""
+    if not is_local(path):
+        return
+    p = local_path(path)
+    name = os.path.basename(os.path.normpath(p))
+    if os.path.isfile(p):
+        if name == "zarr.json":
+            raise CacheError(f"{path} is a file (Zarr metadata inside a store), not a cache: pass the store's "
+                             f"folder, e.g. {os.path.dirname(os.path.abspath(p))}")
+        if name in ("config.json", "metrics.jsonl") or name.endswith(".safetensors"):
+            raise CacheError(f"{path} is a file of a head run directory, not a cache")
+        if name.endswith((".h5", ".hdf5")):
+            raise CacheError(f"{path} is a file (an HDF5 export?), not a cache: refseg reads Zarr store folders")
+        return
+    if os.path.isdir(p) and not os.path.exists(os.path.join(p, "zarr.json")):
+        entries = os.listdir(p)
+        if "config.json" in entries and _is_run_config(os.path.join(p, "config.json")):
+            raise CacheError(f"{path} is a head run directory (written by refseg-train-head), not a cache")
+        if "instances.json" in entries or any(e.startswith("refs(") and e.endswith(").p") for e in entries):
+            raise CacheError(f"{path} is a dataset folder, not a cache: refseg-extract makes a cache from it")
+
+
+def _is_run_config(path: str) -> bool:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "head" in config and "noise_t" in config
 
 
 class Cache(Store):
@@ -72,6 +109,10 @@ class Cache(Store):
     def skipped(self, t) -> np.ndarray:
         """Samples recorded as bad at noise level `t` (stored as zeros, never done)."""
         return self._array(t, "skipped")[:]
+
+    def coverage(self, t) -> Coverage:
+        """How much of noise level `t` is extracted (read now: a running extraction adds more)."""
+        return Coverage.from_flags(int(t), self.done(t), self.skipped(t))
 
     def images_done(self) -> np.ndarray:
         return self._root["images/done"][:]
@@ -154,9 +195,7 @@ class Cache(Store):
         levels = self.noise_levels
         lines.append("noise levels:" if levels else "noise levels: none yet")
         for t in levels:
-            done, skipped = self.done(t), self.skipped(t)
-            lines.append(f"  T={t:<5} timestep {self.timestep(t):<5} done {int(done.sum())}/{self.n_samples}"
-                         + (f", skipped {int(skipped.sum())}" if skipped.any() else ""))
+            lines.append(f"  T={t:<5} timestep {self.timestep(t):<5} {_coverage_line(self.coverage(t))}")
         bad_ids = sorted({b["sent_id"] for b in self.bad})
         if bad_ids:
             lines.append(f"bad samples: {len(bad_ids)} (sent_ids {', '.join(map(str, bad_ids[:10]))}"
@@ -166,6 +205,13 @@ class Cache(Store):
 
     def __repr__(self) -> str:
         return f"Cache({self.path!r}, {self.n_samples} samples, T={self.noise_levels})"
+
+
+def _coverage_line(c: Coverage) -> str:
+    """"done 16/142, coverage 11.3% of 142: incomplete, 126 missing" (skipped samples are not missing)."""
+    line = f"done {c.done}/{c.samples}" + (f", skipped {c.skipped}" if c.skipped else "")
+    line += f", coverage {100 * c.fraction:.1f}%" + (f" of the {c.expected} not skipped" if c.skipped else "")
+    return line + (": complete" if c.complete else f": incomplete, {c.missing} missing")
 
 
 def _show(value) -> str:

@@ -8,10 +8,13 @@ is read and the per-sample data arrays are opened once; noise groups are looked 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import zarr
 
 from refseg.cache.layout import FORMAT_ATTR, INDEX_FIELDS, SETTINGS_KEYS, noise_group_name, parse_noise_group
+from refseg.core.errors import CacheError
 from refseg.core.feature_spec import FeatureSpec
 
 
@@ -30,6 +33,57 @@ def take_rows(arr: zarr.Array, rows) -> np.ndarray:
     breaks = np.flatnonzero(np.diff(unique) != 1) + 1
     runs = [arr[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)]
     return np.concatenate(runs)[inverse]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of one noise level is extracted.
+
+    A sample that extraction recorded as bad (`--skip-bad`: flagged `skipped`, stored as zeros) is
+    not missing: it will never be done. So coverage is `done / (samples - skipped)`, and a level is
+    complete when every sample is either done or skipped.
+    """
+
+    noise_t: int
+    samples: int  # rows in the store
+    done: int
+    skipped: int
+
+    @classmethod
+    def from_flags(cls, noise_t: int, done: np.ndarray, skipped: np.ndarray) -> "Coverage":
+        done, skipped = np.asarray(done, bool), np.asarray(skipped, bool)
+        return cls(int(noise_t), int(done.size), int(np.count_nonzero(done & ~skipped)), int(np.count_nonzero(skipped)))
+
+    @property
+    def expected(self) -> int:
+        """The samples that can be done: all but the skipped ones."""
+        return self.samples - self.skipped
+
+    @property
+    def missing(self) -> int:
+        return self.expected - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.expected if self.expected else 1.0
+
+    def describe(self) -> str:
+        """"16 of 142 samples (11.3%)", with the skipped ones when there are any."""
+        skipped = f"; {self.skipped} more skipped as bad" if self.skipped else ""
+        return f"{self.done} of {self.expected} samples ({100 * self.fraction:.1f}%{skipped})"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Coverage":
+        """From `to_dict()`'s output (config.json, an evaluation's JSON)."""
+        return cls(int(d["noise_t"]), int(d["samples"]), int(d["done"]), int(d["skipped"]))
+
+    def to_dict(self) -> dict:
+        return {"noise_t": self.noise_t, "samples": self.samples, "done": self.done, "skipped": self.skipped,
+                "missing": self.missing, "fraction": self.fraction, "complete": self.complete}
 
 
 class Store:
@@ -67,7 +121,10 @@ class Store:
 
     def _noise_group(self, t: int) -> zarr.Group | None:
         """The group of noise level `t`, or None while it does not exist or is unfinished."""
-        name = noise_group_name(t)
+        try:
+            name = noise_group_name(t)
+        except ValueError as exc:  # a level no store can hold (T < 0 or T > 9999): the user's, not a bug
+            raise CacheError(f"noise level T={t} is not valid ({exc})") from None
         if name not in self._root:
             return None
         group = self._root[name]

@@ -22,10 +22,17 @@ import re
 import numpy as np
 import zarr
 
-from refseg.cache.fingerprint import compute_fingerprint, fingerprint_payload, mismatch_message
+from refseg.cache.fingerprint import (
+    compute_fingerprint,
+    dataset_changed,
+    dataset_changed_message,
+    fingerprint_payload,
+    mismatch_message,
+)
 from refseg.cache.layout import (
     CODECS,
     CREATING_ATTR,
+    DATASET_DIGEST_ATTR,
     DEFAULT_SHARD_SIZE,
     FORMAT_ATTR,
     FORMAT_VERSION,
@@ -92,6 +99,11 @@ def remove_stale_partial_files(path: str) -> int:
     return removed
 
 
+def _stage_one_done(root: zarr.Group) -> bool:
+    """Whether every latent, sentence and mask is stored: stage 2 then reads the store alone."""
+    return bool(root["images/done"][:].all() and root["text/done"][:].all())
+
+
 def _refuse_what_is_not_a_cache(path: str) -> None:
     try:
         open_root(path, mode="r")
@@ -109,6 +121,9 @@ class CacheWriter(Store):
         self._images_done = root["images/done"]
         self._text_done = root["text/done"]
         self._levels: dict[int, dict[str, zarr.Array]] = {}  # noise levels' arrays, opened on first use
+        # True when resumed although the dataset's files changed since the store was made: allowed only
+        # once stage 1 is complete, since stage 2 reads the store's own latents and embeddings alone
+        self.dataset_changed = False
 
     # ---- open / create ------------------------------------------------------------------------
     @classmethod
@@ -123,10 +138,14 @@ class CacheWriter(Store):
         shard_size: int = DEFAULT_SHARD_SIZE,
         codec: str = "none",
         overwrite: bool = False,
+        dataset_sha256: str | None = None,
     ) -> "CacheWriter":
         """Create the store at `path`, or resume the one there if it has the same fingerprint.
 
         An existing store keeps its own shard size and codec (read `writer.shard_size`).
+        `dataset_sha256` (`refseg.cache.fingerprint.dataset_sha256` of the dataset's files) is recorded
+        in a new store; a store made from other versions of those files is refused while its stage 1
+        (which reads the dataset) is unfinished, unless `overwrite` replaces it.
         """
         path = os.fspath(path)
         if codec not in CODECS:
@@ -143,24 +162,28 @@ class CacheWriter(Store):
         try:
             with lock.metadata() if lock else contextlib.nullcontext():
                 alone = lock.join() if lock else True
-                root = cls._open_or_replace(path, payload, fingerprint, overwrite, alone)
+                root = cls._open_or_replace(path, payload, fingerprint, overwrite, alone, dataset_sha256)
                 if root is None:
-                    cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec)
+                    extra = {DATASET_DIGEST_ATTR: dataset_sha256} if dataset_sha256 else {}
+                    cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec, extra)
                     root = open_root(path, mode="r+")
                 elif alone and lock:
                     remove_stale_partial_files(path)
-            return cls(path, root, lock)
+            writer = cls(path, root, lock)
+            writer.dataset_changed = dataset_changed(root.attrs.asdict(), dataset_sha256)
+            return writer
         except BaseException:
             if lock:
                 lock.close()
             raise
 
     @staticmethod
-    def _open_or_replace(path, payload, fingerprint, overwrite: bool, alone: bool):
+    def _open_or_replace(path, payload, fingerprint, overwrite: bool, alone: bool, dataset_sha256: str | None):
         """The root of the store at `path` to resume, or None where a new store is to be created.
 
         `--overwrite` replaces a store whose settings differ (or that is from a newer format); a store
-        with the same fingerprint is resumed even then, so every rank of a job may pass --overwrite.
+        with the same fingerprint is resumed even then, so every rank of a job may pass --overwrite,
+        unless the dataset changed while its stage 1 is unfinished (old and new data would mix).
         """
         try:
             root = open_root(path, mode="r+")
@@ -174,18 +197,25 @@ class CacheWriter(Store):
             root = None
         if root is not None:
             attrs = root.attrs.asdict()
-            if attrs["fingerprint"] == fingerprint:
+            changed = dataset_changed(attrs, dataset_sha256)
+            if attrs["fingerprint"] == fingerprint and (not changed or _stage_one_done(root)):
                 return root
+            cause = dataset_changed_message(path, attrs, dataset_sha256) if changed else None
+            if attrs["fingerprint"] == fingerprint and not overwrite:
+                raise CacheMismatchError(
+                    f"{cause}, and the latents, sentences and masks of cache {path} are not all extracted yet: old "
+                    "and new data would mix; restore the dataset the cache was made from, or pass --overwrite to "
+                    "extract it again from the new files")
             if not overwrite:
                 stored = {key: attrs[key] for key in payload}
-                raise CacheMismatchError(mismatch_message(path, stored, payload))
+                raise CacheMismatchError(mismatch_message(path, stored, payload, first=cause))
         if not alone:
             raise CacheError(f"cache {path} is being written by another process now: --overwrite cannot replace "
                              "it until that process ends")
         return None
 
     @staticmethod
-    def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec):
+    def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec, extra_attrs):
         root = zarr.open_group(path, mode="w", attributes={CREATING_ATTR: FORMAT_VERSION})
         for name in ("index", "images", "text", "masks"):
             root.create_group(name)
@@ -200,7 +230,7 @@ class CacheWriter(Store):
         arrays["index/text"][:] = np.array(samples.text, dtype=object)
         arrays["images/image_id"][:] = images.image_id
         arrays["images/orig_hw"][:] = images.orig_hw
-        attrs = dict(payload, fingerprint=fingerprint, shard_size=shard_size, codec=codec)
+        attrs = dict(payload, fingerprint=fingerprint, shard_size=shard_size, codec=codec, **extra_attrs)
         attrs[FORMAT_ATTR] = FORMAT_VERSION
         root.attrs.put(sorted_json(attrs))  # last: from here on the store counts as a cache
 

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from refseg.core.cli import dataclass_options, fail, user_errors
+from refseg.core.cli import dataclass_options, fail, user_errors, warn
 from refseg.extract.config import PRESETS, ExtractionConfig, with_preset
 
 SIZE_NOTE = (
@@ -30,6 +30,10 @@ class ShardPart(click.ParamType):
             fail(f"--shard i/n needs 0 <= i < n (got '{value}')")
         return i, n
 
+    @staticmethod
+    def to_text(value: tuple[int, int]) -> str:  # as typed (refseg.core.cli.command_line)
+        return f"{value[0]}/{value[1]}"
+
 
 def shard_from_environment() -> tuple[int, int]:
     """torchrun's RANK/WORLD_SIZE, else the whole store."""
@@ -52,9 +56,8 @@ def shard_from_environment() -> tuple[int, int]:
 @click.option("--shard", type=ShardPart(), default=None,
               help="i/n: this process fills shards j with j % n == i (default under torchrun: RANK/WORLD_SIZE). "
                    "Processes given the same part share its shards.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-@user_errors
+@user_errors  # adds --threads and --quiet
 def main(ctx, preset, shard, quiet, **settings):
     # Imported here so that `--help` is instant and a bad flag fails before torch/diffusers load.
     from refseg.extract.pipeline import run_extraction
@@ -63,5 +66,7 @@ def main(ctx, preset, shard, quiet, **settings):
     settings["noise_ts"] = tuple(dict.fromkeys(settings["noise_ts"]))  # --noise-t 5 --noise-t 5: once
     cfg = ExtractionConfig(**settings, shard=shard or shard_from_environment(), progress=not quiet)
     report = run_extraction(with_preset(cfg, preset, explicit))
+    if report.dataset_changed:
+        warn(report.DATASET_CHANGED_NOTE)
     for line in report.lines():
         click.echo(line)

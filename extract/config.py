@@ -7,12 +7,16 @@ a default is written here and nowhere else. No torch here: `refseg-extract --hel
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import click
 
 from refseg.core.cli import cli, fail
+from refseg.core.errors import RefsegError
 from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES
+
+MAX_NOISE_GROUP = 9999  # tNNNN: four digits (cache/layout.py)
 
 
 class StrideList(click.ParamType):
@@ -39,6 +43,10 @@ class StrideList(click.ParamType):
             fail(f"{flag} needs at least one stride")
         return values
 
+    @staticmethod
+    def to_text(value: tuple[int, ...]) -> str:  # as typed (refseg.core.cli.command_line)
+        return ",".join(map(str, value))
+
 
 @dataclass(kw_only=True)  # required fields sit among the others, in --help's order
 class ExtractionConfig:
@@ -52,15 +60,15 @@ class ExtractionConfig:
     dataset: str = field(metadata=cli("refcoco, refcoco+, refcocog, refcoco-synth, ..."))
     split_by: str = "unc"
     split: str = field(metadata=cli("train, val, testA, testB, test, ..."))
-    image_root: str | None = field(default=None, metadata=cli("Folder of the images (default: the refer layout).",
-                                                              type=click.Path()))
+    image_root: str | None = field(default=None, metadata=cli("Folder of the images.", type=click.Path(),
+                                                              show_default="the refer layout"))
     model: str = field(default="tiny", metadata=cli(
         "Hub id, local diffusers folder, single .safetensors/.ckpt file, 'tiny' or 'tiny-synth'."))
     model_config: str | None = field(default=None, metadata=cli(
-        "Diffusers config folder for a single-file model (offline).", type=click.Path()))
+        "Diffusers config folder for a single-file model (offline).", type=click.Path(), show_default="none"))
     noise_ts: tuple[int, ...] = field(default=(0,), metadata=cli(
-        "Noise level T (repeatable): 0, 5, 500 ...", flag="--noise-t", type=int, multiple=True, show_default=False))
-    timestep: int | None = field(default=None, metadata=cli("UNet timestep (default: T)."))
+        "Noise level T (repeatable): 0, 5, 500 ...", flag="--noise-t", type=int, multiple=True))
+    timestep: int | None = field(default=None, metadata=cli("UNet timestep.", show_default="T"))
     # "sd" (times vae scaling_factor) | "none" (VPD)
     latent_scaling: str = field(default="sd", metadata=cli(type=click.Choice(["sd", "none"])))
     noise_seed: int = 0
@@ -71,7 +79,8 @@ class ExtractionConfig:
                                                     type=click.Choice(["auto", "fp32", "bf16", "fp16"])))
     image_size: int = 512
     token_length: int = field(default=40, metadata=cli("40 for RefCOCO/+, 77 for RefCOCOg."))
-    limit: int | None = field(default=None, metadata=cli("Only the first N samples (sorted by image)."))
+    limit: int | None = field(default=None, metadata=cli("Only the first N samples (sorted by image).",
+                                                         show_default="all"))
     # "all" | "first" (the first sentence of each ref)
     sentences: str = field(default="all", metadata=cli(type=click.Choice(["all", "first"])))
     strides: tuple[int, ...] = field(default=DEFAULT_STRIDES, metadata=cli(
@@ -81,7 +90,7 @@ class ExtractionConfig:
     text_field: str = field(default="sent", metadata=cli(type=click.Choice(["sent", "raw"])))
     mask_rule: str = field(default="vpd", metadata=cli(type=click.Choice(["vpd", "union"])))
     shard_size: int | None = field(default=None, metadata=cli(  # None: the cache's default
-        "Samples per Zarr shard (the unit of writing)."))
+        "Samples per Zarr shard (the unit of writing).", show_default="16; a store keeps its own"))
     codec: str = field(default="none", metadata=cli(type=click.Choice(["none", "zstd", "blosc"])))
     workers: int = field(default=0, metadata=cli("DataLoader workers decoding images."))
     wait_timeout: float = field(default=3600.0, metadata=cli(  # see Extraction.finish_stage_one
@@ -93,6 +102,53 @@ class ExtractionConfig:
         "Skip unreadable images / empty sentences, report them at the end.", flag="--skip-bad"))
     shard: tuple[int, int] = (0, 1)  # this process's part (i, n) of the shards
     progress: bool = True
+
+    def check(self) -> None:
+        """Refuse a numeric setting no extraction can use, before anything is read, loaded or written.
+
+        What depends on the model (the largest feature stride, the text encoder's length, the noise
+        schedule's steps) is checked by `check_for_model` once the backbone is loaded.
+        """
+        def at_least(flag: str, value, low) -> None:
+            if value is not None and value < low:
+                raise RefsegError(f"{flag} must be at least {low} (got {value})")
+
+        if self.image_size < 1:
+            raise RefsegError(f"--image-size must be a positive multiple of the model's largest feature stride "
+                              f"(64 for Stable Diffusion) (got {self.image_size})")
+        at_least("--token-length", self.token_length, 2)  # the start and end tokens
+        at_least("--batch-size", self.batch_size, 1)
+        at_least("--limit", self.limit, 1)
+        at_least("--shard-size", self.shard_size, 1)
+        at_least("--workers", self.workers, 0)
+        at_least("--timestep", self.timestep, 0)
+        if not self.noise_ts:
+            raise RefsegError("--noise-t needs at least one noise level")
+        if any(not 0 <= t <= MAX_NOISE_GROUP for t in self.noise_ts):
+            raise RefsegError(f"--noise-t takes steps of the model's noise schedule, 0..999 for Stable Diffusion "
+                              f"(got {list(self.noise_ts)})")
+        for flag, strides in (("--strides", self.strides), ("--attn-strides", self.attn_strides)):
+            if any(s < 1 or s & (s - 1) for s in strides):
+                raise RefsegError(f"{flag} takes powers of two like 8,16,32 (got {','.join(map(str, strides))})")
+        if math.isnan(self.wait_timeout) or self.wait_timeout < 0:
+            raise RefsegError(f"--wait-timeout must be 0 or more seconds (got {self.wait_timeout})")
+
+    def check_for_model(self, max_stride: int, max_tokens: int, schedule_steps: int) -> None:
+        """The settings that depend on the loaded model: refused before any store is opened."""
+        if self.image_size % max_stride:
+            below = self.image_size // max_stride * max_stride
+            nearest = " or ".join(str(v) for v in (below, below + max_stride) if v > 0)
+            raise RefsegError(f"--image-size {self.image_size} is not a multiple of {max_stride}, the model's largest "
+                              f"feature stride (try {nearest})")
+        if self.token_length > max_tokens:
+            raise RefsegError(f"--token-length {self.token_length} exceeds the text encoder's {max_tokens} positions")
+        last = schedule_steps - 1
+        if any(t > last for t in self.noise_ts):
+            raise RefsegError(f"--noise-t must be in 0..{last} (the model's noise schedule has {schedule_steps} "
+                              f"steps) (got {list(self.noise_ts)})")
+        if self.timestep is not None and self.timestep > last:
+            raise RefsegError(f"--timestep must be in 0..{last} (the model's noise schedule has {schedule_steps} "
+                              f"steps) (got {self.timestep})")
 
 
 # VPD (Zhao et al. 2023): no noise, UNet timestep 1, unscaled latents, 40 tokens, A32 attention.

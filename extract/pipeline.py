@@ -34,9 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from refseg.backbones.loading import Backbone, load_backbone
+from refseg.cache.fingerprint import dataset_sha256
 from refseg.cache.layout import DEFAULT_SHARD_SIZE
 from refseg.cache.writer import CacheWriter
-from refseg.core.errors import CacheError, CacheWriteError, DataError, NonFiniteError, RefsegError
+from refseg.core.cli import check_output_path, describe_os_error, is_path_error
+from refseg.core.errors import CacheError, CacheWriteError, DataError, NonFiniteError
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.noise import add_noise, alphas_cumprod, make_noise
 from refseg.core.refer import ReferDataset
@@ -64,11 +66,9 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
     together before any runs its UNet stage (`Extraction.finish_stage_one`).
     """
     t_start = time.perf_counter()
-    # 1. Check the settings
-    if cfg.batch_size < 1:
-        raise RefsegError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    if any(t < 0 or t > 999 for t in cfg.noise_ts):
-        raise RefsegError(f"--noise-t must be in 0..999 (got {list(cfg.noise_ts)})")
+    # 1. Check the settings and the output path: a bad value is refused before anything is made
+    cfg.check()
+    check_output_path(cfg.out, "cache")
     # 2. Select the samples, in cache order, and build their tables
     refer = ReferDataset(cfg.data_root, cfg.dataset, split_by=cfg.split_by, image_root=cfg.image_root,
                          text_field=cfg.text_field)
@@ -76,6 +76,7 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
     # 3. Load the backbone; its spec lists what will be stored
     if backbone is None:
         backbone = load_backbone(cfg.model, model_config=cfg.model_config, device=cfg.device, dtype=cfg.dtype)
+    cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
     spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides)
     report = ExtractionReport(len(tables.samples), len(tables.image_paths), tuple(cfg.noise_ts),
                               truncated=count_truncated(backbone.tokenizer, tables.samples.text, cfg.token_length))
@@ -83,7 +84,9 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
         # 4. Open the store: a new one, or the one there if its settings are the same (resume)
         writer = CacheWriter.open(cfg.out, spec=spec, settings=cache_settings(cfg, backbone), samples=tables.samples,
                                   images=tables.images, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
-                                  codec=cfg.codec, overwrite=cfg.overwrite)
+                                  codec=cfg.codec, overwrite=cfg.overwrite,
+                                  dataset_sha256=dataset_sha256(refer.refs_path, refer.instances_path))
+        report.dataset_changed = writer.dataset_changed
         with writer:
             run = Extraction(cfg, backbone, spec, writer, refer, tables, report)
             # 5. Stage 1: this process's part of the latents and sentences, then what no process holds
@@ -100,13 +103,22 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
                     report.incomplete[t] = todo
     except NonFiniteError as exc:
         raise NonFiniteError(f"{exc}{advice(exc, backbone.dtype)}") from None
-    except PermissionError:
-        raise  # a path the user cannot write: the CLI names it, there is nothing to resume
+    except CacheError:
+        raise  # a CacheWriteError is an OSError too, and already says what to do
     except OSError as exc:
-        raise CacheWriteError.from_os_error(cfg.out, exc) from exc
+        raise _write_error(cfg.out, exc) from exc
     report.bad = run.bad_by_sent_id()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _write_error(out: str, exc: OSError) -> CacheError:
+    """A failed write of the store, said by its cause: a path the user cannot write (choose another), or
+    a disk that is full or failing (free space or fix it, then resume)."""
+    if is_path_error(exc):
+        return CacheError(f"cannot write cache {out}: {describe_os_error(exc)}: a bad path or a missing permission, "
+                          "not a full disk; choose another --out or fix the folder's permissions")
+    return CacheWriteError.from_os_error(out, exc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +263,7 @@ class Extraction:
             tok = backbone.tokenizer([samples.text[row] for row in batch], padding="max_length",
                                      max_length=self.cfg.token_length, truncation=True, return_tensors="pt")
             ids = tok["input_ids"].to(backbone.device)
-            emb = batch_invariant(backbone, lambda b: backbone.text_encoder(b)[0], ids)
+            emb = batch_invariant(backbone, backbone.encode_text, ids)  # through the text adapter, if any
             emb = emb.to(torch.float16).cpu().numpy()
             self._load_masks(batch, masks, bad)
             if bad:  # recorded before the shard is written (see `latents`)

@@ -17,7 +17,13 @@ class ExtractionReport:
     bad: dict[int, str] = field(default_factory=dict)  # sent_id -> reason (with --skip-bad)
     shards_left: dict[Stage, int] = field(default_factory=dict)  # shards another process was writing
     incomplete: dict[int, int] = field(default_factory=dict)  # noise level -> shards not finished when it ended
+    # resumed a store whose dataset files changed since it was made (stage 1 was complete: nothing mixed)
+    dataset_changed: bool = False
     seconds: float = 0.0
+
+    DATASET_CHANGED_NOTE = ("the dataset changed since this cache was made; its stage 1 was complete, so the new "
+                            "noise levels were computed from the latents, sentences and masks stored in it, "
+                            "not from the new files")
 
     @property
     def computed(self) -> dict[str, int]:

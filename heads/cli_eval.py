@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from refseg.core.cli import dataclass_options, user_errors
+from refseg.core.cli import current_runtime, dataclass_options, user_errors
 from refseg.heads.settings import EvalSettings
 
 
@@ -14,14 +14,15 @@ from refseg.heads.settings import EvalSettings
 def main(**options):
     """Evaluate RUN on CACHE: P@0.5..P@0.9, oIoU, mIoU in percent."""
     from refseg.core.metrics import format_table
-    from refseg.heads.evaluate import run_evaluation
-    from refseg.heads.run_dir import read_config
+    from refseg.heads.evaluate import evaluate_run
 
     settings = EvalSettings(**options)
-    summary = run_evaluation(settings, progress=True)
-    t = settings.noise_t if settings.noise_t is not None else read_config(settings.run)["noise_t"]
-    click.echo(format_table([(f"T={t}", summary)], first_col="Noise"))
-    click.echo(f"{summary['n']} sentences, protocol {settings.protocol}")
+    result = evaluate_run(settings, progress=current_runtime().progress)
+    summary, loaded = result.summary, result.loaded
+    if loaded.caveats:  # the table's header says what the numbers are not (stderr said it already)
+        click.echo("Caveats: " + "; ".join(c.short for c in loaded.caveats))
+    click.echo(format_table([(f"T={loaded.noise_t}", summary)], first_col="Noise"))
+    click.echo(f"{summary['n']} sentences, protocol {settings.protocol}, checkpoint {loaded.checkpoint}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from refseg.core.cli import dataclass_options, user_errors
+from refseg.core.cli import current_runtime, dataclass_options, user_errors
 from refseg.heads.settings import TrainSettings
 
 
@@ -20,12 +20,19 @@ def main(**options):
     from refseg.heads.train import run_training
 
     settings = TrainSettings(**options)
-    summary = run_training(settings, progress=True)
+    summary = run_training(settings, progress=current_runtime().progress)
     if not Ranks.from_env().main:  # under torchrun, rank 0 reports
         return
     if summary.get("val"):
         from refseg.core.metrics import format_table
 
+        from refseg.cache.store import Coverage
+
+        names = {"cache": "training cache", "val_cache": "val cache"}
+        incomplete = [f"incomplete {names[key]}: {Coverage.from_dict(c).describe()}"
+                      for key, c in (summary.get("coverage") or {}).items() if c and not c["complete"]]
+        if incomplete:  # the table's header says what the numbers are not (--allow-incomplete)
+            click.echo("Caveats: " + "; ".join(incomplete))
         click.echo(format_table([(f"T={settings.noise_t} (val, last epoch)", summary["val"])]))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "val"}))
 

@@ -11,21 +11,24 @@ same way, compared with the union of the ref's polygons at full resolution (read
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from refseg.cache import FeatureDataset
+from refseg.cache.fingerprint import check_dataset_unchanged
 from refseg.core.device import resolve_device
 from refseg.core.errors import CacheMismatchError, RefsegError, RunError
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.metrics import RefSegMetrics
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast, batch_to_device, make_loader
-from refseg.heads.caches import as_cache, check_compatible
+from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, training_overlap
 from refseg.heads.losses import upsample_logits
+from refseg.heads.outputs import check_writable, inside, same_file
 from refseg.heads.registry import build_head
 from refseg.heads.settings import EvalSettings
 
@@ -119,6 +122,16 @@ def load_head(run, checkpoint: str = "best", device="cpu"):
 
 
 @dataclass
+class Caveat:
+    """Something that makes these numbers not what they seem: said on stderr, in the table's header
+    (`short`) and in the JSON (`key`)."""
+
+    key: str  # "checkpoint", "coverage", "training_samples"
+    short: str  # a few words for the table's header
+    message: str  # the warning line
+
+
+@dataclass
 class RunOnCache:
     """A run's head loaded to score one cache at one noise level (all checked)."""
 
@@ -130,10 +143,12 @@ class RunOnCache:
     noise_t: int
     dataset: FeatureDataset
     device: torch.device
+    coverage: object = None  # refseg.cache.store.Coverage of the noise level
+    caveats: list[Caveat] = field(default_factory=list)
 
 
 def load_run_on_cache(s: EvalSettings) -> RunOnCache:
-    """Check the run against the cache before anything long: settings, noise level, tensors."""
+    """Check the run against the cache before anything long: settings, noise level, coverage, tensors."""
     device = resolve_device(s.device)
     cfg = run_dir.read_config(s.run)  # a bad run fails before the cache is touched
     cache, cache_path = as_cache(s.cache)
@@ -143,13 +158,37 @@ def load_run_on_cache(s: EvalSettings) -> RunOnCache:
         raise RefsegError(f"run {s.run} was trained at noise T={cfg['noise_t']} but T={noise_t} was asked for: "
                           "pass --allow-noise-mismatch for a transfer study")
     noise_t = int(noise_t)
-    cache.done(noise_t)  # a missing noise level raises the cache's CacheError here
+    coverage = cache.coverage(noise_t)  # a missing noise level raises the cache's CacheError here
+    refuse_incomplete(coverage, cache_path, s.allow_incomplete)
     model, cfg, used = load_head(s.run, s.checkpoint, device)
     missing = [n for n in model.tensor_names if n not in cache.spec]
     if missing:
         raise CacheMismatchError(f"cache {cache_path} lacks {', '.join(missing)}, which head {cfg['head']!r} reads")
     dataset = FeatureDataset(cache_path, noise_t, names=model.tensor_names, text=model.uses_text)
-    return RunOnCache(model, cfg, used, cache, cache_path, noise_t, dataset, device)
+    loaded = RunOnCache(model, cfg, used, cache, cache_path, noise_t, dataset, device, coverage)
+    loaded.caveats = _caveats(s, loaded)
+    return loaded
+
+
+def _caveats(s: EvalSettings, loaded: RunOnCache) -> list[Caveat]:
+    """What is not what it seems: another checkpoint than asked, part of a noise level, training samples."""
+    out = []
+    if loaded.checkpoint != s.checkpoint:
+        why = "it was trained without --val-cache" if loaded.config.get("val_cache") is None else "the file is missing"
+        out.append(Caveat("checkpoint", f"checkpoint {loaded.checkpoint}, not {s.checkpoint}",
+                          f"run {s.run} has no {run_dir.CHECKPOINTS[s.checkpoint]} ({why}): evaluating the "
+                          f"{loaded.checkpoint} epoch's weights, {run_dir.CHECKPOINTS[loaded.checkpoint]}, instead"))
+    c = loaded.coverage
+    if not c.complete:
+        out.append(Caveat("coverage", f"incomplete cache: {c.describe()} at T={c.noise_t}",
+                          f"cache {loaded.cache_path} is incomplete at T={c.noise_t}: evaluating {c.describe()} "
+                          "(--allow-incomplete)"))
+    why = training_overlap(loaded.config, loaded.cache)
+    if why:
+        out.append(Caveat("training_samples", "on the run's training samples",
+                          f"evaluating run {s.run} on samples it was trained on: cache {loaded.cache_path} {why}; "
+                          "these numbers measure the fit to the training data, not generalisation"))
+    return out
 
 
 # ---- the Python API ------------------------------------------------------------------------------
@@ -164,7 +203,9 @@ def predict(run, cache, noise_t=None, **options):
     if unknown:
         raise TypeError(f"predict() got an unexpected keyword argument {unknown[0]!r}")
     s = EvalSettings(run=run, cache=cache, noise_t=noise_t, **options)
+    s.check()
     loaded = load_run_on_cache(s)
+    _warn(loaded.caveats)
     index = loaded.cache.index
 
     def generate():
@@ -184,12 +225,27 @@ def evaluate(run, cache, noise_t=None, *, progress=False, **options) -> dict:
 
 
 def run_evaluation(s: EvalSettings, progress: bool = False) -> dict:
-    """`evaluate` from its settings (what `refseg-eval` runs)."""
+    """`evaluate` from its settings -> the summary."""
+    return evaluate_run(s, progress).summary
+
+
+@dataclass
+class Evaluation:
+    """What `refseg-eval` reports: the summary, and what the run and cache were."""
+
+    summary: dict
+    loaded: RunOnCache
+
+
+def evaluate_run(s: EvalSettings, progress: bool = False) -> Evaluation:
+    """Score a run on a cache: every setting, output path and input checked before the long part."""
     s.check()
+    _check_outputs(s)
     loaded = load_run_on_cache(s)
     refer = None
     if s.protocol == "original" or s.overlays:
         refer = _refer_dataset(loaded.cache, s.data_root)  # fail on a missing dataset before the long part
+    _warn(loaded.caveats)  # once every check passed (an error stays one line), before the long part
     index, texts = loaded.cache.index, loaded.cache.texts
     original_gt = _union_masks(refer, index) if s.protocol == "original" else None
 
@@ -213,7 +269,7 @@ def run_evaluation(s: EvalSettings, progress: bool = False) -> dict:
         _write_csv(s.per_sample, records)
     if s.json_out:
         _write_json(s, loaded, summary)
-    return summary
+    return Evaluation(summary, loaded)
 
 
 # ---- evaluate's pieces ---------------------------------------------------------------------------
@@ -231,6 +287,37 @@ def _union_masks(refer, index):
     return target
 
 
+def _warn(caveats: list[Caveat]) -> None:
+    for caveat in caveats:
+        print(f"warning: {caveat.message}", file=sys.stderr, flush=True)
+
+
+def _check_outputs(s: EvalSettings) -> None:
+    """Refuse, before anything is computed, an output that cannot be written or would overwrite an
+    input (the run's files, the cache) or another output."""
+    outputs = [(flag, path, directory) for flag, path, directory in (
+        ("--json", s.json_out, False), ("--per-sample", s.per_sample, False), ("--overlays", s.overlays, True))
+        if path]
+    for k, (flag, path, directory) in enumerate(outputs):
+        for other_flag, other, _ in outputs[:k]:
+            if same_file(path, other):
+                raise RefsegError(f"{flag} and {other_flag} are the same path {path}: give each its own")
+        for what, source in (("cache", s.cache), ("run", s.run)):
+            if isinstance(source, (str, Path)) and _overwrites(Path(path), Path(source), what):
+                raise RefsegError(f"{flag} {path} would overwrite the {what} {source}: write it somewhere else")
+        check_writable(path, flag, directory=directory)
+
+
+def _overwrites(path: Path, source: Path, what: str) -> bool:
+    """Whether writing `path` replaces input `source` or a file in it. A run folder may take new
+    files beside its own (an eval JSON or CSV, as `refseg-report demo` writes there)."""
+    if not source.exists() or not inside(path, source):
+        return False
+    if what == "run" and not same_file(path, source) and same_file(path.parent, source):
+        return path.name in (*run_dir.CHECKPOINTS.values(), run_dir.CONFIG, run_dir.METRICS, run_dir.STATE)
+    return what != "run" or same_file(path, source)
+
+
 def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
     cfg = loaded.config
     info = {
@@ -239,6 +326,9 @@ def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
         "noise_t": loaded.noise_t, "trained_noise_t": cfg["noise_t"],
         "cache": str(loaded.cache_path), "cache_fingerprint": loaded.cache.fingerprint,
         "cache_settings": loaded.cache.settings, "run_cache_fingerprint": cfg["cache"]["fingerprint"],
+        "checkpoint_requested": s.checkpoint, "coverage": loaded.coverage.to_dict(),
+        "on_training_samples": any(c.key == "training_samples" for c in loaded.caveats),
+        "warnings": [c.message for c in loaded.caveats],
     }
     Path(s.json_out).parent.mkdir(parents=True, exist_ok=True)
     run_dir.write_json(Path(s.json_out), info)
@@ -267,4 +357,7 @@ def _refer_dataset(cache, data_root):
     text_field = ds.get("text_field") or (cache.settings.get("extraction") or {}).get("text_field")
     if text_field:
         kwargs["text_field"] = text_field
-    return ReferDataset(root, ds.get("dataset"), ds.get("split_by", "unc"), **kwargs)
+    refer = ReferDataset(root, ds.get("dataset"), ds.get("split_by", "unc"), **kwargs)
+    # the cache's samples are looked up in these files: refuse files that changed since extraction
+    check_dataset_unchanged(cache.path, cache.attrs, refer.refs_path, refer.instances_path)
+    return refer

@@ -12,13 +12,20 @@ RUN/
                      weights and state can never come from different epochs
 ```
 Every file is written to a temporary name and renamed into place, so an interrupted run leaves the
-previous epoch's files intact. Nothing here unpickles: weights and state are safetensors only.
+previous epoch's files intact, with the mode a plain `open()` would give it (0666 less the umask).
+Nothing here unpickles: weights and state are safetensors only. A trainer holds the directory's lock
+(`RunLock`) while it writes, so a second trainer on the same directory is refused, not interleaved.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from refseg.core.errors import RunError
+from refseg.heads.outputs import PROBE_PREFIX
 
 CONFIG = "config.json"
 HEAD = "head.safetensors"
@@ -36,31 +44,109 @@ CHECKPOINTS = {"last": HEAD, "best": BEST}
 
 
 # ---- creating / checking a directory ------------------------------------------------------------
-def prepare_new(out: Path) -> None:
-    """Create `out` for a fresh run; refuse an existing non-empty directory (never clobber a run)."""
+def has_entries(out: Path) -> bool:
+    """Whether folder `out` holds anything (a write check's passing probe file does not count)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"run path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+    return out.is_dir() and any(not p.name.startswith(PROBE_PREFIX) for p in out.iterdir())
+
+
+def refuse_non_empty(out: Path) -> None:
+    """A new run needs `out` absent or empty."""
+    if has_entries(out):
         raise RunError(f"run directory {out} already exists and is not empty: pass --resume to continue it, "
                        "or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def require_run(run: Path) -> Path:
+    """`run` if it is a head run directory, else a RunError that says what is there instead."""
     run = Path(run)
-    if not run.is_dir():
+    if run.is_file():
+        hint = f": pass its folder, --run {run.parent}" if (run.parent / CONFIG).is_file() else ""
+        raise RunError(f"run {run} is a file, not a run directory{hint}")
+    if not run.exists():
         raise RunError(f"run directory {run} does not exist")
+    if not run.is_dir():
+        raise RunError(f"run {run} is not a directory")
     if not (run / CONFIG).is_file():
-        raise RunError(f"{run} is not a head run directory (no {CONFIG})")
+        raise RunError(f"{run} is not a head run directory (no {CONFIG}){_what_else(run)}")
     return run
+
+
+def _what_else(folder: Path) -> str:
+    """What a folder without config.json looks like it is, for the error that refuses it as a run."""
+    if (folder / "zarr.json").is_file():
+        return ": it is a Zarr store (a cache? pass it as --cache)"
+    if (folder / CONFIG).exists():
+        return f" ({CONFIG} is not a file)"
+    return ""
+
+
+# ---- one trainer per directory ------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on a run directory, held while a trainer writes it; `release()` when done.
+
+    The lock is `flock` on the directory itself, not a lock file: a run directory gains no extra
+    file and nothing is left next to it (cache/lock.py's lock file beside a store would be one more
+    entry in the user's runs folder), and unlike its POSIX record locks, `flock` also keeps apart two
+    trainers in one process (the Python API). The kernel drops it when the process ends, however it
+    ends, so a killed trainer leaves no stale lock. A file system that cannot lock a directory (some
+    NFS setups) is said so on stderr, and training goes on unguarded.
+    """
+
+    def __init__(self, folder: Path, warn: bool = True):
+        self.folder = Path(folder)
+        self._fd: int | None = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(f"run directory {self.folder} is being written by another training process right "
+                               "now: wait for it to finish, or choose another --out") from None
+            if warn:
+                print(f"warning: cannot lock run directory {self.folder} ({os.strerror(exc.errno or 0)}): "
+                      "a second trainer on it would not be detected", file=sys.stderr, flush=True)
+
+    @classmethod
+    def refuse_if_held(cls, folder: Path) -> None:
+        """The RunError of a folder another trainer holds now (checked early, before any other)."""
+        if Path(folder).is_dir():
+            cls(folder, warn=False).release()
+
+    def release(self) -> None:
+        # unlock explicitly: DataLoader workers forked meanwhile hold copies of the descriptor, and
+        # closing ours alone would leave the lock held until they exit
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---- atomic writes ------------------------------------------------------------------------------
 def _replace_atomically(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600: give the mode open() would
     os.replace(tmp, path)
+
+
+_umask_guard = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"^Umask:\s*([0-7]+)$", f.read(), re.M)
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    with _umask_guard:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:

@@ -5,6 +5,8 @@ options are generated from these fields (`refseg.core.cli.dataclass_options`).""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,15 @@ OPTIMIZERS = {  # name: (default lr, weight decay, poly decay)
 }
 POLY_POWER = 0.9
 PROTOCOLS = ("vpd", "original")
+NOISE_T_RANGE = (0, 9999)  # a cache stores noise level T in group tNNNN (cache/layout.py)
+SEED_RANGE = (0, 2**32 - 1)  # EpochShuffle seeds a generator with seed * 1_000_003 + epoch: keep it in int64
+# Upper bounds that stop a typo before it allocates or forks without limit: a vpd decoder 4096 wide
+# (VPD's is 640) already takes ~10 GB of weights and optimizer state; 64 DataLoader processes is
+# far beyond what feeding a head needs.
+HIDDEN_MAX = 4096
+WORKERS_MAX = 64
+INCOMPLETE_HELP = ("Use a noise level whose extraction is unfinished (only its done samples); the coverage is "
+                   "recorded in the results.")
 
 
 @dataclass
@@ -52,6 +63,7 @@ class TrainSettings:
     resume: bool = field(default=False, metadata=cli("Continue RUN from its last completed epoch.", flag="--resume"))
     eval_every: int = field(default=1, metadata=cli("Validate every N epochs (and last)."))
     max_samples: int | None = field(default=None, metadata=cli("Train on the first N finished samples only."))
+    allow_incomplete: bool = field(default=False, metadata=cli(INCOMPLETE_HELP, flag="--allow-incomplete"))
 
     def __post_init__(self):
         self.noise_t, self.out = int(self.noise_t), Path(self.out)
@@ -71,8 +83,17 @@ class TrainSettings:
             raise RefsegError(f"unknown optimizer {self.optimizer!r} (choose {' or '.join(OPTIMIZERS)})")
         if self.loss not in LOSSES:
             raise RefsegError(f"unknown loss {self.loss!r} (choose {' or '.join(LOSSES)})")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise RefsegError("--epochs and --batch-size must be at least 1")
+        require_int("--noise-t", self.noise_t, *NOISE_T_RANGE)
+        require_int("--epochs", self.epochs, 1)
+        require_int("--batch-size", self.batch_size, 1)
+        require_int("--hidden", self.hidden, 1, HIDDEN_MAX)
+        require_int("--workers", self.workers, 0, WORKERS_MAX)
+        require_int("--eval-every", self.eval_every, 1)
+        require_int("--seed", self.seed, *SEED_RANGE)
+        if self.max_samples is not None:
+            require_int("--max-samples", self.max_samples, 1)
+        if self.lr is not None:
+            require_positive("--lr", self.lr)
 
     def optimization(self) -> tuple[float, float, bool]:
         """(learning rate, weight decay, poly decay): the optimizer's defaults unless `lr` is given."""
@@ -106,9 +127,32 @@ class EvalSettings:
     max_overlays: int = 16
     batch_size: int = 16
     device: str = "auto"
+    allow_incomplete: bool = field(default=False, metadata=cli(INCOMPLETE_HELP, flag="--allow-incomplete"))
 
-    PREDICT = ("checkpoint", "device", "batch_size", "allow_noise_mismatch")  # what `predict` takes
+    PREDICT = ("checkpoint", "device", "batch_size", "allow_noise_mismatch", "allow_incomplete")  # what `predict` takes
 
     def check(self) -> None:
+        """One-line errors for values the command line lets through (and any the Python API is given)."""
         if self.protocol not in PROTOCOLS:
             raise RefsegError(f"unknown protocol {self.protocol!r} (choose {' or '.join(PROTOCOLS)})")
+        if self.checkpoint not in run_dir.CHECKPOINTS:
+            raise RefsegError(f"unknown checkpoint {self.checkpoint!r} (choose best or last)")
+        if self.noise_t is not None:
+            require_int("--noise-t", self.noise_t, *NOISE_T_RANGE)
+        require_int("--batch-size", self.batch_size, 1)
+        require_int("--max-overlays", self.max_overlays, 0)
+
+
+def require_int(option: str, value, low: int, high: int | None = None) -> None:
+    """A RefsegError naming `option` unless `value` is an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RefsegError(f"{option} must be a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise RefsegError(f"{option} must be {allowed}, got {value}")
+
+
+def require_positive(option: str, value) -> None:
+    """A RefsegError naming `option` unless `value` is a finite number above 0 (nan, inf, 0 and below are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise RefsegError(f"{option} must be a finite number above 0, got {value!r}")

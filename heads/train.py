@@ -19,10 +19,12 @@ over the state it returns, the per-batch step of one head, and the end of an epo
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
+from refseg.core.errors import RunError
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast, batch_to_device
 from refseg.heads.evaluate import evaluate_model
@@ -44,7 +46,11 @@ def train(cache, noise_t, head, out, *, progress=True, **options) -> dict:
 def run_training(settings: TrainSettings, head_args: dict | None = None, *, progress: bool = True) -> dict:
     """`train` from its settings (what `refseg-train-head` runs)."""
     state = set_up(settings, head_args or {}, progress)
-    run_epochs(state)
+    try:
+        run_epochs(state)
+    finally:  # however training ends, the run directory is free for the next trainer (or --resume)
+        if state.run_lock is not None:
+            state.run_lock.release()
     state.ranks.stop()
     return _summary(state)
 
@@ -106,6 +112,9 @@ def train_step(state: TrainState, head: HeadState, inputs: tuple, gt: torch.Tens
 def end_epoch(state: TrainState, head: HeadState, record: dict) -> None:
     """Validate (rank 0, when due) and keep the best weights, then write the epoch's files."""
     s, epoch = state.settings, record["epoch"]
+    if not math.isfinite(record["loss"]):  # nothing of this epoch is saved: the run keeps the last good one
+        raise RunError(f"training diverged in epoch {epoch}: the loss is {record['loss']}; {s.out} keeps what the "
+                       "epochs before it saved; try a lower --lr")
     if state.val_set is not None and (epoch % s.eval_every == 0 or epoch == s.epochs):
         summary, _ = evaluate_model(head.model, state.val_set, device=state.device, batch_size=max(s.batch_size, 16))
         record["val"] = summary
@@ -135,7 +144,7 @@ def _summary(state: TrainState) -> dict:
     last = history[-1] if history else {}
     return {"run": str(head.out), "head": s.head, "noise_t": s.noise_t, "epochs": last.get("epoch", state.epoch),
             "loss": last.get("loss"), "val": last.get("val"), "best_val_oIoU": head.best_oiou,
-            "samples": int(state.n_samples), "parameters": head.parameters}
+            "samples": int(state.n_samples), "parameters": head.parameters, "coverage": state.coverage}
 
 
 def _bar(progress: bool, total: int, desc: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,16 @@ import numpy as np
 import torch
 
 from refseg.cache import FeatureDataset
+from refseg.cache.store import Coverage
 from refseg.core.device import resolve_device
 from refseg.core.errors import CacheError, RunError
 from refseg.core.memory import available_memory
 from refseg.heads import run_dir
 from refseg.heads.batches import make_loader
-from refseg.heads.caches import as_cache, check_compatible
+from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, refuse_shared_samples
 from refseg.heads.distributed import RankBatches, Ranks
 from refseg.heads.losses import CLASS_WEIGHTS
+from refseg.heads.outputs import check_writable, make_dirs, remove_empty
 from refseg.heads.registry import HEADS, build_head
 from refseg.heads.settings import POLY_POWER, TrainSettings
 
@@ -81,6 +84,8 @@ class TrainState:
     progress: bool
     epoch: int = 0  # the last completed epoch
     iteration: int = 0  # optimizer steps taken
+    run_lock: run_dir.RunLock | None = None  # rank 0's hold on the run directory (released when training ends)
+    coverage: dict | None = None  # {"cache": ..., "val_cache": ...}: how much of the noise level each holds
 
     def say(self, message: str) -> None:
         say(self.progress, message)
@@ -93,13 +98,16 @@ class Samples:
     cache: object
     path: Path
     rows: np.ndarray
+    coverage: Coverage  # of the whole noise level, whatever part of it `rows` takes
 
 
 def set_up(s: TrainSettings, head_args: dict, progress: bool = True) -> TrainState:
     """Checks, data, head, run directory, optimizer and (with `resume`) the state to continue from."""
-    # 1. settings, processes (one unless launched by torchrun) and samples: refused before anything is written
+    # 1. settings, the run path, processes (one unless launched by torchrun) and samples: refused
+    #    before anything is written
     s.check()
     ranks = Ranks.from_env()
+    _check_out(s, ranks)
     device = ranks.start(resolve_device(s.device))
     progress = progress and ranks.main
     train, val = _finished_samples(s)
@@ -108,10 +116,30 @@ def set_up(s: TrainSettings, head_args: dict, progress: bool = True) -> TrainSta
     torch.manual_seed(s.seed)
     model = build_head(s.head, train.cache.spec, **_head_args(s, head_args))
 
-    # 3. config.json's content, and the run directory: new, or the same experiment to resume
+    # 3. config.json's content, and the run directory: new, or the same experiment to resume. Rank 0
+    #    holds its lock from here until training ends; a set-up that fails now leaves the folder as it was
     config = _config(s, model, train, val, ranks.world)
-    _open_run_dir(s, config, ranks)
+    lock, created = _open_run_dir(s, config, ranks)
+    try:
+        state = _start(s, model, train, val, ranks, device, progress)
+        if ranks.main:
+            run_dir.write_json(s.out / run_dir.CONFIG, config)
+    except BaseException:
+        _abandon(lock, created)
+        raise
+    state.run_lock = lock
+    state.coverage = {"cache": config["cache"]["coverage"], "val_cache": config["val_cache_coverage"]}
+    if ranks.main:  # once every check passed: an error stays one line
+        _warn_incomplete(s, [("cache", train), ("val cache", val)])
+    state.say(f"training {s.head} ({state.head.parameters / 1e6:.2f}M parameters) on {state.n_samples} samples at "
+              f"T={s.noise_t}, {device}, {s.epochs} epochs x {len(state.batches)} iterations"
+              + (f", {ranks.world} ranks" if ranks.active else ""))
+    return state
 
+
+def _start(s: TrainSettings, model, train: Samples, val: Samples | None, ranks: Ranks, device: torch.device,
+           progress: bool) -> TrainState:
+    """Steps 4 and 5 of `set_up`: the data, the optimizer and the position to start from."""
     # 4. data: every rank loads its own copy of the training set; rank 0 alone validates
     def dataset(part: Samples, copies: int = 1) -> FeatureDataset:
         return FeatureDataset(part.path, s.noise_t, names=model.tensor_names, rows=part.rows, text=model.uses_text,
@@ -128,34 +156,51 @@ def set_up(s: TrainSettings, head_args: dict, progress: bool = True) -> TrainSta
     state = TrainState(s, head, ranks, device, batches, loader, len(train_set), val_set, progress)
     if s.resume:
         _resume(state)
-    if ranks.main:
-        run_dir.write_json(s.out / run_dir.CONFIG, config)
-    state.say(f"training {s.head} ({head.parameters / 1e6:.2f}M parameters) on {len(train_set)} samples at "
-              f"T={s.noise_t}, {device}, {s.epochs} epochs x {len(batches)} iterations"
-              + (f", {ranks.world} ranks" if ranks.active else ""))
     return state
 
 
 # ---- the steps ----------------------------------------------------------------------------------
+def _check_out(s: TrainSettings, ranks: Ranks) -> None:
+    """--out must be a folder this process can write (or create), free, and empty unless resumed."""
+    check_writable(s.out, "--out", directory=True, error=RunError)
+    if ranks.main:  # (the other ranks of a torchrun job would find rank 0's lock)
+        run_dir.RunLock.refuse_if_held(s.out)  # the cause to name, before the folder's contents are judged
+    if not s.resume:
+        run_dir.refuse_non_empty(s.out)
+
+
 def _finished_samples(s: TrainSettings) -> tuple[Samples, Samples | None]:
-    """The training samples (and val's), refused in one line when there are none."""
+    """The training samples (and val's), refused in one line when there are none, when the noise
+    level is unfinished (unless --allow-incomplete), or when val holds training samples."""
     train_cache, train_path = as_cache(s.cache)
-    train = _finished(train_cache, train_path, s.noise_t, "cache", s.max_samples)
+    train = _finished(train_cache, train_path, s, "cache", s.max_samples)
     if s.val_cache is None:
         return train, None
     val_cache, val_path = as_cache(s.val_cache)
     check_compatible(train_cache.settings, val_cache.settings, f"training cache {train_path}", str(val_path),
                      reference="the training cache")
-    return train, _finished(val_cache, val_path, s.noise_t, "val cache")
+    val = _finished(val_cache, val_path, s, "val cache", None)
+    refuse_shared_samples((train.cache, train.path, train.rows), (val.cache, val.path, val.rows))
+    return train, val
 
 
-def _finished(cache, path: Path, noise_t: int, what: str, limit: int | None = None) -> Samples:
-    rows = np.flatnonzero(np.asarray(cache.done(noise_t)))  # a missing noise level: the cache's CacheError
+def _finished(cache, path: Path, s: TrainSettings, what: str, limit: int | None) -> Samples:
+    done = np.asarray(cache.done(s.noise_t))  # a missing noise level: the cache's CacheError
+    coverage = Coverage.from_flags(s.noise_t, done, cache.skipped(s.noise_t))
+    refuse_incomplete(coverage, path, s.allow_incomplete, what)
+    rows = np.flatnonzero(done)
     if limit is not None:
         rows = rows[: int(limit)]
     if len(rows) == 0:
-        raise CacheError(f"{what} {path} has no finished samples at noise T={noise_t}")
-    return Samples(cache, path, rows)
+        raise CacheError(f"{what} {path} has no finished samples at noise T={s.noise_t}")
+    return Samples(cache, path, rows, coverage)
+
+
+def _warn_incomplete(s: TrainSettings, parts: list[tuple[str, Samples | None]]) -> None:
+    for what, part in parts:
+        if part is not None and not part.coverage.complete:
+            print(f"warning: {what} {part.path} is incomplete at T={s.noise_t}: using {part.coverage.describe()} "
+                  "(--allow-incomplete; recorded in config.json)", file=sys.stderr, flush=True)
 
 
 def _head_args(s: TrainSettings, head_args: dict) -> dict:
@@ -175,8 +220,10 @@ def _config(s: TrainSettings, model, train: Samples, val: Samples | None, world:
         "head": s.head, "head_args": model.head_args, "spec": train.cache.spec.select(model.tensor_names).to_dict(),
         "noise_t": s.noise_t, "timestep": int(train.cache.timestep(s.noise_t)),
         "cache": {"path": str(train.path), "fingerprint": train.cache.fingerprint, "settings": train.cache.settings,
-                  "samples": int(len(train.rows))},
+                  "samples": int(len(train.rows)), "sample_selection": train.cache.sample_selection,
+                  "coverage": train.coverage.to_dict()},
         "val_cache": str(val.path) if val is not None else None,
+        "val_cache_coverage": val.coverage.to_dict() if val is not None else None,
         "seed": s.seed, "optimizer": s.optimizer, "lr": lr, "weight_decay": weight_decay,
         "lr_schedule": f"poly {POLY_POWER} per iteration" if poly else "constant",
         "loss": s.loss, "class_weights": list(CLASS_WEIGHTS), "epochs": s.epochs, "batch_size": s.batch_size,
@@ -185,16 +232,34 @@ def _config(s: TrainSettings, model, train: Samples, val: Samples | None, world:
     }
 
 
-def _open_run_dir(s: TrainSettings, config: dict, ranks: Ranks) -> None:
-    if s.resume and (s.out / run_dir.CONFIG).exists():
-        _check_resumable(s.out, config)
-    elif s.resume and s.out.is_dir() and any(s.out.iterdir()):
-        raise RunError(f"{s.out} is not empty and is not a head run directory (no {run_dir.CONFIG}): "
-                       "nothing to resume")
-    elif not s.resume and ranks.main:
-        run_dir.prepare_new(s.out)
-    ranks.barrier()  # the other ranks look at `out` only once rank 0 has made it
-    s.out.mkdir(parents=True, exist_ok=True)
+def _open_run_dir(s: TrainSettings, config: dict, ranks: Ranks) -> tuple[run_dir.RunLock | None, list[Path]]:
+    """-> (rank 0's lock on `out`, the folders made for it). Under the lock, `out` is checked again:
+    another trainer may have filled it since `_check_out`."""
+    lock, created = None, []
+    if ranks.main:
+        created = make_dirs(s.out)
+        lock = run_dir.RunLock(s.out)  # refused here, it leaves `out` as it is: the other trainer's
+    try:
+        if s.resume and (s.out / run_dir.CONFIG).exists():
+            _check_resumable(s.out, config)
+        elif s.resume and run_dir.has_entries(s.out):
+            raise RunError(f"{s.out} is not empty and is not a head run directory (no {run_dir.CONFIG}): "
+                           "nothing to resume")
+        elif not s.resume and ranks.main:
+            run_dir.refuse_non_empty(s.out)
+        ranks.barrier()  # the other ranks look at `out` only once rank 0 has made it
+        s.out.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        _abandon(lock, created)
+        raise
+    return lock, created
+
+
+def _abandon(lock: run_dir.RunLock | None, created: list[Path]) -> None:
+    """A set-up that failed: drop the lock and the folders it made, if still empty."""
+    if lock is not None:
+        lock.release()
+    remove_empty(created)
 
 
 def _check_resumable(out: Path, config: dict) -> None:
@@ -205,6 +270,10 @@ def _check_resumable(out: Path, config: dict) -> None:
     if old["cache"]["fingerprint"] != config["cache"]["fingerprint"]:
         raise RunError(f"run {out} was trained on a different cache (fingerprint {old['cache']['fingerprint']}, "
                        f"this one {config['cache']['fingerprint']})")
+    if old["cache"].get("samples") != config["cache"]["samples"]:
+        raise RunError(f"run {out} was trained on {old['cache'].get('samples')} samples of its cache, not "
+                       f"{config['cache']['samples']}: resume with the same samples (did the cache's done samples "
+                       "change?), or choose another --out")
     for key in RESUME_KEYS:
         if old.get(key) != config.get(key):
             raise RunError(f"run {out} was trained with {key}={old.get(key)!r}, not {config.get(key)!r}: resume with "

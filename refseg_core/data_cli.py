@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import user_errors
+from refseg.core.cli import check_output_path, user_errors
+from refseg.core.errors import DataError
 
 
 @click.group(name="refseg-data")
@@ -19,17 +20,25 @@ def main():
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Root folder; the dataset goes to OUT/refcoco-synth/.")
 @click.option("--images", default=200, show_default=True, type=click.IntRange(min=1), help="Number of scenes.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same bytes in every file.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Same seed, same bytes in every file.")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32, max=4096),
               help="Side of the square images in pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace the dataset already in OUT/refcoco-synth/.")
 @user_errors
-def synth(out: Path, images: int, seed: int, image_size: int):
+def synth(out: Path, images: int, seed: int, image_size: int, overwrite: bool):
     """Write the deterministic synthetic dataset (coloured shapes + referring sentences).
 
     Then: refseg-data info --data-root OUT --dataset refcoco-synth
     """
-    from refseg.core.synthetic import generate
+    from refseg.core.synthetic import DATASET_NAME, existing_dataset, generate
 
+    check_output_path(out / DATASET_NAME, "the dataset")
+    found = existing_dataset(out)
+    if found and not overwrite:
+        raise DataError(f"{out / DATASET_NAME} already holds a dataset ({found}); refusing to replace it: pass "
+                        "--overwrite to replace it (caches made from it will then say that the dataset changed), "
+                        "or choose another --out")
     start = time.perf_counter()
     root = generate(out, images=images, seed=seed, image_size=image_size)
     click.echo(f"wrote {images} images to {root} in {time.perf_counter() - start:.1f}s")
@@ -41,14 +50,15 @@ def synth(out: Path, images: int, seed: int, image_size: int):
               help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
 @click.option("--dataset", required=True, help="refcoco, refcoco+, refcocog, refcoco-synth ...")
 @click.option("--split-by", default="unc", show_default=True, help="unc, google or umd (names refs(<split_by>).p).")
-@click.option("--image-root", type=click.Path(path_type=Path), default=None,
-              help="Folder of the images (default: <data-root>/<dataset>/images if present, "
-                   "else <data-root>/images/mscoco/images/train2014).")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None, help="Folder of the images.",
+              show_default="<data-root>/<dataset>/images if present, else <data-root>/images/mscoco/images/train2014")
 @user_errors
 def info(data_root: Path, dataset: str, split_by: str, image_root: Path | None):
     """Print refs / sentences / images per split, and totals."""
     ds = _load(data_root, dataset, split_by, image_root)
     click.echo(f"{ds.dataset} ({ds.refs_path.name}); images under {ds.image_root}")
+    if ds.polygons:  # degenerate polygons skipped when rasterising (docs/DESIGN.md §3)
+        click.echo(f"polygons: {ds.polygons.describe()}")
     _print_table(ds)
 
 

@@ -15,13 +15,26 @@ pycocotools at the original size, the per-polygon masks are summed and pixels eq
 object (rule ``vpd``), so where two polygons of one annotation overlap the pixels are background.
 Rule ``union`` keeps any pixel covered by a polygon. Crowd annotations are RLE (counts a list =
 uncompressed, or a string = compressed) and give the same mask under both rules.
+
+Degenerate polygons (fewer than 3 points, an empty list, a coordinate that is not finite or lies
+beyond ±1e6) are skipped when rasterising: pycocotools gives a 1- or 2-point polygon no pixels, so
+the mask is `refer.getMask`'s, byte for byte, wherever refer.getMask gives one (it fails when such a
+polygon comes first, taking a 4-number one for a box). An odd-length polygon loses its dangling
+last number, as pycocotools does. An annotation left with no polygon has an empty mask and its refs
+stay (the split keeps its sentences; an empty prediction scores IoU 0 on it, as LAVT counts U = 0).
+They are counted once per dataset (`ReferDataset.polygons`, a `DegeneratePolygonWarning`), never a
+reason to refuse the dataset.
+
+Splits are selected as `refer.getRefIds` does: ``testA``/``testB``/``testC`` take every ref whose
+split contains the letter (a ``testAB`` ref is in testA and testB), ``test`` every split containing
+``test``, any other name (train, val, testAB, ...) the refs whose split equals it.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +45,13 @@ from refseg.core.errors import DataError, RefsegError
 from refseg.core.safe_pickle import safe_load
 
 MASK_RULES = ("vpd", "union")
+# pycocotools upsamples a polygon 5x into int32 pixel runs along its edges: a coordinate of 1e8
+# overflows it (segfault), 1e7 takes gigabytes. Real annotations stay within a few image sizes.
+MAX_COORDINATE = 1e6
 TEXT_FIELDS = ("sent", "raw")
 # Order used when listing splits; anything else follows alphabetically.
 _SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
+_LETTER_SPLITS = ("testA", "testB", "testC")  # refer.getRefIds selects these by their last letter
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,64 @@ class Sample:
     image_path: Path
     sentence: str
     category_id: int
+
+
+class DegeneratePolygonWarning(UserWarning):
+    """Some polygons of a dataset's annotations give no area and are skipped (said once per dataset)."""
+
+
+@dataclass
+class PolygonReport:
+    """Polygons of the refs' annotations that are not rasterised as written (see the module docstring)."""
+
+    path: str = "instances.json"
+    skipped: int = 0  # fewer than 3 points, or a coordinate not finite or beyond ±MAX_COORDINATE
+    trimmed: int = 0  # odd number of coordinates, 3 points or more: the dangling last one is ignored
+    annotations: list[int] = field(default_factory=list)  # ids of the annotations holding any of them
+    empty: list[int] = field(default_factory=list)  # ids of the annotations left with no polygon at all
+
+    def __bool__(self) -> bool:
+        return bool(self.skipped or self.trimmed or self.empty)
+
+    def describe(self) -> str:
+        """One line with the counts, for a warning or `refseg-data info`; "" when there is nothing."""
+        changed = []
+        if self.skipped:
+            changed.append(f"{_count(self.skipped, 'degenerate polygon')} skipped when rasterising (fewer than "
+                           f"3 points, or a coordinate not finite or beyond ±{int(MAX_COORDINATE):,})")
+        if self.trimmed:
+            changed.append(f"{_count(self.trimmed, 'odd-length polygon')} rasterised without its last number")
+        parts = []
+        if changed:
+            parts.append(" and ".join(changed) + f", in {_count(len(self.annotations), 'annotation')} "
+                         f"({_ids(self.annotations)})")
+        if self.empty:
+            whose = "its" if len(self.empty) == 1 else "their"
+            parts.append(f"{_count(len(self.empty), 'annotation')} left with no polygon ({_ids(self.empty)}): "
+                         f"the masks of {whose} refs are empty")
+        return f"{self.path}: " + "; ".join(parts) if parts else ""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _ids(ids: list[int], shown: int = 5) -> str:
+    listed = ", ".join(str(i) for i in ids[:shown]) + (", ..." if len(ids) > shown else "")
+    return f"id {listed}" if len(ids) == 1 else f"ids {listed}"
+
+
+def usable_polygon(polygon: list) -> list[float] | None:
+    """A polygon as pycocotools rasterises it (a dangling odd number dropped), or None if it has no area.
+
+    None for fewer than 3 points: pycocotools fills a 1- or 2-point polygon with nothing, and takes
+    a 4-number one for a box when it comes first. None too for a coordinate that is not finite or
+    beyond ±MAX_COORDINATE, which pycocotools cannot rasterise (segfault or gigabytes).
+    """
+    points = polygon[: len(polygon) // 2 * 2]
+    if len(points) < 6 or not all(abs(v) <= MAX_COORDINATE for v in points):  # abs(nan) <= x is False
+        return None
+    return [float(v) for v in points]
 
 
 def decode_rle(rle):
@@ -96,6 +171,20 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def in_split(split: str, ref_split: str) -> bool:
+    """Whether a ref whose split is `ref_split` belongs to the requested `split`, as in `refer.getRefIds`.
+
+    testA/testB/testC: the letter is in the ref's split (refer.py: "we also consider testAB,
+    testBC, ..."), so a testAB ref is in testA and in testB; test: "test" is in it; any other
+    name (train, val, testAB, testBC, testAC, ...): equal.
+    """
+    if split in _LETTER_SPLITS:
+        return split[-1] in ref_split
+    if split == "test":
+        return "test" in ref_split
+    return ref_split == split
 
 
 def _split_sort_key(name: str):
@@ -153,8 +242,12 @@ class ReferDataset:
             self.image_root = self.data_root / "images" / "mscoco" / "images" / "train2014"
 
         self._images, self._anns, self._categories = self._read_instances()
+        self.polygons = PolygonReport(path=str(self.instances_path))
         self._refs = self._read_refs()
         self._refs_by_id = {ref["ref_id"]: ref for ref in self._refs}
+        if self.polygons:
+            # once per dataset, here rather than per mask: a split can hold thousands of sentences
+            warnings.warn(self.polygons.describe(), DegeneratePolygonWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ reading and checking
 
@@ -209,6 +302,7 @@ class ReferDataset:
             raise DataError(f"malformed refs file {path}: expected a list of refs, got {type(refs).__name__}")
         seen_refs: set[int] = set()
         seen_sents: set[int] = set()
+        checked_anns: set[int] = set()
         for index, ref in enumerate(refs):
             if not isinstance(ref, dict):
                 raise DataError(f"malformed refs file {path}: ref #{index} is a {type(ref).__name__}, not a dict")
@@ -260,29 +354,45 @@ class ReferDataset:
                     f"{name} in {path}: annotation {ref['ann_id']} belongs to image {ann.get('image_id')!r}, "
                     f"not to the ref's image {ref['image_id']}"
                 )
-            self._check_segmentation(ann)
+            if ann["id"] not in checked_anns:  # several refs may share one annotation: count it once
+                checked_anns.add(ann["id"])
+                self._check_segmentation(ann)
         return refs
 
     def _check_segmentation(self, ann: dict) -> None:
-        """Reject segmentations pycocotools would misread (a 4-number polygon is taken for a box)."""
+        """Refuse malformed segmentations; count the degenerate polygons `mask` will skip (`self.polygons`).
+
+        A polygon that is not a flat list of numbers, or a broken RLE, means a broken file and is
+        refused. A polygon that is merely degenerate (too few points, odd length, absurd coordinates)
+        is what real COCO holds now and then: counted, never a reason to refuse the dataset.
+        """
         where = f"annotation {ann['id']} in {self.instances_path}"
         seg = ann.get("segmentation")
         img = self._images[ann["image_id"]]
         if isinstance(seg, dict):
             self._check_rle(seg, img, where)
             return
-        if not isinstance(seg, list) or not seg:
+        if not isinstance(seg, list):
             raise DataError(f"{where}: 'segmentation' must be a list of polygons or an RLE, got {seg!r:.60}")
+        skipped = trimmed = usable = 0
         for k, part in enumerate(seg):
             if isinstance(part, dict):
                 self._check_rle(part, img, f"{where} part #{k}")
+                usable += 1
                 continue
             if not isinstance(part, list) or not all(_is_number(v) for v in part):
                 raise DataError(f"{where}: polygon #{k} is not a flat list of x, y numbers")
-            if len(part) % 2:
-                raise DataError(f"{where}: polygon #{k} has an odd number of coordinates ({len(part)})")
-            if len(part) < 6:
-                raise DataError(f"{where}: polygon #{k} has {len(part) // 2} points; a polygon needs at least 3")
+            if usable_polygon(part) is None:
+                skipped += 1
+            else:
+                usable += 1
+                trimmed += len(part) % 2
+        if skipped or trimmed:
+            self.polygons.skipped += skipped
+            self.polygons.trimmed += trimmed
+            self.polygons.annotations.append(ann["id"])
+        if not usable:
+            self.polygons.empty.append(ann["id"])
 
     @staticmethod
     def _check_rle(rle: dict, img: dict, where: str) -> None:
@@ -319,18 +429,16 @@ class ReferDataset:
         }
 
     def available_splits(self) -> list[str]:
-        """Split names `samples` accepts: those in the file, plus `test` when testA/testB exist."""
+        """Split names `samples` accepts: those in the file, plus test/testA/testB/testC where they select refs."""
         names = list(self.splits())
-        if "test" not in names and any("test" in n for n in names):
-            names.append("test")
+        for name in ("test", *_LETTER_SPLITS):
+            if name not in names and any(in_split(name, r["split"]) for r in self._refs):
+                names.append(name)
         return sorted(names, key=_split_sort_key)
 
     def refs(self, split: str) -> list[dict]:
-        """The refs of `split` (``test`` = every split whose name contains ``test``, as `refer` does)."""
-        if split == "test":
-            chosen = [r for r in self._refs if "test" in r["split"]]
-        else:
-            chosen = [r for r in self._refs if r["split"] == split]
+        """The refs of `split`, in file order, selected as `refer.getRefIds` does (see `in_split`)."""
+        chosen = [r for r in self._refs if in_split(split, r["split"])]
         if not chosen:
             raise DataError(
                 f"unknown split {split!r} for {self.dataset} ({self.refs_path.name}); "
@@ -384,7 +492,10 @@ class ReferDataset:
         return str(cat.get("name", category_id)) if cat else str(category_id)
 
     def mask(self, ref_id: int, rule: str = "vpd") -> np.ndarray:
-        """Ground-truth mask of a ref: bool (H, W) at the image's original size."""
+        """Ground-truth mask of a ref: bool (H, W) at the image's original size.
+
+        Degenerate polygons are skipped (`usable_polygon`); an annotation with none left is all False.
+        """
         if rule not in MASK_RULES:
             raise RefsegError(f"unknown mask rule {rule!r}; choose one of: {', '.join(MASK_RULES)}")
         ref = self.ref(ref_id)
@@ -397,10 +508,11 @@ class ReferDataset:
             # how many parts cover each pixel; uint8 and one part at a time keep a huge image's mask
             # at ~2 bytes per pixel (an int32 (H, W, n) stack took 12: 1.2 GB at 10,000 x 10,000)
             stack = np.zeros((h, w), dtype=np.uint8 if len(parts) < 255 else np.int32)
-            polygons = [p for p in parts if isinstance(p, list)]
+            # degenerate polygons are skipped (counted at construction): a 4-number one would be read as a box
+            polygons = [q for q in (usable_polygon(p) for p in parts if isinstance(p, list)) if q is not None]
             if polygons:
                 # one RLE per polygon, summed, as refer.getMask does with its (H, W, n) stack
-                for rle in mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], h, w):
+                for rle in mask_utils.frPyObjects(polygons, h, w):
                     stack += decode_rle(rle)
             for part in parts:
                 if isinstance(part, dict):

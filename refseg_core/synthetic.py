@@ -366,12 +366,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def existing_dataset(out_root: str | Path) -> str | None:
+    """What a dataset already in ``out_root/refcoco-synth`` holds ("40 images, 57 refs"), or None.
+
+    A folder with images but neither refs nor instances file is a `generate` that was interrupted
+    (those files are written last): nothing anyone could use, so None.
+    """
+    root = Path(out_root) / DATASET_NAME
+    files = [root / "instances.json", root / f"refs({SPLIT_BY}).p"]
+    if not any(f.exists() for f in files):
+        return None
+    n_images = len(list((root / "images").glob("*"))) if (root / "images").is_dir() else 0
+    return f"{n_images} image files, {' and '.join(f.name for f in files if f.exists())}"
+
+
 def generate(out_root: str | Path, images: int = 200, seed: int = 0, image_size: int = 128) -> Path:
-    """Write the synthetic dataset under ``out_root/refcoco-synth``; returns that folder."""
+    """Write the synthetic dataset under ``out_root/refcoco-synth``; returns that folder.
+
+    A dataset already there is replaced (the command asks for --overwrite first: `existing_dataset`).
+    """
     if images < 1:
         raise ValueError("images must be at least 1")
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
+    if seed < 0:
+        raise ValueError("seed must be 0 or more")
     root = Path(out_root) / DATASET_NAME
     image_dir = root / "images"
     image_dir.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,7 @@ def main():
 
 @main.command(help="Synthetic data -> caches at each T -> heads -> ablation table and figures, under --out.")
 @dataclass_options(DemoConfig, skip=NOT_OPTIONS)
-@click.option("--quiet", is_flag=True)
-@user_errors
+@user_errors  # adds --quiet (and --threads, which DemoConfig's own field replaces: its default is 1)
 def demo(quiet, **settings):
     cfg = DemoConfig(**settings, progress=not quiet)
     result = run_demo(cfg)

@@ -14,6 +14,8 @@ from refseg.heads.cli_eval import main as eval_main
 from refseg.heads.cli_train import main as train_main
 from refseg.core.data_cli import main as data_main
 from refseg.study.cli import main as report_main
+from refseg.study.cli_import import main as import_main
+from refseg.study.cli_predict import main as predict_main
 
 COMMANDS = {
     "refseg-data": data_main,
@@ -22,6 +24,8 @@ COMMANDS = {
     "refseg-train-head": train_main,
     "refseg-eval": eval_main,
     "refseg-report": report_main,
+    "refseg-import": import_main,
+    "refseg-predict": predict_main,
 }
 
 

@@ -18,9 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import click
 
 from refseg.core.cli import cli
+
+if TYPE_CHECKING:
+    from refseg.extract.config import ExtractionConfig
 
 
 @dataclass
@@ -49,6 +54,31 @@ class DemoConfig:
         "Torch CPU threads. 1 reproduces the table exactly; more run faster but round differently."))
     progress: bool = True
     timings: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Refuse a setting the study cannot use before anything is written under --out (one line)."""
+        from refseg.core.errors import RefsegError
+        from refseg.heads.registry import HEADS, head_names
+
+        for flag, value, low in (("--images", self.images, 1), ("--image-size", self.image_size, 32),
+                                 ("--epochs", self.epochs, 1), ("--hidden", self.hidden, 1),
+                                 ("--threads", self.threads, 1)):
+            if value is not None and value < low:
+                raise RefsegError(f"{flag} must be at least {low} (got {value})")
+        if not self.heads or any(h not in HEADS for h in self.heads):
+            raise RefsegError(f"--head takes {', '.join(head_names())} (got {', '.join(self.heads) or 'none'})")
+        if not self.noise_ts:
+            raise RefsegError("--noise-t needs at least one noise level")
+
+    def extraction(self, split: str, model: str) -> ExtractionConfig:
+        """The extraction of one split of the study's data."""
+        from refseg.extract.config import ExtractionConfig
+
+        out = Path(self.out)
+        return ExtractionConfig(data_root=str(out / "data"), dataset="refcoco-synth", split=split,
+                                out=str(out / "cache" / f"{split}.zarr"), model=model, noise_ts=self.noise_ts,
+                                image_size=self.image_size, token_length=self.token_length,
+                                batch_size=self.batch_size, device=self.device, progress=self.progress)
 
 
 # The fields without a command-line option (`refseg-report demo` has --quiet for `progress`).
@@ -82,14 +112,23 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _run_demo(cfg: DemoConfig) -> dict:
-    from refseg.extract.pipeline import ExtractionConfig, run_extraction
+    from refseg.extract.pipeline import run_extraction
     from refseg.heads import evaluate, train
     from refseg.backbones.loading import load_backbone
+    from refseg.core.cli import check_output_path
     from refseg.core.synthetic import generate
 
+    # every setting is checked before anything is written under --out
+    cfg.check()
+    check_output_path(cfg.out, "the study's folder")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.model)
+    backbone = load_backbone(model, device=cfg.device)
+    extractions = {split: cfg.extraction(split, model) for split in ("train", "val")}
+    for extraction in extractions.values():
+        extraction.check()
+        extraction.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
+    out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -103,14 +142,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
     lap("data")
 
     say(cfg, f"[2/4] extraction with --model {model} at T = {', '.join(map(str, cfg.noise_ts))}")
-    backbone = load_backbone(model, device=cfg.device)
     caches = {}
-    for split in ("train", "val"):
-        caches[split] = out / "cache" / f"{split}.zarr"
-        report = run_extraction(ExtractionConfig(
-            data_root=str(out / "data"), dataset="refcoco-synth", split=split, out=str(caches[split]), model=model,
-            noise_ts=cfg.noise_ts, image_size=cfg.image_size, token_length=cfg.token_length,
-            batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress), backbone=backbone)
+    for split, extraction in extractions.items():
+        caches[split] = Path(extraction.out)
+        report = run_extraction(extraction, backbone=backbone)
         say(cfg, "\n".join(report.lines()))
     lap("extract")
 

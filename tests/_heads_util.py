@@ -62,9 +62,18 @@ def _pool(mask: np.ndarray, factor: int) -> np.ndarray:
     return mask.reshape(g, factor, g, factor).mean(axis=(1, 3))
 
 
+# Sentence ids per split, as a real dataset numbers them: no sentence is in two splits (training
+# refuses a val cache that shares samples with the training cache).
+FIRST_SENT_ID = {"train": 1000, "val": 200_000, "test": 400_000}
+
+
 def make_cache(path, n: int = 48, *, split="train", seed=0, noise_levels=(5,), the_spec=None, shard_size=8,
-               noise=0.5, refer=None, settings_override=None) -> dict:
-    """Write a learnable cache at `path`; returns {"spec", "target" (N,) 0=P 1=Q, "gt" (N,S,S)}."""
+               noise=0.5, refer=None, settings_override=None, feature_shards=None, skipped_rows=()) -> dict:
+    """Write a learnable cache at `path`; returns {"spec", "target" (N,) 0=P 1=Q, "gt" (N,S,S)}.
+
+    `feature_shards`: write only the first k shards of each noise level (an interrupted extraction);
+    `skipped_rows`: rows recorded as bad (`--skip-bad`: stored as zeros, flagged skipped).
+    """
     the_spec = the_spec or spec()
     rng = np.random.default_rng(seed)
     S, L, D = the_spec.image_size, the_spec.token_length, the_spec.text_dim
@@ -79,7 +88,8 @@ def make_cache(path, n: int = 48, *, split="train", seed=0, noise_levels=(5,), t
         hw = {s.image_id: (refer.image(s.image_id)["height"], refer.image(s.image_id)["width"]) for s in chosen}
     else:
         n += n % 2  # two sentences per image
-        samples = [{"sent_id": 1000 + i, "ref_id": 500 + i, "ann_id": 700 + i, "image_id": 100 + i // 2,
+        first = FIRST_SENT_ID.get(split, 600_000)
+        samples = [{"sent_id": first + i, "ref_id": 500 + i, "ann_id": 700 + i, "image_id": 100 + i // 2,
                     "text": f"the {'first' if i % 2 == 0 else 'second'} rectangle of image {i // 2}"}
                    for i in range(n)]
         hw = {100 + k: (S + 8 * k, S) for k in range(n // 2)}
@@ -133,10 +143,12 @@ def make_cache(path, n: int = 48, *, split="train", seed=0, noise_levels=(5,), t
     for rows in writer.text_shards_todo():
         writer.write_text(rows, np.zeros((rows.stop - rows.start, L), np.int32), attention_mask[rows],
                           embedding[rows], gt[rows])
+    skipped = np.zeros(n, bool)
+    skipped[list(skipped_rows)] = True
     for t in noise_levels:
         writer.add_noise_level(t, timestep=max(t, 1))
-        for rows in writer.feature_shards_todo(t):
-            writer.write_features(t, rows, {name: a[rows] for name, a in features.items()})
+        for rows in writer.feature_shards_todo(t)[:feature_shards]:
+            writer.write_features(t, rows, {name: a[rows] for name, a in features.items()}, skipped=skipped[rows])
     return {"spec": the_spec, "target": target, "gt": gt}
 
 

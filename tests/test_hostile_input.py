@@ -123,8 +123,6 @@ BROKEN_FILES = {
                                     "field 'image_id' must be an integer"),
     "truncated instances.json": (
         lambda f: (f / "instances.json").write_text((f / "instances.json").read_text()[:150]), "malformed JSON in"),
-    "polygon of 2 points": (lambda f: _break_polygon(f, [1, 1, 5, 5]), "polygon #0 has 2 points"),
-    "odd coordinate count": (lambda f: _break_polygon(f, [1, 1, 5, 5, 9]), "odd number of coordinates (5)"),
 }
 
 
@@ -138,6 +136,19 @@ def test_broken_dataset_files_exit_2_before_anything_is_written(cli, tmp_path, d
     assert code == 2 and needle in one_line(stderr), stderr
     assert not out.exists() and not Path(f"{out}.lock").exists()
     assert not (root / DATASET / "pwned").exists()
+
+
+@pytest.mark.parametrize("polygon", [[1, 1, 5, 5], [1, 1, 5, 5, 9]], ids=["2 points", "odd coordinate count"])
+def test_degenerate_polygon_is_skipped_not_a_refusal_of_the_dataset(cli, tmp_path, polygon):
+    """As `refer.getMask` (issue 14): the polygon gives no pixels, the rest of the dataset is extracted."""
+    root = write_dataset(tmp_path / "data", {"a.png": rgb(0), "b.png": rgb(1)})
+    _break_polygon(root / DATASET, polygon)
+    out = tmp_path / "C.zarr"
+    with pytest.warns(UserWarning, match="degenerate polygon"):
+        code, _, stderr = cli(cli_args(root, out))
+    assert code == 0, stderr
+    cache = open_cache(out)
+    assert cache.done(0).all() and cache.gt([0])[0].any() and not cache.gt([1])[0].any()
 
 
 def test_polygon_outside_the_image_is_clipped_not_an_error(tiny_backbone, tmp_path):

