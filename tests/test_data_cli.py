@@ -2,6 +2,7 @@
 
 import pickle
 
+from _cli_util import one_line_error as _one_line_error
 from click.testing import CliRunner
 
 from refseg.core.data_cli import main
@@ -44,14 +45,6 @@ def test_synth_options_are_checked(tmp_path):
     result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path), "--image-size", "8"])
     assert result.exit_code == 2
 
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_missing_data_root(tmp_path):

@@ -25,6 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from _cache_util import store_files
+from _cli_util import one_line
 from refseg.cache import open_cache
 from refseg.cache.fingerprint import (
     check_dataset_unchanged,
@@ -42,11 +43,6 @@ from refseg.extract.pipeline import run_extraction
 
 BIN = Path(sys.executable).parent
 
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli_util import one_line_error as _one_line_error
 from _heads_util import make_cache
 from click.testing import CliRunner
 
@@ -44,14 +45,6 @@ def caches(tmp_path_factory):
     train(root / "train.zarr", T, "vpd", root / "noval", **FAST)
     return root
 
-
-def _one_line_error(result, *fragments) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _train(cache, out, *extra, head="vpd"):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _cli_util import one_line_error as _one_line_error
 from _heads_util import make_cache, settings, train_val_caches
 from click.testing import CliRunner
 from PIL import Image
@@ -33,14 +34,6 @@ def _train(root, out, *extra):
         "--val-cache", str(root / "val.zarr"), "--epochs", "2", "--hidden", "8", "--optimizer", "adam",
         "--lr", "1e-3", *extra])
 
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_cli_train_then_eval_prints_the_table(cli_caches, tmp_path):

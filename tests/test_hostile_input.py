@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import zarr
 from _cache_util import store_files
+from _cli_util import one_line
 from _fault_util import run
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
@@ -82,11 +83,6 @@ def cli(monkeypatch, tiny_backbone):
 
     return invoke
 
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 def rgb(seed: int, size=(40, 48)) -> Image.Image:

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from _cli_util import one_line_error as _one_line_error
 from _heads_util import make_cache
 from click.testing import CliRunner
 
@@ -47,14 +48,6 @@ def _copy_run(runs, name, tmp_path):
     shutil.copytree(runs / name, target)
     return target
 
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _evaluate(run, cache):
