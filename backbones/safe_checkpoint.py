@@ -59,6 +59,9 @@ def read_checkpoint(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"checkpoint {path} does not exist")
+    if _torch_version() < (2, 6):  # safe_globals takes (class, "module.name") pairs from torch 2.6 on
+        raise ModelError(f"reading training checkpoints safely needs torch >= 2.6 (this is {torch.__version__}); "
+                         "upgrade torch to import it")
     is_zip = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals([(SavedArgs, "argparse.Namespace")]):
@@ -73,6 +76,11 @@ def read_checkpoint(path) -> dict:
     if not isinstance(data, dict):
         raise ModelError(f"checkpoint {path} holds a {type(data).__name__}, not a dict of parts")
     return data
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def saved_args(checkpoint: dict) -> dict:

@@ -65,15 +65,21 @@ LOCATION_KEYS = (("backbone", "model"), ("dataset", "data_root"), ("dataset", "i
 FORMER_KIND = {"tiny-synth": "folder"}
 
 
+def with_former_kind(backbone: dict) -> dict:
+    """A backbone's settings with a renamed kind under its former name, as fingerprints hash it."""
+    if backbone.get("kind") in FORMER_KIND:
+        backbone = {**backbone, "kind": FORMER_KIND[backbone["kind"]]}
+    return backbone
+
+
 def without_locations(payload: dict) -> dict:
     """`payload` as the fingerprint sees it: without where files live, kinds under their former names."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in payload.items()}
     for group, key in LOCATION_KEYS:
         if isinstance(out.get(group), dict):
             out[group].pop(key, None)
-    backbone = out.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("kind") in FORMER_KIND:
-        backbone["kind"] = FORMER_KIND[backbone["kind"]]
+    if isinstance(out.get("backbone"), dict):
+        out["backbone"] = with_former_kind(out["backbone"])
     return out
 
 

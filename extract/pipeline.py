@@ -37,7 +37,8 @@ from refseg.backbones.loading import Backbone, load_backbone
 from refseg.cache.fingerprint import dataset_sha256
 from refseg.cache.layout import DEFAULT_SHARD_SIZE
 from refseg.cache.writer import CacheWriter
-from refseg.core.cli import check_output_path, describe_os_error, is_path_error
+from refseg.core.cli import describe_os_error, is_path_error
+from refseg.core.paths import check_output_path
 from refseg.core.errors import CacheError, CacheWriteError, DataError, NonFiniteError
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.noise import add_noise, alphas_cumprod, make_noise

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from refseg.cache import open_cache
-from refseg.cache.fingerprint import FORMER_KIND
+from refseg.cache.fingerprint import with_former_kind
 from refseg.core.errors import CacheError, CacheMismatchError
 
 
@@ -28,21 +28,13 @@ def check_compatible(run_settings: dict, cache_settings: dict, run_name: str, ca
     The dataset part may differ (a run trained on the train split is evaluated on val).
     """
     for part in ("backbone", "extraction"):
-        a, b = _as_hashed(run_settings.get(part)), _as_hashed(cache_settings.get(part))
+        # a run recorded before a backbone kind was renamed still matches a cache made after it
+        a, b = (with_former_kind(dict(s.get(part) or {})) for s in (run_settings, cache_settings))
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
                 raise CacheMismatchError(
                     f"cache {cache_name} is incompatible with {run_name}: {part}.{key} is "
                     f"{_short(b.get(key))} in the cache but {_short(a.get(key))} in {reference}")
-
-
-def _as_hashed(settings) -> dict:
-    """`settings` with a renamed backbone kind under its former name, as fingerprints hash it, so a
-    run recorded before the rename still matches a cache made after it (and the reverse)."""
-    out = dict(settings or {})
-    if out.get("kind") in FORMER_KIND:
-        out["kind"] = FORMER_KIND[out["kind"]]
-    return out
 
 
 def _short(value) -> str:

@@ -28,7 +28,7 @@ from refseg.heads import run_dir
 from refseg.heads.batches import autocast, batch_to_device, make_loader
 from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, training_overlap
 from refseg.heads.losses import upsample_logits
-from refseg.heads.outputs import check_writable, inside, same_file
+from refseg.core.paths import check_writable, inside, same_file
 from refseg.heads.registry import build_head
 from refseg.heads.settings import EvalSettings
 

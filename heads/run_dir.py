@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from refseg.core.errors import RunError
-from refseg.heads.outputs import PROBE_PREFIX
+from refseg.core.paths import PROBE_PREFIX
 
 CONFIG = "config.json"
 HEAD = "head.safetensors"

@@ -28,7 +28,7 @@ from refseg.heads.batches import make_loader
 from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, refuse_shared_samples
 from refseg.heads.distributed import RankBatches, Ranks
 from refseg.heads.losses import CLASS_WEIGHTS
-from refseg.heads.outputs import check_writable, make_dirs, remove_empty
+from refseg.core.paths import check_writable, make_dirs, remove_empty
 from refseg.heads.registry import HEADS, build_head
 from refseg.heads.settings import POLY_POWER, TrainSettings
 

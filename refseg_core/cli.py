@@ -67,43 +67,6 @@ def describe_os_error(exc: OSError) -> str:
     return f"{cause}{' [' + code + ']' if code else ''}{where}"
 
 
-def nearest_existing(path: str) -> str:
-    """The deepest folder or file of `path` (absolute) that exists."""
-    probe = os.path.abspath(path)
-    while not os.path.lexists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    return probe
-
-
-def check_output_path(path, what: str, flag: str = "--out") -> None:
-    """Refuse, before anything is computed or written, an output folder that cannot be made at `path`.
-
-    Catches the common bad paths (a file where the folder or one of its parents should be, a folder
-    without write permission, a read-only file system) by looking, not by writing: nothing is created
-    here. Whatever this cannot foresee is still said in the same terms when the write fails
-    (`describe_os_error`, `user_errors`).
-    """
-    path = os.fspath(path)
-    if "://" in path and not path.startswith("file://"):
-        return  # a remote (fsspec) URL: its own library reports its errors
-    target = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
-    anchor = nearest_existing(target)
-    if not os.path.isdir(anchor):
-        where = "it is a file" if anchor == target else f"{anchor} is a file"
-        raise RefsegError(f"cannot write {what} {path}: {where}, not a folder; choose another {flag}")
-    readonly = getattr(os, "ST_RDONLY", 1)
-    with contextlib.suppress(OSError):
-        if os.statvfs(anchor).f_flag & readonly:
-            raise RefsegError(f"cannot write {what} {path}: {anchor} is on a read-only file system; "
-                              f"choose another {flag}")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise RefsegError(f"cannot write {what} {path}: no permission to write in {anchor}; choose another {flag} "
-                          "or fix its permissions")
-
-
 # ---- options generated from a dataclass ---------------------------------------------------------
 # One source for each default: a command's settings are a dataclass's fields, and its click options
 # are generated from them, so a default or a help text is written once (at the field).

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import check_output_path, user_errors
+from refseg.core.cli import user_errors
+from refseg.core.paths import check_output_path
 from refseg.core.errors import DataError
 
 

@@ -115,7 +115,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from refseg.extract.pipeline import run_extraction
     from refseg.heads import evaluate, train
     from refseg.backbones.loading import load_backbone
-    from refseg.core.cli import check_output_path
+    from refseg.core.paths import check_output_path
     from refseg.core.synthetic import generate
 
     # every setting is checked before anything is written under --out

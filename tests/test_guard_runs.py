@@ -371,3 +371,16 @@ def test_run_files_get_the_mode_open_would_give(caches, tmp_path, umask, mode):
         os.umask(old)
     files = sorted((tmp_path / "run").iterdir()) + [tmp_path / "e.json"]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+
+
+def test_a_run_recorded_before_the_tiny_synth_kind_rename_still_matches_its_caches():
+    from refseg.core.errors import CacheMismatchError
+    from refseg.heads.caches import check_compatible
+
+    old_run = {"backbone": {"model": "tiny-synth", "kind": "folder", "weights_sha256": "w"}, "extraction": {}}
+    new_cache = {"backbone": {"model": "tiny-synth", "kind": "tiny-synth", "weights_sha256": "w"}, "extraction": {}}
+    check_compatible(old_run, new_cache, "run", "cache")
+    check_compatible(new_cache, old_run, "run", "cache")
+    other = {"backbone": {"model": "tiny-synth", "kind": "file", "weights_sha256": "w"}, "extraction": {}}
+    with pytest.raises(CacheMismatchError, match="backbone.kind is 'file' in the cache but 'folder' in the run"):
+        check_compatible(old_run, other, "run", "cache")

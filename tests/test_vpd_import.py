@@ -269,3 +269,14 @@ def test_non_vpd_checkpoint_exits_2_with_one_line(tmp_path):
     assert result.exit_code == 2
     line = result.output.strip()
     assert len(line.splitlines()) == 1 and "not a VPD" in line and "gamma" in line and "unet.unet.diffusion_model" in line
+
+
+def test_an_older_torch_is_refused_in_one_line_before_reading(monkeypatch):
+    import torch
+
+    from refseg.backbones import safe_checkpoint
+    from refseg.core.errors import ModelError
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(ModelError, match=r"needs torch >= 2\.6 \(this is 2\.5\.1\+cu121\)"):
+        safe_checkpoint.read_checkpoint(FIXTURE / "vpd_refer.pth")

@@ -1,7 +1,8 @@
 """Where a command will write, checked before it starts: a long evaluation must not fail at its
 last step on a path it could have refused at once, and a refusal must leave nothing behind.
 
-`check_writable` creates nothing that stays: it looks at the path, and proves the first folder that
+`check_output_path` (extraction's store, the synthetic dataset, the demo) only looks at the path.
+`check_writable` (the heads' run folders and eval outputs) creates nothing that stays: it looks at the path, and proves the first folder that
 exists can take a new entry by creating and removing one (permission bits alone do not say so for
 root, a read-only mount or /proc). `make_dirs` remembers the folders it made, so that a set-up that
 fails afterwards removes them again (`remove_empty`).
@@ -9,6 +10,7 @@ fails afterwards removes them again (`remove_empty`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +26,32 @@ def nearest_existing(path: Path) -> Path:
     while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
+
+
+def check_output_path(path, what: str, flag: str = "--out") -> None:
+    """Refuse, before anything is computed or written, an output folder that cannot be made at `path`.
+
+    Catches the common bad paths (a file where the folder or one of its parents should be, a folder
+    without write permission, a read-only file system) by looking, not by writing: nothing is created
+    here. Whatever this cannot foresee is still said in the same terms when the write fails
+    (`describe_os_error`, `user_errors`).
+    """
+    path = os.fspath(path)
+    if "://" in path and not path.startswith("file://"):
+        return  # a remote (fsspec) URL: its own library reports its errors
+    target = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+    anchor = str(nearest_existing(target))
+    if not os.path.isdir(anchor):
+        where = "it is a file" if anchor == target else f"{anchor} is a file"
+        raise RefsegError(f"cannot write {what} {path}: {where}, not a folder; choose another {flag}")
+    readonly = getattr(os, "ST_RDONLY", 1)
+    with contextlib.suppress(OSError):
+        if os.statvfs(anchor).f_flag & readonly:
+            raise RefsegError(f"cannot write {what} {path}: {anchor} is on a read-only file system; "
+                              f"choose another {flag}")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise RefsegError(f"cannot write {what} {path}: no permission to write in {anchor}; choose another {flag} "
+                          "or fix its permissions")
 
 
 def check_writable(path, what: str, *, directory: bool = False, error=RefsegError) -> None:
