@@ -38,8 +38,9 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        "pyyaml",  # refseg-sweep's GRID.yaml (yaml.safe_load only)
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "refseg-data=refseg.core.data_cli:main",
@@ -47,9 +48,12 @@ setup(
             "refseg-extract=refseg.extract.cli:main",
             "refseg-train-head=refseg.heads.cli_train:main",
             "refseg-eval=refseg.heads.cli_eval:main",
+            "refseg-sweep=refseg.heads.cli_sweep:main",
+            "refseg-compare=refseg.heads.cli_compare:main",
             "refseg-report=refseg.study.cli:main",
             "refseg-import=refseg.study.cli_import:main",
             "refseg-predict=refseg.study.cli_predict:main",
+            "refseg-probe=refseg.study.cli_probe:main",
         ],
     },
 )

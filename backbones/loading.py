@@ -1,8 +1,10 @@
-"""Loading the frozen backbone (VAE, UNet, CLIP text encoder, tokenizer, noise schedule).
+"""Loading the frozen backbone (VAE, denoiser, text encoders, tokenizers, noise schedule) of any family.
 
 `--model` accepts a Hugging Face hub id, a local diffusers folder, a single `.safetensors`/`.ckpt`
-file (with `--model-config DIR` offline), `tiny` (random, built in code) or `tiny-synth` (trained,
-shipped as a diffusers folder). Nothing downloads implicitly: only a hub id that is not a local
+file (with `--model-config DIR` offline), `tiny` (random, built in code), `tiny-synth` (trained,
+shipped as a diffusers folder) or another family's tiny random model (`tiny-sd2`, `tiny-sdxl`, ...).
+Which family a model is comes from its model_index.json (backbones/families/); the family loads,
+names and runs its parts, this module only finds them and records their identity. Nothing downloads implicitly: only a hub id that is not a local
 path reaches the network, never with HF_HUB_OFFLINE=1, and only when it is not in the local
 Hugging Face cache already and a quick connection to the hub opens (else it fails at once, saying
 so, instead of retrying for half a minute); whatever cannot be found is a `ModelError` listing
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import socket
@@ -30,14 +31,17 @@ import torch
 
 from refseg.core.device import resolve_device
 from refseg.core.errors import ModelError
-from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES, FeatureSpec
+from refseg.backbones.families import FAMILIES, Family, TextConditioning, family_for_index, read_model_index, tiny_names
+from refseg.core.feature_spec import FeatureSpec
+from refseg.core.noise import FLOW, SD_SCHEDULE, NoiseInput
 
 ACCEPTED_FORMS = (
     "--model accepts: a Hugging Face hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), "
     "a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), "
-    "a single .safetensors/.ckpt file (with --model-config DIR offline), 'tiny' or 'tiny-synth'"
+    "a single .safetensors/.ckpt file (with --model-config DIR offline), 'tiny' or 'tiny-synth', "
+    "or a family's tiny random model ('tiny-sd2', 'tiny-sdxl', ...)"
 )
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # SD1.x's; each family lists its own
 TINY_SYNTH_DIR = Path(__file__).parent / "assets" / "tiny-synth"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PROBE_SECONDS = 5.0  # how long a connection to the hub may take to open before it counts as unreachable
@@ -47,10 +51,15 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 @dataclass
 class Backbone:
-    """The frozen parts extraction runs; `identity` goes into the cache fingerprint."""
+    """The frozen parts extraction runs; `identity` goes into the cache fingerprint.
+
+    Everything family-specific goes through `family` (backbones/families/) with `components` (all of
+    the model's parts by diffusers' names); `vae`, `unet` (None for a transformer family: see
+    `denoiser`), `text_encoder` and `tokenizer` are the first of each, as before families existed.
+    """
 
     vae: torch.nn.Module
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler_config: dict
@@ -59,46 +68,99 @@ class Backbone:
     dtype: torch.dtype
     # VPD's text adapter (backbones/text_adapter.py), from a folder's text_adapter/; None: CLIP's output as is
     text_adapter: torch.nn.Module | None = None
+    family: Family | None = None  # None: "sd" (SD1.x), as every backbone was before families existed
+    components: dict | None = None  # None: the fields above
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """What the UNet is conditioned on: the text encoder's last_hidden_state, through the adapter if any."""
-        embedding = self.text_encoder(input_ids)[0]
-        return embedding if self.text_adapter is None else self.text_adapter(embedding)
+    def __post_init__(self):
+        if self.family is None:
+            self.family = FAMILIES["sd"]
+        if self.components is None:
+            self.components = dict(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
+                                   tokenizer=self.tokenizer, scheduler_config=self.scheduler_config)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet, or the transformer of a DiT family."""
+        return self.family.denoiser(self.components)
+
+    # ---- text -------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], token_length: int) -> dict[str, torch.Tensor]:
+        return self.family.tokenize(self.components, texts, token_length)
+
+    def encode(self, tokens: dict[str, torch.Tensor]) -> TextConditioning:
+        """What the denoiser is conditioned on, through the text adapter if any (SD families)."""
+        text = self.family.encode_text(self.components, tokens)
+        if self.text_adapter is not None:
+            text = TextConditioning(self.text_adapter(text.embedding), text.pooled)
+        return text
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text context of `input_ids` alone (one-tokenizer families: SD1.x/2.x)."""
+        return self.encode({"input_ids": input_ids}).embedding
+
+    def text_shape(self, token_length: int) -> tuple[int, int]:
+        return self.family.text_shape(self.components, token_length)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.family.pooled_dim(self.components)
+
+    # ---- latents and noise ------------------------------------------------------------------------
+    @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor(self.components)
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return self.family.scaling_factor(self.components)
+
+    @property
+    def shift_factor(self) -> float | None:
+        return self.family.shift_factor(self.components)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels(self.components)
+
+    def noise_input(self, t: int | None = None, sigma: float | None = None, timestep: int | None = None) -> NoiseInput:
+        return self.family.noise_input(self.components, t=t, sigma=sigma, timestep=timestep)
 
     @property
     def max_token_length(self) -> int:
-        return int(self.text_encoder.config.max_position_embeddings)
+        return self.family.max_token_length(self.components)
 
     @property
     def max_stride(self) -> int:
-        """The coarsest feature stride (pixels): the UNet halves the latent once per level after the first,
-        so an image side must be a multiple of this (64 for Stable Diffusion)."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """The coarsest feature stride (pixels): an image side must be a multiple of this (64 for SD1.x)."""
+        return self.family.max_stride(self.components)
 
     @property
     def schedule_steps(self) -> int:
-        """Steps of the noise schedule (1000 for Stable Diffusion): noise levels are 0 .. this - 1."""
+        """Steps of the noise schedule --noise-t counts in (1000 for Stable Diffusion; flow models: SD's scale)."""
+        if self.family.noise_kind == FLOW:
+            return int(SD_SCHEDULE["num_train_timesteps"])
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
-    def spec(self, image_size: int = 512, token_length: int = 40, strides=DEFAULT_STRIDES,
-             attn_strides=DEFAULT_ATTN_STRIDES) -> FeatureSpec:
-        """What extraction stores for this backbone at `image_size` with `token_length` tokens."""
-        if token_length > self.max_token_length:
-            raise ModelError(f"--token-length {token_length} exceeds the text encoder's "
-                             f"{self.max_token_length} positions")
-        try:
-            return FeatureSpec.from_unet_config(dict(self.unet.config), image_size, token_length,
-                                                self.vae_scale_factor, strides, attn_strides)
-        except ValueError as exc:
-            raise ModelError(str(exc)) from None
+    @property
+    def default_image_size(self) -> int:
+        """The family's training resolution (SD1.x 512, SD2.x-v 768, SDXL 1024, ...)."""
+        size = getattr(self.family, "image_size_default", None)
+        return size(self.components) if size else self.family.default_image_size
+
+    # ---- features ---------------------------------------------------------------------------------
+    def spec(self, image_size: int = 512, token_length: int = 40, strides=None, attn_strides=None,
+             **choices) -> FeatureSpec:
+        """What extraction stores for this backbone at `image_size` with `token_length` tokens (strides:
+        the family's defaults when None)."""
+        if strides is not None:
+            choices["strides"] = strides
+        if attn_strides is not None:
+            choices["attn_strides"] = attn_strides
+        return self.family.spec(self.components, image_size, token_length, **choices)
+
+    def capture(self, spec: FeatureSpec):
+        """The family's capture context (`.run(latents, noise, text, return_output=False)`)."""
+        return self.family.capture(self.components, spec)
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -111,43 +173,35 @@ def load_backbone(model: str, *, model_config: str | None = None, device="auto",
 
 
 def _load(model: str, model_config: str | None, device: torch.device, dtype: torch.dtype) -> Backbone:
-    if model == "tiny":
-        from refseg.backbones.tiny import build_tiny
-
-        parts, kind, name = build_tiny(), "tiny", "tiny"
-        parts["scheduler_config"] = dict(parts.pop("scheduler").config)
+    tiny = tiny_names()
+    if model in tiny:
+        family = tiny[model]
+        parts, kind, name = family.build_tiny(), "tiny", model
+        if "scheduler" in parts:  # a scheduler object, or its config already (either is allowed)
+            parts["scheduler_config"] = dict(parts.pop("scheduler").config)
     elif model == "tiny-synth":
         if not (TINY_SYNTH_DIR / "unet").is_dir():
             raise ModelError(f"cannot load model 'tiny-synth': it is not built in this installation "
                              f"({TINY_SYNTH_DIR} is missing); use --model tiny")
         # kind 'tiny-synth' (it was 'folder'): the fingerprint hashes it as before (cache/fingerprint.py, FORMER_KIND)
-        parts, kind, name = _load_folder(str(TINY_SYNTH_DIR), dtype), "tiny-synth", "tiny-synth"
+        (family, parts), kind, name = _load_folder(str(TINY_SYNTH_DIR), dtype), "tiny-synth", "tiny-synth"
     elif os.path.isdir(model):
-        parts, kind, name = _load_folder(model, dtype), "folder", os.path.abspath(model)
+        (family, parts), kind, name = _load_folder(model, dtype), "folder", os.path.abspath(model)
     elif os.path.isfile(model):
         if not model.endswith((".safetensors", ".ckpt")):
             raise ModelError(f"cannot load model {model!r}: a single-file checkpoint must end in .safetensors "
                              f"or .ckpt. {ACCEPTED_FORMS}")
-        parts, kind, name = _load_single_file(model, model_config, dtype), "file", os.path.abspath(model)
+        (family, parts), kind, name = _load_single_file(model, model_config, dtype), "file", os.path.abspath(model)
     elif _HUB_ID.match(model):
-        parts, kind, name = _load_hub(model, dtype), "hub", model
+        (family, parts), kind, name = _load_hub(model, dtype), "hub", model
     else:
         raise ModelError(f"cannot load model {model!r}: not found. {ACCEPTED_FORMS}")
+    family = _refine(family, parts)
 
-    modules = {k: parts[k] for k in ("vae", "unet", "text_encoder")}
+    modules = family.modules(parts)
     for m in modules.values():
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    identity = {
-        "model": name,
-        "kind": kind,
-        "weights_sha256": weights_sha256(modules),
-        "tokenizer_sha256": _tokenizer_sha256(parts["tokenizer"]),
-        "unet_config": {k: _jsonable(parts["unet"].config.get(k)) for k in (
-            "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
-            "down_block_types", "up_block_types", "in_channels")},
-        "scheduler": {k: _jsonable(parts["scheduler_config"].get(k)) for k in (
-            "beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type")},
-    }
+    identity = {"model": name, "kind": kind, "weights_sha256": weights_sha256(modules), **family.identity(parts)}
     if kind == "file":
         identity["model_config"] = os.path.abspath(model_config) if model_config else None
     adapter = _text_adapter(model, kind, device, dtype)
@@ -155,8 +209,18 @@ def _load(model: str, model_config: str | None, device: torch.device, dtype: tor
         from refseg.backbones.text_adapter import adapter_identity
 
         identity["text_adapter"] = adapter_identity(adapter)
-    return Backbone(parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"],
-                    parts["scheduler_config"], identity, device, dtype, adapter)
+    return Backbone(parts["vae"], parts.get("unet"), parts["text_encoder"], parts["tokenizer"],
+                    parts["scheduler_config"], identity, device, dtype, adapter, family, parts)
+
+
+def _refine(family: Family, parts: dict) -> Family:
+    """SD2.x shares SD1.x's pipeline class: told apart by its text encoder once loaded."""
+    if family.name == "sd" and "sd2" in FAMILIES:
+        from refseg.backbones.families.sd2 import is_sd2
+
+        if is_sd2(parts):
+            return FAMILIES["sd2"]
+    return family
 
 
 def _text_adapter(model: str, kind: str, device: torch.device, dtype: torch.dtype):
@@ -218,43 +282,57 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _load_components(source: str, dtype: torch.dtype, local_files_only: bool) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _folder_family(path: str) -> Family:
+    """The family a diffusers folder's model_index.json names; a folder without one is SD (as before)."""
+    index = read_model_index(path)
+    if index is None:
+        return FAMILIES["sd"]
+    family = family_for_index(index)
+    if family is None:
+        raise ModelError(f"cannot load model {path!r}: its model_index.json names pipeline "
+                         f"{index.get('_class_name')!r}, which refseg does not load (it loads "
+                         f"{', '.join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))})")
+    return family
 
-    kw = dict(local_files_only=local_files_only)
-    return dict(
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-        scheduler_config=dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kw)),
-    )
 
-
-def _load_folder(path: str, dtype: torch.dtype) -> dict:
-    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+def _load_folder(path: str, dtype: torch.dtype) -> tuple[Family, dict]:
+    family = _folder_family(path)
+    missing = [c for c in family.components if not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ModelError(f"cannot load model {path!r}: not a diffusers folder (missing "
                          f"{', '.join(m + '/' for m in missing)}). {ACCEPTED_FORMS}")
     try:
-        return _load_components(path, dtype, local_files_only=True)
+        return family, family.load(path, dtype, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load model {path!r}: {_first_line(exc)}") from None
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> dict:
+def _hub_components(repo_id: str, dtype: torch.dtype, local_files_only: bool) -> tuple[Family, dict]:
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = dict(DiffusionPipeline.load_config(repo_id, local_files_only=local_files_only))
+    except OSError:
+        index = None  # no model_index.json: SD's subfolders, as loaded before families (else the same OSError)
+    family = FAMILIES["sd"] if index is None else family_for_index(index)
+    if family is None:
+        raise ModelError(f"cannot load model {repo_id!r}: its model_index.json names pipeline "
+                         f"{index.get('_class_name')!r}, which refseg does not load")
+    return family, family.load(repo_id, dtype, local_files_only=local_files_only)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Family, dict]:
     offline = _offline()
     try:
         if not offline:
             with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
-                return _load_components(repo_id, dtype, local_files_only=True)  # cached: no network needed
+                return _hub_components(repo_id, dtype, local_files_only=True)  # cached: no network needed
             unreachable = hub_unreachable()
             if unreachable:
                 raise ModelError(f"cannot load model {repo_id!r}: it is not in the local Hugging Face cache and the "
                                  f"network is unreachable ({unreachable}); connect to the network, or use a local "
                                  f"folder or file. {ACCEPTED_FORMS}")
-        return _load_components(repo_id, dtype, local_files_only=offline)
+        return _hub_components(repo_id, dtype, local_files_only=offline)
     except OSError as exc:  # not found: not on the hub, not in the local cache, or offline
         where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else _first_line(exc)
         raise ModelError(f"cannot load model {repo_id!r}: not found ({where}). {ACCEPTED_FORMS}") from None
@@ -296,28 +374,30 @@ def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     return None
 
 
-def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype) -> dict:
-    """A whole SD checkpoint in the original LDM key layout, through diffusers' own converters.
+def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype) -> tuple[Family, dict]:
+    """A whole checkpoint in the original (LDM / SGM) key layout, through diffusers' own converters.
 
+    The family is the one `--model-config`'s model_index.json names; without it, the checkpoint's
+    keys say (SDXL's second text encoder lives under `conditioner.embedders.1`), else SD.
     `.ckpt` files are read with `torch.load(weights_only=True)` by diffusers (no code runs).
     """
-    from diffusers import StableDiffusionPipeline
-
     if model_config is not None and not os.path.isfile(os.path.join(model_config, "model_index.json")):
         raise ModelError(f"--model-config {model_config!r} must be a local diffusers folder with model_index.json "
                          "and unet/ vae/ text_encoder/ tokenizer/ scheduler/ configs")
     _check_checkpoint_file(path)
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, config=model_config, local_files_only=model_config is not None or _offline(),
-            torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    except Exception as exc:  # diffusers raises anything from OSError to KeyError on a bad file
-        hint = "" if model_config else (" (without --model-config the component configs come from the Hugging Face "
-                                        "hub or its local cache; offline, pass --model-config DIR)")
-        raise ModelError(f"cannot load model {path!r} as a single-file checkpoint: {_first_line(exc)}{hint}") from None
-    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                scheduler_config=dict(pipe.scheduler.config))
+    family = _folder_family(model_config) if model_config is not None else _checkpoint_family(path)
+    return family, family.load_single_file(path, model_config, dtype,
+                                           local_files_only=model_config is not None or _offline())
+
+
+def _checkpoint_family(path: str) -> Family:
+    if path.endswith(".safetensors") and "sdxl" in FAMILIES:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
+                return FAMILIES["sdxl"]
+    return FAMILIES["sd"]
 
 
 def _check_checkpoint_file(path: str) -> None:
@@ -352,51 +432,19 @@ def weights_sha256(modules: dict) -> str:
     return h.hexdigest()
 
 
-def _tokenizer_sha256(tokenizer) -> str:
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
 # ---- saving -------------------------------------------------------------------------------------
-def save_backbone(backbone, folder) -> Path:
-    """Write `backbone` (a `Backbone` or `build_tiny()`'s dict) as an ordinary diffusers folder.
+def save_backbone(backbone, folder, family: Family | None = None) -> Path:
+    """Write `backbone` (a `Backbone`, or a family's `build_tiny()` dict: SD1.x's unless `family`) as
+    an ordinary diffusers folder.
 
-    The folder loads through `--model DIR`, `StableDiffusionPipeline.from_pretrained`, and serves as
-    the `config=` / `--model-config` of a single-file checkpoint (it has `model_index.json`).
+    The folder loads through `--model DIR`, the family's diffusers pipeline `from_pretrained`, and
+    serves as the `config=` / `--model-config` of a single-file checkpoint (it has `model_index.json`).
     """
-    import diffusers
-
     folder = Path(folder)
-    parts = backbone if isinstance(backbone, dict) else vars(backbone)
-    with _quiet():
-        for name in ("unet", "vae", "text_encoder", "tokenizer"):
-            parts[name].save_pretrained(folder / name)
-    # CLIP's own vocab.json + merges.txt too, for transformers 4.x's slow CLIPTokenizer.
-    parts["tokenizer"].backend_tokenizer.model.save(str(folder / "tokenizer"))
-    if "scheduler" in parts:
-        parts["scheduler"].save_pretrained(folder / "scheduler")
-        scheduler_class = type(parts["scheduler"]).__name__
+    if isinstance(backbone, dict):
+        parts, family = backbone, family or FAMILIES["sd"]
     else:
-        cfg = {k: v for k, v in parts["scheduler_config"].items() if not k.startswith("_")}
-        scheduler_class = parts["scheduler_config"].get("_class_name", "DDPMScheduler")
-        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        cfg = {"_class_name": scheduler_class, "_diffusers_version": diffusers.__version__, **cfg}
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", type(parts["text_encoder"]).__name__],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", type(parts["unet"]).__name__],
-        "vae": ["diffusers", type(parts["vae"]).__name__],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        parts, family = backbone.components, family or backbone.family
+    with _quiet():
+        family.save(dict(parts), folder)
     return folder

@@ -9,7 +9,8 @@ budget (--budget) is spent, the steps left are recorded as skipped. gpu_check.js
 are rewritten after every step, so a run stopped from outside still returns what it measured.
 
   a  correctness: `pytest -m gpu` (tests/test_gpu.py: capture on CUDA against CPU fp32, in fp32 and
-     bf16; UNet output unchanged by the capture; pipelined host copies write the same cache bytes)
+     bf16; UNet output unchanged by the capture; pipelined host copies write the same cache bytes;
+     tests/test_joint_capture.py: the same for the SD3/FLUX joint-attention capture)
   b  end to end through the CLI at real size: a random-weight SD1.5 diffusers folder, refseg-data
      synth, refseg-extract (T = 0, 5, 500), refseg-train-head vpd and film (1 epoch, bf16 autocast),
      refseg-eval; then the same training under torchrun (NCCL, SyncBatchNorm) against the one-process
@@ -18,6 +19,9 @@ are rewritten after every step, so a run stopped from outside still returns what
   c  throughput: bench/extract.py (capture on/off, batch 8 and 32, channels_last), torch.compile
      (whole UNet), the host-copy overlap end to end, bench/train.py's cached vs in-loop ratio, then
      CUDA graphs while budget remains
+  d  VPD's tiny fixture imported, extracted and scored in fp32 and bf16, float32 and float16 caches
+  e  the sweep: K heads trained in one pass against K solo runs
+  f  the backbone families' FLOPs, samples/s and peak memory at 1024 px (random weights)
 
 Outputs in $OUT (else gpu-out/): gpu_check.json, gpu_check.md, gpu_check.log.
 """
@@ -152,12 +156,11 @@ def record(check: Check, step: str, commands: list[Command], **figures) -> dict:
 def step_tests(check: Check) -> None:
     figures_path = check.work / "test-figures.jsonl"
     cmd = check.run("pytest -m gpu", [check.py, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                                      "tests/test_gpu.py"], timeout=120, env={"GPU_CHECK_FIGURES": str(figures_path)})
+                                      "tests/test_gpu.py", "tests/test_joint_capture.py"], timeout=120, env={"GPU_CHECK_FIGURES": str(figures_path)})
     summary = next((line for line in reversed(check.log_lines()) if " in " in line and ("passed" in line or
                     "failed" in line or "skipped" in line or "error" in line)), "")
     figures = [json.loads(x) for x in figures_path.read_text().splitlines()] if figures_path.exists() else []
-    record(check, "a. correctness (pytest -m gpu)", [cmd], summary=summary.strip("= "), figures=figures,
-           vpd_fixture="not run: the VPD checkpoint import (issue 12) has not landed")
+    record(check, "a. correctness (pytest -m gpu)", [cmd], summary=summary.strip("= "), figures=figures)
 
 
 # ---- b: end to end through the CLI ----------------------------------------------------------------
@@ -280,6 +283,38 @@ BENCHES = {  # name -> (mode -> arguments, step budget in s); run in this order 
 }
 
 
+# ---- d, e, f: the later issues' checks: each script prints one JSON object per line, collected here --------
+SCRIPTS = {  # name -> (script, mode -> arguments, step budget in s)
+    "d. VPD fixture in fp32 and bf16 (bench/vpd_fixture.py)": (
+        # not in tiny mode: tests/test_vpd_import.py runs its fp32 variant on the CPU
+        "bench/vpd_fixture.py", {"full": []}, 120),
+    "e. sweep: K heads in one pass vs K solo runs (bench/sweep.py)": (
+        "bench/sweep.py", {"full": ["--quick", "--no-append"],
+                           "tiny": ["--quick", "--no-append", "--heads", "2", "--cases", "sd15-disk"]}, 120),
+    "f. backbone families at 1024 px, random weights (bench/families.py)": (
+        "bench/families.py", {"full": [], "tiny": ["--tiny"]}, 240),
+}
+
+
+def step_script(check: Check, name: str) -> None:
+    script, args_by_mode, budget = SCRIPTS[name]
+    if check.mode not in args_by_mode or not (REPO / script).exists():
+        why = f"not run in {check.mode} mode" if (REPO / script).exists() else f"{script} is not in this checkout"
+        check.results["steps"][name] = {"status": "skipped", "why": why}
+        return
+    lines = check.work / f"script-{len(check.results['steps'])}.jsonl"
+    argv = ["bash", "-c", 'out="$1"; shift; "$@" > "$out"', "_", lines, check.py, script,
+            *args_by_mode[check.mode], "--device", check.size["device"]]
+    cmd = check.run(name, argv, timeout=budget)
+    rows = []
+    for line in (lines.read_text().splitlines() if lines.exists() else []):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a script's own progress text
+    record(check, name, [cmd], results=rows)
+
+
 def step_bench(check: Check, name: str) -> None:
     args_by_mode, budget = BENCHES[name]
     if check.mode not in args_by_mode:
@@ -294,7 +329,8 @@ def step_bench(check: Check, name: str) -> None:
 
 
 # ---- main -----------------------------------------------------------------------------------------
-STEPS = [("a", step_tests), ("b", step_end_to_end)] + [("c", name) for name in BENCHES]
+STEPS = ([("a", step_tests), ("b", step_end_to_end)] + [("c", name) for name in BENCHES]
+         + [(name[0], name) for name in SCRIPTS])
 MIN_SECONDS_TO_START = 20  # a step started with less than this left would only be killed
 
 
@@ -346,7 +382,10 @@ def main(argv=None) -> int:
             if check.left() < MIN_SECONDS_TO_START:
                 check.results["steps"][name] = {"status": "skipped", "why": "the check's time budget was spent"}
                 continue
-            step_bench(check, step) if isinstance(step, str) else step(check)
+            if isinstance(step, str):
+                (step_script if step in SCRIPTS else step_bench)(check, step)
+            else:
+                step(check)
     finally:
         check.results["total_s"] = round(time.monotonic() - (check.deadline - check.results["budget_s"]), 1)
         check.save()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from bench.common import fmt
 
 SAMPLE_WORK = {  # how many samples a stage's command processes: what its samples/s is of
@@ -86,4 +88,8 @@ def markdown(results: dict) -> str:
         elif step.get("commands") and not step.get("bench"):
             lines += table(["stage", "exit", "s"], stage_rows(step, {}))
         lines += bench(step)
+        for row in step.get("results", []):  # d, e, f: one JSON object per line of the script
+            lines.append("- `" + json.dumps(row, default=str) + "`")
+        if step.get("results"):
+            lines.append("")
     return "\n".join(lines)

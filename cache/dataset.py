@@ -35,6 +35,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.text = bool(text)
         cache = open_cache(self.path)  # used here only; each process opens its own on first read
         self.spec = cache.spec
+        self.itemsize = cache.float_dtype.itemsize  # 2 (float16) or 4 (--cache-dtype fp32)
         self.fingerprint = cache.fingerprint
         self.names = self._check_names(cache, names)
         self.rows = self._select_rows(cache, self.noise_t, rows)
@@ -76,10 +77,10 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     # ---- preload ------------------------------------------------------------------------------
     @staticmethod
-    def _row_bytes(spec, names, text: bool) -> int:
-        n = sum(spec[name].nbytes(2) for name in names) + spec.image_size**2  # features f16 + gt u8
+    def _row_bytes(spec, names, text: bool, itemsize: int) -> int:
+        n = sum(spec[name].nbytes(itemsize) for name in names) + spec.image_size**2  # features + gt u8
         if text:
-            n += spec.token_length * spec.text_dim * 2 + spec.token_length  # embedding f16 + mask bool
+            n += spec.token_length * spec.text_dim * itemsize + spec.token_length  # embedding + mask bool
         return n
 
     @classmethod
@@ -88,11 +89,11 @@ class FeatureDataset(torch.utils.data.Dataset):
         cache = open_cache(os.fspath(path))
         names = cls._check_names(cache, names)
         n = len(cls._select_rows(cache, int(noise_t), rows))
-        return n * cls._row_bytes(cache.spec, names, text)
+        return n * cls._row_bytes(cache.spec, names, text, cache.float_dtype.itemsize)
 
     def nbytes(self) -> int:
         """Bytes of RAM this dataset's preloaded arrays take (or would take)."""
-        return len(self.rows) * self._row_bytes(self.spec, self.names, self.text)
+        return len(self.rows) * self._row_bytes(self.spec, self.names, self.text, self.itemsize)
 
     def _preload(self, cache: Cache) -> dict[str, np.ndarray]:
         need = self.nbytes()
@@ -111,9 +112,10 @@ class FeatureDataset(torch.utils.data.Dataset):
             sources["text_mask"], shapes["text_mask"] = cache.attention_mask, (L,)
         dtypes = {"gt": np.uint8, "text_mask": bool}
         data = {}
-        block = max(cache.shard_size, _PRELOAD_BLOCK_BYTES // max(1, self._row_bytes(self.spec, self.names, self.text)))
+        block = max(cache.shard_size, _PRELOAD_BLOCK_BYTES // max(1, self._row_bytes(self.spec, self.names, self.text,
+                                                                                       self.itemsize)))
         for key, read in sources.items():
-            out = np.empty((n, *shapes[key]), dtype=dtypes.get(key, np.float16))
+            out = np.empty((n, *shapes[key]), dtype=dtypes.get(key, cache.float_dtype))
             for start in range(0, n, block):
                 part = self.rows[start:start + block]
                 contiguous = bool(np.all(np.diff(part) == 1))

@@ -6,9 +6,11 @@ The store is plain Zarr v3 (docs/DESIGN.md §6)::
                          shard_size, codec, dataset_sha256  (+ "bad" once a sample was recorded as bad)
       index/   sent_id ref_id ann_id image_id image_row (N,) int64   text (N,) string
       images/  image_id (M,) int64  orig_hw (M,2) int32  latent (M,C,h,w) f16  done (M,) bool
-      text/    input_ids (N,L) int32  attention_mask (N,L) uint8  embedding (N,L,D) f16  done (N,) bool
+      text/    input_ids (N,L) int32  attention_mask (N,L) uint8  embedding (N,Lc,D) f16  done (N,) bool
+               pooled (N,P) f16  (only for families with a pooled text embedding: SDXL, SD3, FLUX)
       masks/   gt (N,S,S) uint8
-      tNNNN/   attrs: noise_t, timestep
+      tNNNN/   attrs: noise_t, timestep, and (stores made since the noise convention, DESIGN §5) kind,
+                      alpha_bar | sigma, snr, model_timestep, given ("t" | "sigma")
                done (N,) bool  skipped (N,) bool  s8 s16 ... (N,C,H,W) f16  attn_s16 ... (N,L,H,W) f16
 
 Per-sample arrays hold one sample per chunk and `shard_size` samples per shard (one file per shard),
@@ -32,6 +34,13 @@ FORMAT_VERSION = 1
 # compared in BENCHMARKS.md, "Cache reads")
 DEFAULT_SHARD_SIZE = 16
 CODECS = ("none", "zstd", "blosc")
+# The type of the big float arrays (latents, text embeddings, features, maps): float16 by default
+# (half the disk, and what every store before `--cache-dtype` holds); float32 where exactness matters
+# (reproducing VPD's masks without float16 rounding, README "Evaluate VPD's released checkpoint").
+# Recorded in the extraction settings as `cache_dtype` only when it is not float16, so the
+# fingerprints of float16 stores do not move.
+CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}
+DEFAULT_CACHE_DTYPE = "float16"
 
 FORMAT_ATTR = "refseg_cache"
 # Set on the root while a store is being created and replaced by the real attributes at the end,
@@ -165,37 +174,48 @@ class ArrayLayout:
     compressible: bool = False  # the big float16 arrays, which take the store's codec
 
 
-def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int) -> list[ArrayLayout]:
-    """Every array outside the noise groups, in creation order."""
+def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int,
+                float_dtype: str = DEFAULT_CACHE_DTYPE, text_shape: tuple[int, int] | None = None,
+                pooled_dim: int | None = None) -> list[ArrayLayout]:
+    """Every array outside the noise groups, in creation order (`float_dtype`: latents and embeddings).
+
+    `text_shape`: (context length Lc, width D) of the stored text embedding, (token length, text_dim)
+    unless the family's context is longer (SD3: CLIP + T5 tokens); `pooled_dim`: add text/pooled.
+    """
     n, m = n_samples, n_images
     L, D, S = spec.token_length, spec.text_dim, spec.image_size
+    Lc, D = text_shape if text_shape is not None else (L, D)
     h = spec.latent_size
+    pooled = [] if pooled_dim is None else [
+        ArrayLayout("text/pooled", (n, int(pooled_dim)), float_dtype, ("sample", "pooled_dim"), True)]
     index = [ArrayLayout(f"index/{name}", (n,), "int64", ("sample",), False) for name in INDEX_FIELDS]
     return index + [
         ArrayLayout("index/text", (n,), "string", ("sample",), False),
         ArrayLayout("images/image_id", (m,), "int64", ("image",), False),
         ArrayLayout("images/orig_hw", (m, 2), "int32", ("image", "hw"), False),
-        ArrayLayout("images/latent", (m, spec.latent_channels, h, h), "float16",
+        ArrayLayout("images/latent", (m, spec.latent_channels, h, h), float_dtype,
                     ("image", "latent_channel", "latent_y", "latent_x"), True, compressible=True),
         ArrayLayout("text/input_ids", (n, L), "int32", ("sample", "token"), True),
         ArrayLayout("text/attention_mask", (n, L), "uint8", ("sample", "token"), True),
-        ArrayLayout("text/embedding", (n, L, D), "float16", ("sample", "token", "text_dim"), True, compressible=True),
+        ArrayLayout("text/embedding", (n, Lc, D), float_dtype, ("sample", "context_token", "text_dim")
+                    if Lc != L else ("sample", "token", "text_dim"), True, compressible=True),
+        *pooled,
         ArrayLayout("masks/gt", (n, S, S), "uint8", ("sample", "y", "x"), True),
     ]
 
 
-def noise_arrays(spec: FeatureSpec, n_samples: int) -> list[ArrayLayout]:
-    """The arrays of one noise group (paths relative to the group): every spec tensor."""
+def noise_arrays(spec: FeatureSpec, n_samples: int, float_dtype: str = DEFAULT_CACHE_DTYPE) -> list[ArrayLayout]:
+    """The arrays of one noise group (paths relative to the group): every spec tensor, in `float_dtype`."""
     out = []
     for t in spec.tensors:
         channel_dim = "token" if t.kind == "attention" else f"{t.name}_channel"
-        out.append(ArrayLayout(t.name, (n_samples, *t.shape), "float16",
+        out.append(ArrayLayout(t.name, (n_samples, *t.shape), float_dtype,
                                ("sample", channel_dim, f"{t.name}_y", f"{t.name}_x"), True, compressible=True))
     return out
 
 
-def compressors_for(codec: str):
-    """Zarr compressors for the big float16 arrays under the store's `codec` setting."""
+def compressors_for(codec: str, itemsize: int = 2):
+    """Zarr compressors for the big float arrays (`itemsize` bytes per value) under the store's `codec`."""
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if codec == "none":
@@ -203,8 +223,8 @@ def compressors_for(codec: str):
     if codec == "zstd":
         return (ZstdCodec(level=1),)
     if codec == "blosc":
-        # bit-shuffle on the 2-byte float16 words groups sign/exponent bits, which is what compresses
-        return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=2),)
+        # bit-shuffle on the float words groups sign/exponent bits, which is what compresses
+        return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize),)
     raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
 
 
@@ -219,7 +239,7 @@ def create_array(group, layout: ArrayLayout, name: str, shard_size: int, codec: 
     return group.create_array(
         name, shape=shape, dtype=str if layout.dtype == "string" else layout.dtype,
         chunks=chunks, shards=shards, fill_value="" if layout.dtype == "string" else 0,
-        compressors=compressors_for(codec) if layout.compressible else None,
+        compressors=compressors_for(codec, np.dtype(layout.dtype).itemsize) if layout.compressible else None,
         dimension_names=layout.dims,
     )
 

@@ -99,8 +99,22 @@ class Cache(Store):
             self._level_arrays[key] = group[name]
         return self._level_arrays[key]
 
-    def timestep(self, t) -> int:
-        return int(self._level(t).attrs["timestep"])
+    def timestep(self, t) -> int | float:
+        """The exact timestep the denoiser was given at noise level `t` (an int for UNets; SD3/FLUX: σ-based)."""
+        value = self._level(t).attrs["timestep"]
+        return int(value) if float(value).is_integer() else float(value)
+
+    def noise(self, t) -> dict:
+        """Noise level `t` as run: kind ("ddpm" | "flow"), alpha_bar or sigma, snr (None: infinite, no
+        noise), model_timestep, given ("t" | "sigma"). For a group written before these were recorded
+        they are computed from the store's scheduler settings (refseg_core/noise.py `recorded_noise`)."""
+        from refseg.core.noise import recorded_noise
+
+        return recorded_noise(self._level(t).attrs.asdict(), self.settings["backbone"])
+
+    def pooled(self, rows) -> np.ndarray | None:
+        """The pooled text embeddings of `rows` (SDXL, SD3, FLUX); None for a store without them."""
+        return None if self._pooled is None else self._take(self._pooled, rows)
 
     def done(self, t) -> np.ndarray:
         """Which samples have features at noise level `t` (read now: a running extraction adds more)."""
@@ -188,14 +202,15 @@ class Cache(Store):
         for key in SETTINGS_KEYS:
             lines.append(f"{key}:")
             lines += [f"  {k}: {_show(v)}" for k, v in sorted(self.settings[key].items())] or ["  (empty)"]
-        per_sample = spec.bytes_per_sample()
-        lines.append(f"tensors ({_size(per_sample)} per sample per noise level, float16):")
+        per_sample = spec.bytes_per_sample(self.float_dtype.itemsize)
+        lines.append(f"tensors ({_size(per_sample)} per sample per noise level, {self.float_dtype.name}):")
         for t_ in spec.tensors:
             lines.append(f"  {t_.name:<10} {t_.kind:<9} {t_.channels}x{t_.size}x{t_.size}  stride {t_.stride}")
         levels = self.noise_levels
         lines.append("noise levels:" if levels else "noise levels: none yet")
         for t in levels:
-            lines.append(f"  T={t:<5} timestep {self.timestep(t):<5} {_coverage_line(self.coverage(t))}")
+            lines.append(f"  T={t:<5} timestep {_number(self.timestep(t)):<5} {_noise_line(self.noise(t))}  "
+                         f"{_coverage_line(self.coverage(t))}")
         bad_ids = sorted({b["sent_id"] for b in self.bad})
         if bad_ids:
             lines.append(f"bad samples: {len(bad_ids)} (sent_ids {', '.join(map(str, bad_ids[:10]))}"
@@ -205,6 +220,19 @@ class Cache(Store):
 
     def __repr__(self) -> str:
         return f"Cache({self.path!r}, {self.n_samples} samples, T={self.noise_levels})"
+
+
+def _number(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _noise_line(n: dict) -> str:
+    """"ddpm alpha_bar 0.2763 snr 0.3818" / "flow sigma 0.6555 snr 0.2763 (given as sigma)" (DESIGN §5)."""
+    level = "alpha_bar" if n.get("kind") == "ddpm" else "sigma"
+    value, snr = n.get(level), n.get("snr")
+    value = value if isinstance(value, str) else _number(float(value))
+    snr = snr if isinstance(snr, str) else "inf (no noise)" if snr is None else _number(float(snr))
+    return f"{n.get('kind')} {level} {value} snr {snr}" + (" (given as sigma)" if n.get("given") == "sigma" else "")
 
 
 def _coverage_line(c: Coverage) -> str:

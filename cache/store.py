@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from refseg.cache.layout import FORMAT_ATTR, INDEX_FIELDS, SETTINGS_KEYS, noise_group_name, parse_noise_group
+from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, SETTINGS_KEYS, noise_group_name,
+                                 parse_noise_group)
 from refseg.core.errors import CacheError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -100,6 +101,8 @@ class Store:
         self.sample_selection: dict = self.attrs["samples"]  # {"n", "sent_ids_sha256"} (cache/fingerprint.py)
         self.shard_size = int(self.attrs["shard_size"])
         self.codec: str = self.attrs["codec"]
+        # latents, embeddings and features: float16 unless extracted with --cache-dtype fp32 (cache/layout.py)
+        self.float_dtype = np.dtype(self.settings["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))
         self.index: dict[str, np.ndarray] = {name: root[f"index/{name}"][:] for name in INDEX_FIELDS}
         self.n_samples = len(self.index["sent_id"])
         self._latent = root["images/latent"]
@@ -107,6 +110,8 @@ class Store:
         self._input_ids = root["text/input_ids"]
         self._attention_mask = root["text/attention_mask"]
         self._embedding = root["text/embedding"]
+        # the pooled text embedding (SDXL, SD3, FLUX); None in stores of families without one
+        self._pooled = root["text/pooled"] if "pooled" in root["text"] else None
         self._gt = root["masks/gt"]
 
     @property

@@ -33,6 +33,7 @@ from refseg.cache.layout import (
     CODECS,
     CREATING_ATTR,
     DATASET_DIGEST_ATTR,
+    DEFAULT_CACHE_DTYPE,
     DEFAULT_SHARD_SIZE,
     FORMAT_ATTR,
     FORMAT_VERSION,
@@ -139,13 +140,17 @@ class CacheWriter(Store):
         codec: str = "none",
         overwrite: bool = False,
         dataset_sha256: str | None = None,
+        text_shape: tuple[int, int] | None = None,
+        pooled_dim: int | None = None,
     ) -> "CacheWriter":
         """Create the store at `path`, or resume the one there if it has the same fingerprint.
 
         An existing store keeps its own shard size and codec (read `writer.shard_size`).
         `dataset_sha256` (`refseg.cache.fingerprint.dataset_sha256` of the dataset's files) is recorded
         in a new store; a store made from other versions of those files is refused while its stage 1
-        (which reads the dataset) is unfinished, unless `overwrite` replaces it.
+        (which reads the dataset) is unfinished, unless `overwrite` replaces it. `text_shape` and
+        `pooled_dim`: the family's text context (`layout.base_arrays`); None: SD's (token_length, text_dim),
+        no pooled embedding.
         """
         path = os.fspath(path)
         if codec not in CODECS:
@@ -165,7 +170,8 @@ class CacheWriter(Store):
                 root = cls._open_or_replace(path, payload, fingerprint, overwrite, alone, dataset_sha256)
                 if root is None:
                     extra = {DATASET_DIGEST_ATTR: dataset_sha256} if dataset_sha256 else {}
-                    cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec, extra)
+                    text = {"text_shape": text_shape, "pooled_dim": pooled_dim}
+                    cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec, extra, text)
                     root = open_root(path, mode="r+")
                 elif alone and lock:
                     remove_stale_partial_files(path)
@@ -215,12 +221,13 @@ class CacheWriter(Store):
         return None
 
     @staticmethod
-    def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec, extra_attrs):
+    def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec, extra_attrs, text=None):
         root = zarr.open_group(path, mode="w", attributes={CREATING_ATTR: FORMAT_VERSION})
         for name in ("index", "images", "text", "masks"):
             root.create_group(name)
         arrays = {}
-        for layout in base_arrays(spec, len(samples), len(images)):
+        float_dtype = payload["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE)  # as Store.float_dtype reads it
+        for layout in base_arrays(spec, len(samples), len(images), float_dtype, **(text or {})):
             group, name = layout.path.split("/")
             arrays[layout.path] = create_array(root[group], layout, name, shard_size, codec)
         create_flags(root["images"], "done", len(images), shard_size, dim="image")
@@ -250,7 +257,7 @@ class CacheWriter(Store):
         array = np.asarray(array)
         if array.shape != tuple(shape):
             raise ValueError(f"{what}: expected shape {tuple(shape)}, got {array.shape}")
-        with np.errstate(over="ignore"):  # a value too big for float16 becomes inf, which is then refused
+        with np.errstate(over="ignore"):  # a value too big for the store's type becomes inf, which is then refused
             return array.astype(dtype, copy=False)
 
     def _check_finite(self, arrays: dict[str, np.ndarray], ids: np.ndarray, id_name: str, where: str,
@@ -265,7 +272,7 @@ class CacheWriter(Store):
                 bad.setdefault(int(r), []).append(name)
         if bad:
             listed = "; ".join(f"{id_name} {int(ids[r])} ({', '.join(names)})" for r, names in sorted(bad.items()))
-            raise NonFiniteError(f"non-finite values (NaN/inf in float16) {where}: {listed}; "
+            raise NonFiniteError(f"non-finite values (NaN/inf in {next(iter(arrays.values())).dtype}) {where}: {listed}; "
                                  f"nothing of this shard was written to {self.path}")
 
     # ---- stage 1: per image --------------------------------------------------------------------
@@ -276,7 +283,7 @@ class CacheWriter(Store):
     def write_latents(self, rows: slice, latent: np.ndarray) -> None:
         n = self._check_shard(rows, self.n_images, "write_latents")
         spec = self.spec
-        latent = self._as(latent, np.float16, (n, spec.latent_channels, spec.latent_size, spec.latent_size), "latent")
+        latent = self._as(latent, self.float_dtype, (n, spec.latent_channels, spec.latent_size, spec.latent_size), "latent")
         self._check_finite({"latent": latent}, self.image_ids[rows], "image_id", "in the VAE latent")
         self._latent[rows] = latent
         self._images_done[rows] = np.ones(n, dtype=bool)
@@ -289,54 +296,82 @@ class CacheWriter(Store):
         done = self._text_done[:]
         return [s for s in shard_slices(self.n_samples, self.shard_size, part) if not done[s].all()]
 
-    def write_text(self, rows: slice, input_ids, attention_mask, embedding, gt) -> None:
+    def write_text(self, rows: slice, input_ids, attention_mask, embedding, gt, pooled=None) -> None:
+        """One shard of sentences; `pooled` exactly when the store has text/pooled (SDXL, SD3, FLUX)."""
         n = self._check_shard(rows, self.n_samples, "write_text")
         spec = self.spec
-        L, D, S = spec.token_length, spec.text_dim, spec.image_size
+        L, S = spec.token_length, spec.image_size
+        context = tuple(self._embedding.shape[1:])  # (L, D); longer for families whose context is (SD3)
+        if (pooled is None) != (self._pooled is None):
+            raise ValueError("write_text: pass `pooled` exactly when the store has text/pooled "
+                             f"({'it has' if self._pooled is not None else 'it has none'})")
         input_ids = self._as(input_ids, np.int32, (n, L), "input_ids")
         attention_mask = self._as(attention_mask, np.uint8, (n, L), "attention_mask")
-        embedding = self._as(embedding, np.float16, (n, L, D), "embedding")
+        embedding = self._as(embedding, self.float_dtype, (n, *context), "embedding")
+        if pooled is not None:
+            pooled = self._as(pooled, self.float_dtype, (n, *self._pooled.shape[1:]), "pooled")
         gt = self._as(gt, np.uint8, (n, S, S), "gt")
-        self._check_finite({"embedding": embedding}, self.index["sent_id"][rows], "sent_id", "in the text embedding")
+        text = {"embedding": embedding} if pooled is None else {"embedding": embedding, "pooled": pooled}
+        self._check_finite(text, self.index["sent_id"][rows], "sent_id", "in the text embedding")
         self._input_ids[rows] = input_ids
         self._attention_mask[rows] = attention_mask
         self._embedding[rows] = embedding
+        if pooled is not None:
+            self._pooled[rows] = pooled
         self._gt[rows] = gt
         self._text_done[rows] = np.ones(n, dtype=bool)
 
     def read_embeddings(self, rows) -> np.ndarray:
         return self._take(self._embedding, rows)
 
+    def read_pooled(self, rows) -> np.ndarray | None:
+        """The pooled text embeddings of `rows`; None for a store without them."""
+        return None if self._pooled is None else self._take(self._pooled, rows)
+
     def read_attention_mask(self, rows) -> np.ndarray:
         return self._take(self._attention_mask, rows)
 
     # ---- stage 2: per noise level ---------------------------------------------------------------
-    def add_noise_level(self, t: int, timestep: int) -> None:
-        """Create group tNNNN for noise level `t` (UNet run at `timestep`); a no-op if it exists."""
-        t, timestep = int(t), int(timestep)
+    def add_noise_level(self, t: int, timestep=None, noise=None) -> None:
+        """Create group tNNNN for noise level `t` (the model run at `timestep`); a no-op if it exists.
+
+        `noise` (a `refseg.core.noise.NoiseInput`, whose `level` is `t`): its ᾱ or σ, SNR, model timestep
+        and kind are recorded as the group's attributes (DESIGN §5); without it only noise_t and timestep.
+        A group that holds another noise level (another timestep, or another σ) is refused.
+        """
+        t = int(t)
+        if noise is not None:
+            timestep = noise.model_timestep
+        elif timestep is None:
+            raise ValueError("add_noise_level needs a timestep or a NoiseInput")
+        else:
+            timestep = int(timestep)
         name = noise_group_name(t)
         with self._metadata():
             root = self._fresh_root()
             group = root[name] if name in root else root.create_group(name)
-            self._finish_noise_level(group, t, timestep)
+            self._finish_noise_level(group, t, timestep, noise)
         self._levels.pop(t, None)
 
-    def _finish_noise_level(self, group: zarr.Group, t: int, timestep: int) -> None:
+    def _finish_noise_level(self, group: zarr.Group, t: int, timestep, noise=None) -> None:
         attrs = group.attrs.asdict()
-        if "timestep" in attrs and int(attrs["timestep"]) != timestep:
+        same = noise.same_level(attrs) if noise is not None else attrs.get("timestep") == timestep
+        if "timestep" in attrs and not same:
+            was = f"timestep {attrs['timestep']}" + (f", σ {attrs['sigma']}" if "sigma" in attrs else "")
+            now = f"timestep {timestep}" + (f", σ {noise.sigma}" if noise is not None and noise.sigma is not None else "")
             raise CacheMismatchError(
-                f"cache {self.path} has noise level T={t} extracted with timestep {attrs['timestep']}, "
-                f"but this run asks for timestep {timestep} (use --overwrite to replace it)")
+                f"cache {self.path} has noise level T={t} extracted with {was}, "
+                f"but this run asks for {now} (use --overwrite to replace it)")
         # arrays first, attributes last: a group without attributes is an unfinished one, finished here
         members = set(group.array_keys())
-        for layout in noise_arrays(self.spec, self.n_samples):
+        for layout in noise_arrays(self.spec, self.n_samples, self.float_dtype.name):
             if layout.path not in members:
                 create_array(group, layout, layout.path, self.shard_size, self.codec)
         for flag in ("done", "skipped"):
             if flag not in members:
                 create_flags(group, flag, self.n_samples, self.shard_size)
         if not attrs:
-            group.attrs.put(sorted_json({"noise_t": t, "timestep": timestep}))
+            group.attrs.put(sorted_json(noise.to_attrs() if noise is not None else {"noise_t": t, "timestep": timestep}))
 
     def _level(self, t: int) -> dict[str, zarr.Array]:
         t = int(t)
@@ -363,11 +398,11 @@ class CacheWriter(Store):
         if names != set(self.spec.names):
             raise ValueError(f"write_features: expected tensors {sorted(self.spec.names)}, got {sorted(names)}")
         skipped = np.zeros(n, dtype=bool) if skipped is None else self._as(skipped, bool, (n,), "skipped")
-        data = {t_.name: self._as(arrays[t_.name], np.float16, (n, *t_.shape), t_.name) for t_ in self.spec.tensors}
+        data = {t_.name: self._as(arrays[t_.name], self.float_dtype, (n, *t_.shape), t_.name) for t_ in self.spec.tensors}
         self._check_finite(data, self.index["sent_id"][rows], "sent_id", f"in features at T={int(t)}", ignore=skipped)
         if skipped.any():  # whatever a skipped row held (often the NaN that got it skipped), store zeros
             keep = ~skipped.reshape(-1, 1, 1, 1)
-            data = {name: np.where(keep, array, np.float16(0)) for name, array in data.items()}
+            data = {name: np.where(keep, array, array.dtype.type(0)) for name, array in data.items()}
         for name, array in data.items():
             level[name][rows] = array
         level["skipped"][rows] = skipped

@@ -22,15 +22,9 @@ capture runs the whole UNet when it is compiled (the skipped part is at most the
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from refseg.core.feature_spec import FeatureSpec
-
-
-class _Done(Exception):
-    """Raised from a hook once everything is captured, to skip the rest of the UNet."""
+from refseg.extract.capture_base import Capture
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -88,105 +82,33 @@ class _RecordingProcessor:
         return out
 
 
-class UNetCapture:
+class UNetCapture(Capture):
     """Context manager that records `spec`'s tensors during `run`; the UNet is restored on exit.
 
     `early_exit`: stop the forward once everything is captured; None (default) = unless the UNet
     was compiled with `unet.compile()` (see the module's docs).
     """
 
-    def __init__(self, unet, spec: FeatureSpec, early_exit: bool | None = None):
-        self.unet, self.spec = unet, spec
-        self.early_exit = early_exit
-        self.layer_calls: dict[str, int] = {}  # attention tensor -> attn2 calls seen in the last run
-        self._handles, self._processors = [], {}
-        self._features: dict[str, torch.Tensor] = {}
-        self._attn_sum: dict[str, torch.Tensor] = {}
-        self._pending = 0
-        self._stop_early = False
+    model_name, layer_kind = "UNet", "attn2"
 
-    # ---- installing / removing --------------------------------------------------------------------
-    def __enter__(self) -> "UNetCapture":
-        try:
-            for info in self.spec.features:
-                (module,) = info.modules
-                hook = self._feature_hook(info.name)
-                self._handles.append(self.unet.get_submodule(module).register_forward_hook(hook))
-            for info in self.spec.attention:
-                for module in info.modules:
-                    attn = self.unet.get_submodule(module)
-                    self._processors[module] = attn.processor
-                    attn.set_processor(_RecordingProcessor(attn.processor, self._attention_recorder(info.name)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+    @property
+    def unet(self):
+        return self.model
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for module, processor in self._processors.items():
-            self.unet.get_submodule(module).set_processor(processor)
-        self._handles, self._processors = [], {}
+    def feature_map(self, output, name: str) -> torch.Tensor:
+        return _first_tensor(output)
 
-    def _feature_hook(self, name: str):
-        def hook(module, args, output):
-            self._features[name] = _first_tensor(output).detach().to(torch.float32, copy=True)
-            self._count_down()
+    def recording_processor(self, processor, record):
+        return _RecordingProcessor(processor, record)
 
-        return hook
-
-    def _attention_recorder(self, name: str):
-        def record(probs: torch.Tensor) -> None:  # (B, HW, L) -> (B, L, h, w)
-            b, hw, length = probs.shape
-            side = math.isqrt(hw)
-            if side * side != hw:
-                raise ValueError(f"{name}: attention over {hw} positions is not a square map (images are squashed square)")
-            maps = probs.transpose(1, 2).reshape(b, length, side, side)
-            self._attn_sum[name] = maps if name not in self._attn_sum else self._attn_sum[name] + maps
-            self.layer_calls[name] = self.layer_calls.get(name, 0) + 1
-            self._count_down()
-
-        return record
-
-    def _count_down(self) -> None:
-        self._pending -= 1
-        if self._stop_early and self._pending == 0:
-            raise _Done
-
-    # ---- running ----------------------------------------------------------------------------------
-    def _early_exit(self) -> bool:
-        if self.early_exit is not None:
-            return bool(self.early_exit)
-        return getattr(self.unet, "_compiled_call_impl", None) is None  # set by nn.Module.compile()
-
-    def run(self, latents, timesteps, encoder_hidden_states, return_unet_output: bool = False):
+    def run(self, latents, timesteps, encoder_hidden_states, return_unet_output: bool = False,
+            added_cond_kwargs: dict | None = None):
         """One UNet forward; returns {name: float32 (B, C, H, W)} for every tensor of the spec.
 
         Without `return_unet_output` the forward stops as soon as the last listed tensor is
         captured (the rest of the decoder is not needed; see `early_exit`); with it, returns
-        (captured, unet output).
+        (captured, unet output). `added_cond_kwargs`: SDXL's pooled text + time_ids (None otherwise).
         """
-        if not self._handles and not self._processors:
-            raise RuntimeError("UNetCapture.run must be called inside `with UNetCapture(...)`")
-        self._features, self._attn_sum, self.layer_calls = {}, {}, {}
-        self._pending = len(self.spec.features) + sum(len(t.modules) for t in self.spec.attention)
-        self._stop_early = not return_unet_output and self._early_exit()
-        eps = None
-        with torch.inference_mode():
-            try:
-                eps = self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-            except _Done:
-                pass
-        captured = dict(self._features)
-        for info in self.spec.attention:
-            calls = self.layer_calls.get(info.name, 0)
-            if calls != len(info.modules):
-                raise RuntimeError(f"{info.name}: {calls} attn2 calls recorded, expected {len(info.modules)}")
-            captured[info.name] = self._attn_sum[info.name] / calls
-        missing = [t.name for t in self.spec.tensors if t.name not in captured]
-        if missing:
-            raise RuntimeError(f"UNet forward did not produce {', '.join(missing)}")
-        self._features, self._attn_sum = {}, {}
-        captured = {t.name: captured[t.name] for t in self.spec.tensors}
-        return (captured, eps) if return_unet_output else captured
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+        return self._run(lambda: self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                           return_dict=False, **extra)[0], return_unet_output)

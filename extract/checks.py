@@ -1,4 +1,4 @@
-"""Refusing what the float16 cache cannot hold: NaN/inf, and features beyond float16's range.
+"""Refusing what the cache cannot hold: NaN/inf, and features beyond float16's range (when it stores float16).
 
 Each check raises `NonFiniteError` naming the sample; `run_extraction` adds the one piece of advice
 (`advice`) to whichever of them stops a run, so the advice is written here once.
@@ -25,7 +25,7 @@ def advice(exc: NonFiniteError, compute_dtype: torch.dtype) -> str:
         return " (float16 overflow in the backbone: rerun with --dtype bf16)"
     if isinstance(exc, Float16Overflow):
         return (" (the cache stores float16 whatever --dtype is: this backbone's activations do not fit; "
-                "check the model weights)")
+                "check the model weights, or store float32 with --cache-dtype fp32)")
     return ""
 
 
@@ -37,8 +37,9 @@ def feature_stats(captured: dict[str, torch.Tensor], names: list[str]) -> dict[s
 
 
 def check_features(names: list[str], stats: dict[str, np.ndarray], rows, t: int, samples_table: SampleTable,
-                   skip: set) -> None:
-    """Refuse features that are NaN/inf, or too large for float16 (rows in `skip` are not looked at).
+                   skip: set, limit: float = FLOAT16_MAX) -> None:
+    """Refuse features that are NaN/inf, or larger than `limit`, the largest value the store's type holds
+    (float16's by default; rows in `skip` are not looked at).
 
     `stats` is `feature_stats` of the features in the compute dtype, taken before the float16
     conversion that would turn an overflow into inf, so the message can tell a backbone that
@@ -54,7 +55,7 @@ def check_features(names: list[str], stats: dict[str, np.ndarray], rows, t: int,
         if bad:
             raise NonFiniteError(f"non-finite features (NaN/inf) for sent_id {sid} at T={t} in {', '.join(bad)}; "
                                  "nothing of its shard was stored")
-        big = [(n, float(peak[j, k])) for k, n in enumerate(names) if peak[j, k] > FLOAT16_MAX]
+        big = [(n, float(peak[j, k])) for k, n in enumerate(names) if peak[j, k] > limit]
         if big:
             name, value = max(big, key=lambda nv: nv[1])
             raise Float16Overflow(f"features of sent_id {sid} at T={t} overflow float16, the cache's storage type "

@@ -14,7 +14,6 @@ import click
 
 from refseg.core.cli import cli, fail
 from refseg.core.errors import RefsegError
-from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES
 
 MAX_NOISE_GROUP = 9999  # tNNNN: four digits (cache/layout.py)
 
@@ -63,11 +62,18 @@ class ExtractionConfig:
     image_root: str | None = field(default=None, metadata=cli("Folder of the images.", type=click.Path(),
                                                               show_default="the refer layout"))
     model: str = field(default="tiny", metadata=cli(
-        "Hub id, local diffusers folder, single .safetensors/.ckpt file, 'tiny' or 'tiny-synth'."))
+        "Hub id, local diffusers folder, single .safetensors/.ckpt file, 'tiny' or 'tiny-synth' (tiny random "
+        "models of other families: tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux)."))
     model_config: str | None = field(default=None, metadata=cli(
         "Diffusers config folder for a single-file model (offline).", type=click.Path(), show_default="none"))
+    # T is on SD's DDPM 0..999 scale for every family; a flow model runs at the σ of SD's SNR at T
+    # (docs/DESIGN.md §5). The default 0 is dropped when only --noise-sigma is given (`with_preset`);
+    # () with no σ either means (0,) (__post_init__).
     noise_ts: tuple[int, ...] = field(default=(0,), metadata=cli(
         "Noise level T (repeatable): 0, 5, 500 ...", flag="--noise-t", type=int, multiple=True))
+    noise_sigmas: tuple[float, ...] = field(default=(), metadata=cli(
+        "Flow-matching σ in [0, 1) (repeatable; SD3/FLUX; without --noise-t, only these); stored as the "
+        "tNNNN of nearest SNR.", flag="--noise-sigma", type=float, multiple=True, show_default="none"))
     timestep: int | None = field(default=None, metadata=cli("UNet timestep.", show_default="T"))
     # "sd" (times vae scaling_factor) | "none" (VPD)
     latent_scaling: str = field(default="sd", metadata=cli(type=click.Choice(["sd", "none"])))
@@ -77,21 +83,26 @@ class ExtractionConfig:
     device: str = field(default="auto", metadata=cli("auto, cpu, cuda, cuda:1 ..."))
     dtype: str = field(default="auto", metadata=cli("auto: fp32 on CPU, bf16 on GPU.",
                                                     type=click.Choice(["auto", "fp32", "bf16", "fp16"])))
-    image_size: int = 512
+    image_size: int | None = field(default=None, metadata=cli(  # None: the backbone family's (extract/inputs.py)
+        "Square side images are resized to.", type=int, show_default="the family's: 512 SD1.x, 768 SD2.x-v, 1024 SDXL"))
     token_length: int = field(default=40, metadata=cli("40 for RefCOCO/+, 77 for RefCOCOg."))
     limit: int | None = field(default=None, metadata=cli("Only the first N samples (sorted by image).",
                                                          show_default="all"))
     # "all" | "first" (the first sentence of each ref)
     sentences: str = field(default="all", metadata=cli(type=click.Choice(["all", "first"])))
-    strides: tuple[int, ...] = field(default=DEFAULT_STRIDES, metadata=cli(
-        "Feature strides to store.", type=StrideList(allow_empty=False)))
-    attn_strides: tuple[int, ...] = field(default=DEFAULT_ATTN_STRIDES, metadata=cli(
-        "Cross-attention strides ('' for none).", type=StrideList(allow_empty=True)))
+    # None: the backbone family's defaults (SD1.x/2.x 8,16,32,64 and 16,32; SDXL 8,16,32 and 16,32)
+    strides: tuple[int, ...] | None = field(default=None, metadata=cli(
+        "Feature strides to store.", type=StrideList(allow_empty=False), show_default="the family's"))
+    attn_strides: tuple[int, ...] | None = field(default=None, metadata=cli(
+        "Cross-attention strides ('' for none).", type=StrideList(allow_empty=True), show_default="the family's"))
     text_field: str = field(default="sent", metadata=cli(type=click.Choice(["sent", "raw"])))
     mask_rule: str = field(default="vpd", metadata=cli(type=click.Choice(["vpd", "union"])))
     shard_size: int | None = field(default=None, metadata=cli(  # None: the cache's default
         "Samples per Zarr shard (the unit of writing).", show_default="16; a store keeps its own"))
     codec: str = field(default="none", metadata=cli(type=click.Choice(["none", "zstd", "blosc"])))
+    # fp32 doubles the disk; it keeps VPD's masks exact (README "Evaluate VPD's released checkpoint")
+    cache_dtype: str = field(default="fp16", metadata=cli(
+        "Storage type of latents, embeddings and features.", type=click.Choice(["fp16", "fp32"])))
     workers: int = field(default=0, metadata=cli("DataLoader workers decoding images."))
     wait_timeout: float = field(default=3600.0, metadata=cli(  # see Extraction.finish_stage_one
         "Seconds to wait for other processes' latents/embeddings before the UNet stage."))
@@ -103,6 +114,11 @@ class ExtractionConfig:
     shard: tuple[int, int] = (0, 1)  # this process's part (i, n) of the shards
     progress: bool = True
 
+    def __post_init__(self):
+        if not self.noise_ts and not self.noise_sigmas:
+            self.noise_ts = (0,)
+        self.noise_ts, self.noise_sigmas = tuple(self.noise_ts), tuple(self.noise_sigmas)
+
     def check(self) -> None:
         """Refuse a numeric setting no extraction can use, before anything is read, loaded or written.
 
@@ -113,7 +129,7 @@ class ExtractionConfig:
             if value is not None and value < low:
                 raise RefsegError(f"{flag} must be at least {low} (got {value})")
 
-        if self.image_size < 1:
+        if self.image_size is not None and self.image_size < 1:
             raise RefsegError(f"--image-size must be a positive multiple of the model's largest feature stride "
                               f"(64 for Stable Diffusion) (got {self.image_size})")
         at_least("--token-length", self.token_length, 2)  # the start and end tokens
@@ -122,13 +138,15 @@ class ExtractionConfig:
         at_least("--shard-size", self.shard_size, 1)
         at_least("--workers", self.workers, 0)
         at_least("--timestep", self.timestep, 0)
-        if not self.noise_ts:
+        if not self.noise_ts and not self.noise_sigmas:
             raise RefsegError("--noise-t needs at least one noise level")
+        if any(not 0.0 <= s < 1.0 for s in self.noise_sigmas):  # also refuses NaN
+            raise RefsegError(f"--noise-sigma takes flow-matching σ in [0, 1) (got {list(self.noise_sigmas)})")
         if any(not 0 <= t <= MAX_NOISE_GROUP for t in self.noise_ts):
             raise RefsegError(f"--noise-t takes steps of the model's noise schedule, 0..999 for Stable Diffusion "
                               f"(got {list(self.noise_ts)})")
         for flag, strides in (("--strides", self.strides), ("--attn-strides", self.attn_strides)):
-            if any(s < 1 or s & (s - 1) for s in strides):
+            if strides is not None and any(s < 1 or s & (s - 1) for s in strides):
                 raise RefsegError(f"{flag} takes powers of two like 8,16,32 (got {','.join(map(str, strides))})")
         if math.isnan(self.wait_timeout) or self.wait_timeout < 0:
             raise RefsegError(f"--wait-timeout must be 0 or more seconds (got {self.wait_timeout})")
@@ -157,7 +175,10 @@ PRESETS = {"vpd": {"noise_ts": (0,), "timestep": 1, "latent_scaling": "none", "t
 
 
 def with_preset(cfg: ExtractionConfig, preset: str | None, explicit: set[str]) -> ExtractionConfig:
-    """`cfg` with the named preset applied to the fields not in `explicit` (those the user set)."""
+    """`cfg` with the named preset applied to the fields not in `explicit` (those the user set); and
+    with --noise-t's default (T = 0) dropped when the user gave only --noise-sigma levels."""
+    if cfg.noise_sigmas and "noise_ts" not in explicit:
+        cfg = dataclasses.replace(cfg, noise_ts=())
     if preset is None:
         return cfg
     return dataclasses.replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k not in explicit})

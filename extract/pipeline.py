@@ -4,7 +4,7 @@ Work is done in the cheapest order and each piece once:
   stage 1a  VAE once per image            -> images/latent   (skipped for images already done)
   stage 1b  text encoder once per sentence -> text/*, masks/gt
   stage 2   UNet once per (sentence, T)    -> tNNNN/*         (reads the stored latents/embeddings back)
-Stage 2 always starts from the *stored* float16 latent and embedding, so a noise level added later to
+Stage 2 always starts from the *stored* (float16 by default) latent and embedding, so a noise level added later to
 an existing store gets exactly the bytes it would have got in the first run, and the VAE and text
 encoder never run again.
 
@@ -41,14 +41,16 @@ from refseg.core.cli import describe_os_error, is_path_error
 from refseg.core.paths import check_output_path
 from refseg.core.errors import CacheError, CacheWriteError, DataError, NonFiniteError
 from refseg.core.feature_spec import FeatureSpec
-from refseg.core.noise import add_noise, alphas_cumprod, make_noise
+from refseg.core.noise import NoiseInput, make_noise, noise_latents
+from refseg.core.precision import ieee_float32
 from refseg.core.refer import ReferDataset
 from refseg.core.transforms import image_to_tensor, load_image, mask_to_size
-from refseg.extract.capture import UNetCapture
+from refseg.backbones.families import TextConditioning
 from refseg.extract.checks import advice, check_features, feature_stats
 from refseg.extract.config import ExtractionConfig
 from refseg.extract.host_copy import HostCopies
-from refseg.extract.inputs import SelectedTables, cache_settings, count_truncated, select_samples, selected_tables
+from refseg.extract.inputs import (SelectedTables, cache_settings, count_truncated, for_backbone, noise_levels,
+                                   select_samples, selected_tables)
 from refseg.extract.report import ExtractionReport
 from refseg.extract.shard_buffer import BackgroundWriter, ShardBuffer
 from refseg.extract.stages import LATENTS, TEXT, NoiseLevel, Stage, StageResult
@@ -77,31 +79,35 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
     # 3. Load the backbone; its spec lists what will be stored
     if backbone is None:
         backbone = load_backbone(cfg.model, model_config=cfg.model_config, device=cfg.device, dtype=cfg.dtype)
+    cfg = for_backbone(cfg, backbone)  # the family's image size and layers where cfg leaves them open
     cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
     spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides)
-    report = ExtractionReport(len(tables.samples), len(tables.image_paths), tuple(cfg.noise_ts),
-                              truncated=count_truncated(backbone.tokenizer, tables.samples.text, cfg.token_length))
+    levels = noise_levels(cfg, backbone)  # refused here when ambiguous, before any store is opened
+    report = ExtractionReport(len(tables.samples), len(tables.image_paths), tuple(n.level for n in levels),
+                              truncated=count_truncated(backbone.family.map_tokenizer(backbone.components),
+                                                        tables.samples.text, cfg.token_length))
     try:
         # 4. Open the store: a new one, or the one there if its settings are the same (resume)
         writer = CacheWriter.open(cfg.out, spec=spec, settings=cache_settings(cfg, backbone), samples=tables.samples,
                                   images=tables.images, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
                                   codec=cfg.codec, overwrite=cfg.overwrite,
-                                  dataset_sha256=dataset_sha256(refer.refs_path, refer.instances_path))
+                                  dataset_sha256=dataset_sha256(refer.refs_path, refer.instances_path),
+                                  **_text_layout(backbone, spec))
         report.dataset_changed = writer.dataset_changed
-        with writer:
+        with writer, ieee_float32(backbone.device, backbone.dtype):  # --dtype fp32 is fp32 on a GPU too
             run = Extraction(cfg, backbone, spec, writer, refer, tables, report)
             # 5. Stage 1: this process's part of the latents and sentences, then what no process holds
             run.run_stage(LATENTS, writer.image_shards_todo(cfg.shard), run.latents)
             run.run_stage(TEXT, writer.text_shards_todo(cfg.shard), run.text)
             run.finish_stage_one()
-            # 6. Stage 2: the UNet at each noise level
-            for t in cfg.noise_ts:
-                run.noise_level(t)
+            # 6. Stage 2: the denoiser at each noise level
+            for noise in levels:
+                run.noise_level(noise)
             # 7. What is left: other parts may still be running, or still to be started
-            for t in cfg.noise_ts:
-                todo = len(writer.feature_shards_todo(t))
+            for noise in levels:
+                todo = len(writer.feature_shards_todo(noise.level))
                 if todo:
-                    report.incomplete[t] = todo
+                    report.incomplete[noise.level] = todo
     except NonFiniteError as exc:
         raise NonFiniteError(f"{exc}{advice(exc, backbone.dtype)}") from None
     except CacheError:
@@ -111,6 +117,18 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
     report.bad = run.bad_by_sent_id()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _text_layout(backbone: Backbone, spec: FeatureSpec) -> dict:
+    """The store's text arrays where the family's differ from SD's: a longer context (SD3's CLIP + T5
+    tokens), a pooled embedding (SDXL, SD3, FLUX). Nothing for SD1.x/2.x (their layout as before)."""
+    layout = {}
+    shape = tuple(backbone.text_shape(spec.token_length))
+    if shape != (spec.token_length, spec.text_dim):
+        layout["text_shape"] = shape
+    if backbone.pooled_dim is not None:
+        layout["pooled_dim"] = backbone.pooled_dim
+    return layout
 
 
 def _write_error(out: str, exc: OSError) -> CacheError:
@@ -203,11 +221,14 @@ class Extraction:
             f"{self.writer.n_samples} sentences, which this process's UNet stage needs; check that the other "
             "--shard parts are running (or raise --wait-timeout); what is written is kept, rerun to resume")
 
-    def noise_level(self, t: int) -> None:
-        """Stage 2 at noise level `t` for this process's part; shards other processes hold are left to them."""
-        stage = NoiseLevel(t, timestep=self.cfg.timestep if self.cfg.timestep is not None else t)
-        self.writer.add_noise_level(stage.t, stage.timestep)
-        result = self.run_stage(stage, self.writer.feature_shards_todo(t, self.cfg.shard),
+    def noise_level(self, noise: NoiseInput | int) -> None:
+        """Stage 2 at one noise level (a `NoiseInput`, or a T) for this process's part; shards other
+        processes hold are left to them."""
+        if not isinstance(noise, NoiseInput):
+            noise = self.backbone.noise_input(t=int(noise), timestep=self.cfg.timestep)
+        stage = NoiseLevel(noise.level, timestep=noise.model_timestep, noise=noise)
+        self.writer.add_noise_level(stage.t, noise=noise)
+        result = self.run_stage(stage, self.writer.feature_shards_todo(stage.t, self.cfg.shard),
                                 functools.partial(self.features, stage))
         if result.held_by_others:
             self.report.shards_left[stage] = result.held_by_others
@@ -226,14 +247,16 @@ class Extraction:
         """The VAE latent of each image row; zeros for an image that cannot be read (--skip-bad)."""
         backbone, cfg, samples, image_ids = self.backbone, self.cfg, self.tables.samples, self.tables.images.image_id
         scale = backbone.scaling_factor if cfg.latent_scaling == "sd" else 1.0
+        shift = backbone.shift_factor if cfg.latent_scaling == "sd" else None  # SD3/FLUX: z = (x - shift) * scale
         side = cfg.image_size // backbone.vae_scale_factor
-        zeros = np.zeros((backbone.vae.config.latent_channels, side, side), np.float16)
+        zeros = np.zeros((backbone.vae.config.latent_channels, side, side), self.writer.float_dtype)
         images = _ImageRows(rows, self.tables.image_paths, cfg.image_size)
         for batch, xs, errors in _loader(images, cfg.batch_size, cfg.workers):
             unreadable = self._unreadable(batch, errors)
             x = torch.stack(list(xs)).to(backbone.device, backbone.dtype)
-            z0 = batch_invariant(backbone, lambda b: backbone.vae.encode(b).latent_dist.mode(), x) * scale
-            z0 = z0.to(torch.float16).cpu().numpy()
+            z0 = batch_invariant(backbone, lambda b: backbone.vae.encode(b).latent_dist.mode(), x)
+            z0 = (z0 if shift is None else z0 - shift) * scale
+            z0 = z0.to(self._storage_dtype).cpu().numpy()
             if not np.isfinite(z0).all():
                 bad = [int(image_ids[r]) for r, z in zip(batch, z0) if not np.isfinite(z).all()]
                 raise NonFiniteError(f"non-finite VAE latent for image_id {bad[0]}")
@@ -261,11 +284,16 @@ class Extraction:
         masks: dict[int, np.ndarray] = {}  # ref_id -> mask at S×S; refs' sentences are adjacent-ish
         for batch in _batches(rows, self.cfg.batch_size):
             bad = self._empty_sentences(batch)
-            tok = backbone.tokenizer([samples.text[row] for row in batch], padding="max_length",
-                                     max_length=self.cfg.token_length, truncation=True, return_tensors="pt")
-            ids = tok["input_ids"].to(backbone.device)
-            emb = batch_invariant(backbone, backbone.encode_text, ids)  # through the text adapter, if any
-            emb = emb.to(torch.float16).cpu().numpy()
+            tok = backbone.tokenize([samples.text[row] for row in batch], self.cfg.token_length)
+            keys = list(tok)
+
+            def encode(*tensors):  # through the text adapter, if any
+                text = backbone.encode(dict(zip(keys, tensors)))
+                return {"embedding": text.embedding, **({} if text.pooled is None else {"pooled": text.pooled})}
+
+            encoded = batch_invariant(backbone, encode, *(tok[k].to(backbone.device) for k in keys))
+            emb = encoded["embedding"].to(self._storage_dtype).cpu().numpy()
+            pooled = encoded["pooled"].to(self._storage_dtype).cpu().numpy() if "pooled" in encoded else None
             self._load_masks(batch, masks, bad)
             if bad:  # recorded before the shard is written (see `latents`)
                 rows_bad = sorted(bad)
@@ -275,7 +303,8 @@ class Extraction:
                 add(row, {"input_ids": tok["input_ids"][j].numpy().astype(np.int32),
                           "attention_mask": tok["attention_mask"][j].numpy().astype(np.uint8),
                           "embedding": emb[j],
-                          "gt": masks[int(samples.ref_id[row])]})
+                          "gt": masks[int(samples.ref_id[row])],
+                          **({} if pooled is None else {"pooled": pooled[j]})})
 
     def _empty_sentences(self, batch: list[int]) -> dict[int, str]:
         """Row -> reason for the empty sentences of `batch`; an error without --skip-bad."""
@@ -308,13 +337,14 @@ class Extraction:
         """The UNet's features of each sample row at noise level `stage.t`, from its stored latent and
         embedding; zeros, flagged skipped, for a sample found bad in stage 1 (by any process)."""
         names = [ti.name for ti in self.spec.tensors]
-        zeros = {ti.name: np.zeros(ti.shape, np.float16) for ti in self.spec.tensors}
+        zeros = {ti.name: np.zeros(ti.shape, self.writer.float_dtype) for ti in self.spec.tensors}
         skip = set(int(r) for r in self.writer.bad_rows())
         copies = HostCopies(self.backbone.device, overlap=OVERLAP_HOST_COPIES)
 
         def store(batch, pending):  # the host side of a batch: checks, then rows into their shards
             host = copies.finish(pending)
-            check_features(names, host, batch, stage.t, self.tables.samples, skip)
+            check_features(names, host, batch, stage.t, self.tables.samples, skip,
+                           limit=float(np.finfo(self.writer.float_dtype).max))
             for j, row in enumerate(batch):
                 row = int(row)
                 if row in skip:
@@ -325,7 +355,7 @@ class Extraction:
         # Software-pipelined: batch i+1 is queued on the device before batch i is stored on the host
         # (extract/host_copy.py); on the CPU this is the plain sequential loop.
         in_flight = None
-        with UNetCapture(self.backbone.unet, self.spec) as capture:
+        with self.backbone.capture(self.spec) as capture:  # the family's (UNets: extract/capture.py)
             for batch in _batches(rows, self.cfg.batch_size):
                 batch = np.array(batch)
                 pending = copies.start(self._unet(stage, capture, copies, batch, names))
@@ -335,23 +365,32 @@ class Extraction:
             if in_flight is not None:
                 store(*in_flight)
 
-    def _unet(self, stage: NoiseLevel, capture: UNetCapture, copies: HostCopies, batch: np.ndarray,
+    def _unet(self, stage: NoiseLevel, capture, copies: HostCopies, batch: np.ndarray,
               names: list[str]) -> dict[str, torch.Tensor]:
-        """Queue the UNet on the device for sample rows `batch`: the float16 features `names` and their
-        `feature_stats`, taken before the conversion (an overflow is inf after it)."""
-        samples, t = self.tables.samples, stage.t
+        """Queue the denoiser on the device for sample rows `batch`: the features `names` in the store's type
+        and their `feature_stats`, taken before the conversion (an overflow is inf after it).
+
+        ε is seeded by the store group's T (`stage.t`), so a level's noise is the same whichever flag named it.
+        """
+        samples, t, noise = self.tables.samples, stage.t, stage.noise
         z0 = torch.from_numpy(self.writer.read_latents(samples.image_row[batch])).float()
         eps = torch.stack([make_noise(tuple(z0.shape[1:]), self.cfg.noise_seed, int(samples.image_id[r]), t)
                            for r in batch])
-        zt = copies.to_device(add_noise(z0, t, eps, self._alphas_cumprod), self.backbone.dtype)
+        zt = copies.to_device(noise_latents(z0, noise, eps), self.backbone.dtype)
         emb = copies.to_device(torch.from_numpy(self.writer.read_embeddings(batch)), self.backbone.dtype)
-        steps = torch.full((len(batch),), stage.timestep, dtype=torch.long, device=self.backbone.device)
-        captured = batch_invariant(self.backbone, capture.run, zt, steps, emb)
-        return {**{name: captured[name].to(torch.float16) for name in names}, **feature_stats(captured, names)}
+        stored_pooled = self.writer.read_pooled(batch)
+        pooled = () if stored_pooled is None else (copies.to_device(torch.from_numpy(stored_pooled), self.backbone.dtype),)
+
+        def run(zt, emb, *pooled):
+            return capture.run(zt, noise, TextConditioning(emb, pooled[0] if pooled else None))
+
+        captured = batch_invariant(self.backbone, run, zt, emb, *pooled)
+        return {**{name: captured[name].to(self._storage_dtype) for name in names}, **feature_stats(captured, names)}
 
     @functools.cached_property
-    def _alphas_cumprod(self) -> torch.Tensor:
-        return alphas_cumprod(self.backbone.scheduler_config)
+    def _storage_dtype(self) -> torch.dtype:
+        """The store's float type (float16, or float32 with --cache-dtype fp32), as a torch dtype."""
+        return torch.float32 if self.writer.float_dtype == np.float32 else torch.float16
 
 
 # --------------------------------------------------------------------------------------------------

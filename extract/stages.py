@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refseg.cache.writer import CacheWriter
+from refseg.core.noise import NoiseInput
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,20 @@ class Text:
         return "text encoder (sentences)"
 
     def write(self, writer: CacheWriter, shard: slice, arrays: dict, skipped: np.ndarray) -> None:
-        writer.write_text(shard, **arrays)  # input_ids, attention_mask, embedding, gt
+        writer.write_text(shard, **arrays)  # input_ids, attention_mask, embedding, gt (+ pooled: SDXL, SD3, FLUX)
 
 
 @dataclass(frozen=True)
 class NoiseLevel:
-    """Stage 2 at noise level T: the UNet's features of each (sentence, T), run at UNet `timestep`."""
+    """Stage 2 at noise level T: the denoiser's features of each (sentence, T), run at model `timestep`.
+
+    `t` is the store group (tNNNN): the T asked for, or for --noise-sigma the T of nearest SNR; `noise`
+    says exactly what was run (None: a DDPM level known by T and timestep alone, as before families).
+    """
 
     t: int
-    timestep: int  # T, unless --timestep says otherwise (VPD: 1)
+    timestep: int | float  # T, unless --timestep says otherwise (VPD: 1); flow models: σ-based
+    noise: NoiseInput | None = None
     unit = "sample"
 
     @property
@@ -57,11 +63,17 @@ class NoiseLevel:
         return self.t
 
     @property
+    def _name(self) -> str:
+        if self.noise is not None and self.noise.t is None:  # --noise-sigma
+            return f"σ={self.noise.sigma:g} (t{self.t:04d})"
+        return f"T={self.t}"
+
+    @property
     def title(self) -> str:
-        return f"UNet T={self.t}"
+        return f"{'UNet' if self.noise is None or self.noise.kind == 'ddpm' else 'DiT'} {self._name}"
 
     def __str__(self) -> str:
-        return f"unet T={self.t}"
+        return f"{'unet' if self.noise is None or self.noise.kind == 'ddpm' else 'transformer'} {self._name}"
 
     def write(self, writer: CacheWriter, shard: slice, arrays: dict, skipped: np.ndarray) -> None:
         writer.write_features(self.t, shard, arrays, skipped)

@@ -21,16 +21,21 @@ def as_cache(cache):
     return cache, Path(cache.path)
 
 
+# Settings that say how features are stored, not what they are (cache/layout.py CACHE_DTYPES)
+STORAGE_KEYS = {"extraction": {"cache_dtype"}}
+
+
 def check_compatible(run_settings: dict, cache_settings: dict, run_name: str, cache_name: str,
                      reference: str = "the run") -> None:
     """Refuse a cache whose backbone or extraction settings differ from the run's (one line).
 
-    The dataset part may differ (a run trained on the train split is evaluated on val).
+    The dataset part may differ (a run trained on the train split is evaluated on val), and so may the
+    storage type (`cache_dtype`): the same features, kept with more or fewer digits.
     """
     for part in ("backbone", "extraction"):
         # a run recorded before a backbone kind was renamed still matches a cache made after it
         a, b = (with_former_kind(dict(s.get(part) or {})) for s in (run_settings, cache_settings))
-        for key in sorted(set(a) | set(b)):
+        for key in sorted((set(a) | set(b)) - STORAGE_KEYS.get(part, set())):
             if a.get(key) != b.get(key):
                 raise CacheMismatchError(
                     f"cache {cache_name} is incompatible with {run_name}: {part}.{key} is "

@@ -25,7 +25,7 @@ from refseg.core.errors import CacheMismatchError, RefsegError, RunError
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.metrics import RefSegMetrics
 from refseg.heads import run_dir
-from refseg.heads.batches import autocast, batch_to_device, make_loader
+from refseg.heads.batches import autocast, batch_to_device, make_loader, remove_sentence
 from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, training_overlap
 from refseg.heads.losses import upsample_logits
 from refseg.core.paths import check_writable, inside, same_file
@@ -41,27 +41,30 @@ def logits_to_mask(logits: torch.Tensor, size) -> torch.Tensor:
 
 
 @torch.no_grad()
-def iterate_logits(model, dataset, *, device, batch_size=16, workers=0):
-    """Yield (rows (B,), logits (B, 2, h, w) float32 on device, gt (B, S, S) uint8) over `dataset`."""
+def iterate_logits(model, dataset, *, device, batch_size=16, workers=0, head_dtype="auto"):
+    """Yield (rows (B,), logits (B, 2, h, w) float32 on device, gt (B, S, S) uint8) over `dataset`
+    (`head_dtype`: heads.batches.autocast)."""
     was_training = model.training
     model.eval()
     try:
         for batch in make_loader(dataset, batch_size, device, workers=workers):
             features, text, mask = batch_to_device(batch, device)
-            with autocast(device):
+            with autocast(device, head_dtype):
                 logits = model(features, text, mask)
             yield batch["row"].tolist(), logits.float(), batch["gt"]
     finally:
         model.train(was_training)
 
 
-def compare(model, dataset, *, device, batch_size=16, workers=0, progress=False, original_gt=None):
+def compare(model, dataset, *, device, batch_size=16, workers=0, progress=False, original_gt=None,
+            head_dtype="auto"):
     """Yield (row, prediction, target), bool masks, per sample of `dataset`.
 
     Protocol `vpd`: at S x S, against the cached GT. Protocol `original` (`original_gt(row)` gives
     the target at the image's size): the logits are resized to that size.
     """
-    batches = iterate_logits(model, dataset, device=device, batch_size=batch_size, workers=workers)
+    batches = iterate_logits(model, dataset, device=device, batch_size=batch_size, workers=workers,
+                             head_dtype=head_dtype)
     for rows, logits, gt in _maybe_progress(batches, len(dataset), progress):
         preds = logits_to_mask(logits, gt.shape[-2:]).cpu().numpy()
         for k, row in enumerate(rows):
@@ -118,6 +121,8 @@ def load_head(run, checkpoint: str = "best", device="cpu"):
     if missing or unexpected:
         raise RunError(f"{path} does not fit head {cfg['head']!r}: missing {list(missing)[:3]}, "
                        f"unexpected {list(unexpected)[:3]}")
+    if cfg.get("text_blind"):  # a text-blind baseline is scored as it was trained: without the sentence
+        remove_sentence(model, FeatureSpec.from_dict(cfg["spec"]))
     return model.to(device).eval(), cfg, used
 
 
@@ -209,7 +214,8 @@ def predict(run, cache, noise_t=None, **options):
     index = loaded.cache.index
 
     def generate():
-        for row, pred, _ in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size):
+        for row, pred, _ in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size,
+                                    head_dtype=s.head_dtype):
             yield {"row": row, "sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]),
                    "pred": pred}
 
@@ -245,26 +251,25 @@ def evaluate_run(s: EvalSettings, progress: bool = False) -> Evaluation:
     refer = None
     if s.protocol == "original" or s.overlays:
         refer = _refer_dataset(loaded.cache, s.data_root)  # fail on a missing dataset before the long part
+    picker = _overlay_picker(s, loaded) if s.overlays else None  # unknown --overlay-ids fail here too
     _warn(loaded.caveats)  # once every check passed (an error stays one line), before the long part
     index, texts = loaded.cache.index, loaded.cache.texts
     original_gt = _union_masks(refer, index) if s.protocol == "original" else None
 
     metrics, records = RefSegMetrics(), []
     for row, pred, target in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size,
-                                     progress=progress, original_gt=original_gt):
+                                     progress=progress, original_gt=original_gt, head_dtype=s.head_dtype):
         i, u = overlap(pred, target)
         iou = metrics.add(i, u)
         record = {"sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]), "iou": iou, "i": i,
-                  "u": u}
-        if s.overlays and len(records) < s.max_overlays:
-            from refseg.heads.overlays import draw_overlay
-
-            draw_overlay(refer.image_path(int(index["image_id"][row])), pred, target,
-                         f"{texts[row]}  (IoU {100 * iou:.1f})",
-                         Path(s.overlays) / f"{len(records):03d}_sent{record['sent_id']}.png")
+                  "u": u, "image_id": int(index["image_id"][row]), "sentence": texts[row]}
+        if picker is not None:
+            picker.offer(record["sent_id"], iou, (row, pred, target))
         records.append(record)
 
     summary = metrics.summary()
+    if picker is not None:
+        _draw_overlays(s, loaded, refer, picker)
     if s.per_sample:
         _write_csv(s.per_sample, records)
     if s.json_out:
@@ -334,11 +339,39 @@ def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
     run_dir.write_json(Path(s.json_out), info)
 
 
+def _overlay_picker(s: EvalSettings, loaded: RunOnCache):
+    """The overlay selection of `s`; sent_ids the cache does not hold are refused before the long part."""
+    from refseg.heads.overlays import OverlayPicker
+
+    ids = s.overlay_sent_ids()
+    if ids is not None:
+        known = {int(x) for x in loaded.cache.index["sent_id"]}
+        missing = [str(i) for i in ids if i not in known]
+        if missing:
+            raise RefsegError(f"--overlay-ids: sent_id {', '.join(missing[:5])} not in cache {loaded.cache_path}")
+    return OverlayPicker(s.overlay_pick, s.max_overlays, ids)
+
+
+def _draw_overlays(s: EvalSettings, loaded: RunOnCache, refer, picker) -> None:
+    """One PNG per chosen sample, numbered in the picker's order (best first for --overlay-pick best)."""
+    from refseg.heads.overlays import draw_overlay
+
+    index, texts = loaded.cache.index, loaded.cache.texts
+    what = f"{loaded.config['head']} T={loaded.noise_t}"
+    for k, (sent_id, iou, (row, pred, target)) in enumerate(picker.chosen()):
+        draw_overlay(refer.image_path(int(index["image_id"][row])), pred, target,
+                     f"{texts[row]}  (IoU {100 * iou:.1f}; {what})", Path(s.overlays) / f"{k:03d}_sent{sent_id}.png")
+
+
+# the per-sample CSV: the metric columns first (as before), then where the sample comes from
+CSV_COLUMNS = ["sent_id", "ref_id", "iou", "i", "u", "image_id", "sentence"]
+
+
 def _write_csv(path, records) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["sent_id", "ref_id", "iou", "i", "u"])
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)  # QUOTE_MINIMAL: a sentence with , or " is quoted
         writer.writeheader()
         for r in records:
             writer.writerow(dict(r, iou=f"{r['iou']:.6f}"))

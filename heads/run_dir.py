@@ -156,6 +156,10 @@ def write_json(path: Path, obj) -> None:
     _replace_atomically(Path(path), write)
 
 
+def write_text(path: Path, text: str) -> None:
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -269,6 +273,20 @@ def save_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             tensors[f"rng.cuda.{i}"] = s
     meta = {"training_state": json.dumps(dict(info, optimizer=opt_info))}
     save_weights(Path(run) / STATE, tensors, metadata=meta)
+
+
+def completed_epoch(run: Path) -> int:
+    """The last epoch whose state was saved (what --resume continues after); 0 when none was. Reads
+    the state's JSON header only, not its tensors."""
+    path = Path(run) / STATE
+    if not path.is_file():
+        return 0
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return int(json.loads(meta["training_state"])["epoch"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return 0  # an unreadable state: as if none (a resume then says what is wrong with it)
 
 
 def load_state(run: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:

@@ -24,8 +24,9 @@ OPTIMIZERS = {  # name: (default lr, weight decay, poly decay)
 }
 POLY_POWER = 0.9
 PROTOCOLS = ("vpd", "original")
+HEAD_DTYPES = ("auto", "fp32")  # how a head runs in evaluation: heads.batches.autocast
 NOISE_T_RANGE = (0, 9999)  # a cache stores noise level T in group tNNNN (cache/layout.py)
-SEED_RANGE = (0, 2**32 - 1)  # EpochShuffle seeds a generator with seed * 1_000_003 + epoch: keep it in int64
+SEED_RANGE = (0, 2**32 - 1)  # EpochShuffle seeds a generator with data_seed * 1_000_003 + epoch: keep it in int64
 # Upper bounds that stop a typo before it allocates or forks without limit: a vpd decoder 4096 wide
 # (VPD's is 640) already takes ~10 GB of weights and optimizer state; 64 DataLoader processes is
 # far beyond what feeding a head needs.
@@ -55,7 +56,16 @@ class TrainSettings:
     loss: str = field(default="ce", metadata=cli(
         "Cross-entropy with class weights [0.9, 1.1] (VPD), optionally plus Dice.", type=click.Choice(list(LOSSES))))
     hidden: int = field(default=640, metadata=cli("Decoder width of vpd/film."))
-    seed: int = field(default=0, metadata=cli("Same seed, same weights."))
+    seed: int = field(default=0, metadata=cli("Seed of the head's initial weights: same seeds, same weights."))
+    # Why apart from `seed`: the heads of one sweep share every batch (one read feeds K heads), so their
+    # data order cannot follow each head's init seed. A run's order used to be seeded by `seed`; it is now
+    # seeded by `data_seed` alone, so runs with seed 0 (and data_seed 0) keep their exact bytes, and runs
+    # with another seed now see the order of data seed 0.
+    data_seed: int = field(default=0, metadata=cli(
+        "Seed of the data order (each epoch's shuffle), apart from --seed: heads of one sweep share it."))
+    text_blind: bool = field(default=False, metadata=cli(
+        "Text-blind baseline: the head gets no sentence (a zero embedding, every token valid) and no attention "
+        "maps; the features were still computed with the sentence.", flag="--text-blind"))
     device: str = field(default="auto", metadata=cli("auto, cpu, cuda, cuda:1 ..."))
     workers: int = field(default=0, metadata=cli("DataLoader worker processes."))
     preload: bool | None = field(default=None, metadata=cli(  # None (or "auto"): decided by the free RAM
@@ -64,6 +74,9 @@ class TrainSettings:
     eval_every: int = field(default=1, metadata=cli("Validate every N epochs (and last)."))
     max_samples: int | None = field(default=None, metadata=cli("Train on the first N finished samples only."))
     allow_incomplete: bool = field(default=False, metadata=cli(INCOMPLETE_HELP, flag="--allow-incomplete"))
+    tensorboard: bool = field(default=False, metadata=cli(
+        "Log train loss, lr and val metrics per epoch to RUN/tb/ (pip install refseg[tensorboard]).",
+        flag="--tensorboard"))
 
     def __post_init__(self):
         self.noise_t, self.out = int(self.noise_t), Path(self.out)
@@ -90,10 +103,14 @@ class TrainSettings:
         require_int("--workers", self.workers, 0, WORKERS_MAX)
         require_int("--eval-every", self.eval_every, 1)
         require_int("--seed", self.seed, *SEED_RANGE)
+        require_int("--data-seed", self.data_seed, *SEED_RANGE)
         if self.max_samples is not None:
             require_int("--max-samples", self.max_samples, 1)
         if self.lr is not None:
             require_positive("--lr", self.lr)
+        for option, value in (("--text-blind", self.text_blind), ("--tensorboard", self.tensorboard)):
+            if not isinstance(value, bool):
+                raise RefsegError(f"{option} must be true or false, got {value!r}")
 
     def optimization(self) -> tuple[float, float, bool]:
         """(learning rate, weight decay, poly decay): the optimizer's defaults unless `lr` is given."""
@@ -104,6 +121,8 @@ class TrainSettings:
 @dataclass
 class EvalSettings:
     """Which weights of a run, on which cache, scored how, written where. `predict` reads the first part."""
+
+    OVERLAY_PICKS = ("first", "best", "worst")  # which K samples --overlays draws
 
     run: str = field(metadata=cli("Run directory written by refseg-train-head.", type=click.Path()))
     cache: str = field(metadata=cli("Cache to evaluate on.", type=click.Path()))
@@ -121,15 +140,24 @@ class EvalSettings:
     json_out: str | None = field(default=None, metadata=cli(
         "Write summary + run/cache info as JSON.", flag="--json", type=click.Path()))
     per_sample: str | None = field(default=None, metadata=cli(
-        "Write sent_id,ref_id,iou,i,u per sentence.", type=click.Path()))
+        "Write sent_id,ref_id,iou,i,u,image_id,sentence per sentence (CSV).", type=click.Path()))
     overlays: str | None = field(default=None, metadata=cli(
-        "Write overlay PNGs (GT green, prediction red).", type=click.Path()))
+        "Write overlay PNGs (GT white outline, prediction cyan hatched).", type=click.Path()))
     max_overlays: int = 16
+    overlay_pick: str = field(default="first", metadata=cli(
+        "Which samples --overlays draws: the K (--max-overlays) of highest or lowest IoU, or the first K.",
+        type=click.Choice(OVERLAY_PICKS)))
+    overlay_ids: str | None = field(default=None, metadata=cli(
+        "Draw these sent_ids only (comma-separated, e.g. 3,17,42), in that order."))
     batch_size: int = 16
     device: str = "auto"
+    head_dtype: str = field(default="auto", metadata=cli(
+        "auto: bf16 autocast on GPU, fp32 on CPU; fp32: fp32 on GPU too (exact masks, e.g. against VPD).",
+        type=click.Choice(HEAD_DTYPES)))
     allow_incomplete: bool = field(default=False, metadata=cli(INCOMPLETE_HELP, flag="--allow-incomplete"))
 
-    PREDICT = ("checkpoint", "device", "batch_size", "allow_noise_mismatch", "allow_incomplete")  # what `predict` takes
+    PREDICT = ("checkpoint", "device", "batch_size", "allow_noise_mismatch", "allow_incomplete",
+               "head_dtype")  # what `predict` takes
 
     def check(self) -> None:
         """One-line errors for values the command line lets through (and any the Python API is given)."""
@@ -141,6 +169,25 @@ class EvalSettings:
             require_int("--noise-t", self.noise_t, *NOISE_T_RANGE)
         require_int("--batch-size", self.batch_size, 1)
         require_int("--max-overlays", self.max_overlays, 0)
+        if self.head_dtype not in HEAD_DTYPES:
+            raise RefsegError(f"unknown --head-dtype {self.head_dtype!r} (choose {' or '.join(HEAD_DTYPES)})")
+        if self.overlay_pick not in self.OVERLAY_PICKS:
+            raise RefsegError(f"unknown --overlay-pick {self.overlay_pick!r} (choose {', '.join(self.OVERLAY_PICKS)})")
+        if self.overlay_ids is not None and self.overlay_pick != "first":
+            raise RefsegError("give --overlay-ids or --overlay-pick, not both")
+        if (self.overlay_ids is not None or self.overlay_pick != "first") and not self.overlays:
+            raise RefsegError("--overlay-ids and --overlay-pick need --overlays DIR")
+        self.overlay_sent_ids()  # a malformed list fails here, before anything is read
+
+    def overlay_sent_ids(self) -> tuple[int, ...] | None:
+        """--overlay-ids as sent_ids (None when not given); one-line error on anything but numbers."""
+        if self.overlay_ids is None:
+            return None
+        parts = [p.strip() for p in str(self.overlay_ids).split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise RefsegError(f"--overlay-ids takes comma-separated sent_ids such as 3,17,42 "
+                              f"(got {self.overlay_ids!r})")
+        return tuple(dict.fromkeys(int(p) for p in parts))
 
 
 def require_int(option: str, value, low: int, high: int | None = None) -> None:

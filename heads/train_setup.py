@@ -2,8 +2,14 @@
 of a linear evaluation from its loop): checks, data, the head, config.json, the run directory and
 resuming. `set_up` returns the `TrainState` the loop in heads/train.py reads and advances.
 
-The order of the steps is part of the result: the head is initialised under the seed before
-anything else draws random numbers, and a resumed run restores the random state last.
+`set_up_heads` sets up K heads on one batch stream (a sweep, heads/sweep.py): the settings that make
+the stream (`STREAM_KEYS`: cache, noise level, batch size, data seed, ...) are the same for all, and
+one dataset reads the union of the tensors they read; each head has its own run directory, seed,
+optimizer, schedule and position. `set_up` is the case K = 1 (`refseg-train-head`).
+
+The order of the steps is part of the result: each head is initialised under its seed right before
+it is built, nothing between draws random numbers that reach the weights, and a resumed run restores
+the random state last.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import torch
 from refseg.cache import FeatureDataset
 from refseg.cache.store import Coverage
 from refseg.core.device import resolve_device
-from refseg.core.errors import CacheError, RunError
+from refseg.core.errors import CacheError, RefsegError, RunError
 from refseg.core.memory import available_memory
 from refseg.heads import run_dir
-from refseg.heads.batches import make_loader
+from refseg.heads.batches import make_loader, remove_sentence
 from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, refuse_shared_samples
 from refseg.heads.distributed import RankBatches, Ranks
 from refseg.heads.losses import CLASS_WEIGHTS
@@ -32,12 +38,19 @@ from refseg.core.paths import check_writable, make_dirs, remove_empty
 from refseg.heads.registry import HEADS, build_head
 from refseg.heads.settings import POLY_POWER, TrainSettings
 
-RESUME_KEYS = ("head", "head_args", "noise_t", "seed", "optimizer", "lr", "loss", "batch_size", "max_samples")
+RESUME_KEYS = ("head", "head_args", "text_blind", "noise_t", "seed", "data_seed", "optimizer", "lr", "loss",
+               "batch_size", "max_samples")
+# What a run recorded before a key existed meant: its data order was seeded by its seed; no run was text-blind.
+RECORDED_BEFORE = {"data_seed": lambda old: old.get("seed"), "text_blind": lambda old: False}
+# The settings that make a batch stream: heads set up together (a sweep) share them, and each batch.
+STREAM_KEYS = ("cache", "val_cache", "noise_t", "batch_size", "data_seed", "max_samples", "device", "workers",
+               "preload", "allow_incomplete")
 
 
 class EpochShuffle(torch.utils.data.Sampler):
     """A fresh permutation per epoch, drawn from a generator seeded by (seed, epoch): reproducible
-    and independent of how many epochs ran before in this process (so resuming changes nothing)."""
+    and independent of how many epochs ran before in this process (so resuming changes nothing).
+    Training passes `--data-seed` (not the head's `--seed`), so the heads of a sweep can share it."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -60,6 +73,7 @@ class HeadState:
     The loop holds one; a sweep that trains K heads on the same batches holds K.
     """
 
+    settings: TrainSettings  # its own: head, seed, lr, epochs, ... (the stream's keys are the state's)
     model: torch.nn.Module  # the head: what is saved and validated
     trained: torch.nn.Module  # what the step calls: the head, or DDP around it under torchrun
     optimizer: torch.optim.Optimizer
@@ -67,14 +81,28 @@ class HeadState:
     out: Path  # its run directory
     parameters: int
     best_oiou: float | None = None  # the best val oIoU so far (best.safetensors)
+    epoch: int = 0  # the last completed epoch
+    iteration: int = 0  # optimizer steps taken
+    run_lock: run_dir.RunLock | None = None  # rank 0's hold on the run directory (released when training ends)
+    tensorboard: object = None  # its SummaryWriter, opened at the first epoch's end (--tensorboard)
+    failed: str | None = None  # why a head of a sweep stopped (it diverged); the others go on
+
+    def release(self) -> None:
+        """The run directory is free for the next trainer (or --resume); the TensorBoard file is closed."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
 
 @dataclass
 class TrainState:
-    """What the loop reads and advances: the data every head shares, the head, and the position."""
+    """What the loop reads and advances: the data every head shares, and the heads."""
 
-    settings: TrainSettings
-    head: HeadState
+    settings: TrainSettings  # the batch stream's (STREAM_KEYS; the first head's settings)
+    heads: list[HeadState]
     ranks: Ranks
     device: torch.device
     batches: RankBatches  # this rank's share of each global batch of the epoch's permutation
@@ -82,13 +110,19 @@ class TrainState:
     n_samples: int  # in the training set (all ranks together)
     val_set: FeatureDataset | None  # rank 0 only
     progress: bool
-    epoch: int = 0  # the last completed epoch
-    iteration: int = 0  # optimizer steps taken
-    run_lock: run_dir.RunLock | None = None  # rank 0's hold on the run directory (released when training ends)
     coverage: dict | None = None  # {"cache": ..., "val_cache": ...}: how much of the noise level each holds
+
+    @property
+    def head(self) -> HeadState:
+        """The head of a one-head state (`refseg-train-head`)."""
+        return self.heads[0]
 
     def say(self, message: str) -> None:
         say(self.progress, message)
+
+    def release(self) -> None:
+        for head in self.heads:
+            head.release()
 
 
 @dataclass
@@ -103,60 +137,101 @@ class Samples:
 
 def set_up(s: TrainSettings, head_args: dict, progress: bool = True) -> TrainState:
     """Checks, data, head, run directory, optimizer and (with `resume`) the state to continue from."""
-    # 1. settings, the run path, processes (one unless launched by torchrun) and samples: refused
+    return set_up_heads([(s, head_args)], progress)
+
+
+def set_up_heads(runs: list[tuple[TrainSettings, dict]], progress: bool = True, ranks: Ranks | None = None
+                 ) -> TrainState:
+    """`set_up` for K heads on one batch stream: `runs` = [(settings, head args)], whose STREAM_KEYS
+    agree. `ranks`: the processes (default: torchrun's, or one); a sweep passes `Ranks()` to train
+    its share of the heads in each process without DDP."""
+    # 1. settings, the run paths, processes (one unless launched by torchrun) and samples: refused
     #    before anything is written
-    s.check()
-    ranks = Ranks.from_env()
-    _check_out(s, ranks)
+    s = runs[0][0]
+    for settings, _ in runs:
+        settings.check()
+        differ = [key for key in STREAM_KEYS if getattr(settings, key) != getattr(s, key)]
+        if differ:
+            raise ValueError(f"heads set up together must share {', '.join(differ)}")
+    if any(settings.tensorboard for settings, _ in runs):
+        require_tensorboard()
+    ranks = ranks or Ranks.from_env()
+    for settings, _ in runs:
+        _check_out(settings, ranks)
     device = ranks.start(resolve_device(s.device))
     progress = progress and ranks.main
     train, val = _finished_samples(s)
 
-    # 2. the head, initialised under the seed before anything else draws random numbers
-    torch.manual_seed(s.seed)
-    model = build_head(s.head, train.cache.spec, **_head_args(s, head_args))
-
-    # 3. config.json's content, and the run directory: new, or the same experiment to resume. Rank 0
-    #    holds its lock from here until training ends; a set-up that fails now leaves the folder as it was
-    config = _config(s, model, train, val, ranks.world)
-    lock, created = _open_run_dir(s, config, ranks)
+    built, opened = [], []
     try:
-        state = _start(s, model, train, val, ranks, device, progress)
+        for settings, head_args in runs:
+            # 2. the head, initialised under its seed right before it is built
+            torch.manual_seed(settings.seed)
+            model = build_for_training(settings, head_args, train.cache.spec)
+            # 3. config.json's content, and the run directory: new, or the same experiment to resume.
+            #    Rank 0 holds its lock until training ends; a set-up that fails leaves the folder as it was
+            config = _config(settings, model, train, val, ranks.world)
+            opened.append(_open_run_dir(settings, config, ranks))
+            built.append((settings, model, config, opened[-1][0]))
+        state = _start(s, built, train, val, ranks, device, progress)
         if ranks.main:
-            run_dir.write_json(s.out / run_dir.CONFIG, config)
+            for settings, _, config, _ in built:
+                run_dir.write_json(settings.out / run_dir.CONFIG, config)
     except BaseException:
-        _abandon(lock, created)
+        for lock, created in opened:
+            _abandon(lock, created)
         raise
-    state.run_lock = lock
+    config = built[0][2]
     state.coverage = {"cache": config["cache"]["coverage"], "val_cache": config["val_cache_coverage"]}
     if ranks.main:  # once every check passed: an error stays one line
         _warn_incomplete(s, [("cache", train), ("val cache", val)])
-    state.say(f"training {s.head} ({state.head.parameters / 1e6:.2f}M parameters) on {state.n_samples} samples at "
-              f"T={s.noise_t}, {device}, {s.epochs} epochs x {len(state.batches)} iterations"
-              + (f", {ranks.world} ranks" if ranks.active else ""))
+    what = (f"{s.head} ({state.head.parameters / 1e6:.2f}M parameters)" if len(runs) == 1 else
+            f"{len(runs)} heads ({sum(h.parameters for h in state.heads) / 1e6:.2f}M parameters)")
+    epochs = max(settings.epochs for settings, _ in runs)
+    state.say(f"training {what} on {state.n_samples} samples at T={s.noise_t}, {device}, {epochs} epochs x "
+              f"{len(state.batches)} iterations" + (f", {ranks.world} ranks" if ranks.active else ""))
     return state
 
 
-def _start(s: TrainSettings, model, train: Samples, val: Samples | None, ranks: Ranks, device: torch.device,
+def _start(s: TrainSettings, built: list, train: Samples, val: Samples | None, ranks: Ranks, device: torch.device,
            progress: bool) -> TrainState:
-    """Steps 4 and 5 of `set_up`: the data, the optimizer and the position to start from."""
-    # 4. data: every rank loads its own copy of the training set; rank 0 alone validates
+    """Steps 4 and 5 of `set_up`: the data, the optimizers and the position to start from."""
+    # 4. data: every rank loads its own copy of the training set; rank 0 alone validates. One dataset
+    #    reads what any head reads; each head takes its tensors from the batch by name
+    names = list(dict.fromkeys(name for _, model, _, _ in built for name in model.tensor_names))
+    text = any(reads_text(settings, model) for settings, model, _, _ in built)
+
     def dataset(part: Samples, copies: int = 1) -> FeatureDataset:
-        return FeatureDataset(part.path, s.noise_t, names=model.tensor_names, rows=part.rows, text=model.uses_text,
-                              preload=_preload_ok(s.preload, train.cache.spec, model, len(part.rows), part.path,
+        return FeatureDataset(part.path, s.noise_t, names=names, rows=part.rows, text=text,
+                              preload=_preload_ok(s.preload, train.cache.spec, names, text, len(part.rows), part.path,
                                                   progress, copies))
 
     train_set = dataset(train, ranks.local_world)
     val_set = dataset(val) if val is not None and ranks.main else None
-    batches = RankBatches(EpochShuffle(len(train_set), s.seed), s.batch_size, ranks)
+    batches = RankBatches(EpochShuffle(len(train_set), s.data_seed), s.batch_size, ranks)
     loader = make_loader(train_set, None, device, batch_sampler=batches, workers=s.workers)
 
-    # 5. the optimizer and its schedule, then the position to start from
-    head = _head_state(s, model, ranks, device, len(train_set))
-    state = TrainState(s, head, ranks, device, batches, loader, len(train_set), val_set, progress)
-    if s.resume:
-        _resume(state)
+    # 5. the optimizers and their schedules, then the position to start from
+    heads = [_head_state(settings, model, ranks, device, len(train_set), lock) for settings, model, _, lock in built]
+    state = TrainState(s, heads, ranks, device, batches, loader, len(train_set), val_set, progress)
+    for head in heads:
+        if head.settings.resume:
+            _resume(state, head)
     return state
+
+
+def reads_text(s: TrainSettings, model) -> bool:
+    """Whether the head is given the cached sentence (a text-blind head is given zeros instead)."""
+    return bool(model.uses_text) and not s.text_blind
+
+
+def require_tensorboard() -> None:
+    """--tensorboard needs the optional `tensorboard` package: a one-line error, before anything is written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (raises without tensorboard)
+    except ImportError:
+        raise RefsegError("--tensorboard needs TensorBoard, which is not installed: pip install "
+                          "refseg[tensorboard]") from None
 
 
 # ---- the steps ----------------------------------------------------------------------------------
@@ -203,11 +278,28 @@ def _warn_incomplete(s: TrainSettings, parts: list[tuple[str, Samples | None]]) 
                   "(--allow-incomplete; recorded in config.json)", file=sys.stderr, flush=True)
 
 
-def _head_args(s: TrainSettings, head_args: dict) -> dict:
-    """The head's own arguments, with --hidden for the heads that take it."""
+def build_for_training(s: TrainSettings, head_args: dict, spec):
+    """The head, text-blind with --text-blind: no attention maps (they are the sentence's), and
+    zeros for the sentence (refseg.heads.batches.remove_sentence)."""
+    model = build_head(s.head, spec, **_head_args(s, head_args, spec))
+    if s.text_blind:
+        maps = [name for name in model.tensor_names if spec[name].kind == "attention"]
+        if maps:
+            raise RefsegError(f"--text-blind reads no cross-attention maps (they depend on the sentence), but head "
+                              f"{s.head!r} would read {', '.join(maps)}: leave them out of tensors")
+        remove_sentence(model, spec)
+    return model
+
+
+def _head_args(s: TrainSettings, head_args: dict, spec) -> dict:
+    """The head's own arguments, with --hidden for the heads that take it, and a text-blind head's
+    default tensors: the feature maps without the attention maps."""
     args = dict(head_args)
-    if "hidden" in inspect.signature(HEADS[s.head]).parameters:
+    parameters = inspect.signature(HEADS[s.head]).parameters
+    if "hidden" in parameters:
         args["hidden"] = s.hidden
+    if s.text_blind and "tensors" in parameters and args.get("tensors") is None:
+        args["tensors"] = [t.name for t in spec.tensors if t.kind != "attention"]
     return args
 
 
@@ -217,14 +309,15 @@ def _config(s: TrainSettings, model, train: Samples, val: Samples | None, world:
 
     lr, weight_decay, poly = s.optimization()
     return {
-        "head": s.head, "head_args": model.head_args, "spec": train.cache.spec.select(model.tensor_names).to_dict(),
-        "noise_t": s.noise_t, "timestep": int(train.cache.timestep(s.noise_t)),
+        "head": s.head, "head_args": model.head_args, "text_blind": s.text_blind,
+        "spec": train.cache.spec.select(model.tensor_names).to_dict(),
+        "noise_t": s.noise_t, "timestep": train.cache.timestep(s.noise_t),  # int for UNets, float for SD3/FLUX
         "cache": {"path": str(train.path), "fingerprint": train.cache.fingerprint, "settings": train.cache.settings,
                   "samples": int(len(train.rows)), "sample_selection": train.cache.sample_selection,
                   "coverage": train.coverage.to_dict()},
         "val_cache": str(val.path) if val is not None else None,
         "val_cache_coverage": val.coverage.to_dict() if val is not None else None,
-        "seed": s.seed, "optimizer": s.optimizer, "lr": lr, "weight_decay": weight_decay,
+        "seed": s.seed, "data_seed": s.data_seed, "optimizer": s.optimizer, "lr": lr, "weight_decay": weight_decay,
         "lr_schedule": f"poly {POLY_POWER} per iteration" if poly else "constant",
         "loss": s.loss, "class_weights": list(CLASS_WEIGHTS), "epochs": s.epochs, "batch_size": s.batch_size,
         "max_samples": s.max_samples, "parameters": sum(p.numel() for p in model.parameters()),
@@ -275,12 +368,14 @@ def _check_resumable(out: Path, config: dict) -> None:
                        f"{config['cache']['samples']}: resume with the same samples (did the cache's done samples "
                        "change?), or choose another --out")
     for key in RESUME_KEYS:
-        if old.get(key) != config.get(key):
-            raise RunError(f"run {out} was trained with {key}={old.get(key)!r}, not {config.get(key)!r}: resume with "
+        before = old.get(key, RECORDED_BEFORE[key](old) if key in RECORDED_BEFORE else None)
+        if before != config.get(key):
+            raise RunError(f"run {out} was trained with {key}={before!r}, not {config.get(key)!r}: resume with "
                            "the same settings, or choose another --out")
 
 
-def _head_state(s: TrainSettings, model, ranks: Ranks, device: torch.device, n_samples: int) -> HeadState:
+def _head_state(s: TrainSettings, model, ranks: Ranks, device: torch.device, n_samples: int,
+                lock: run_dir.RunLock | None) -> HeadState:
     lr, weight_decay, poly = s.optimization()
     total_iterations = s.epochs * math.ceil(n_samples / s.batch_size)
     model.to(device)
@@ -291,12 +386,13 @@ def _head_state(s: TrainSettings, model, ranks: Ranks, device: torch.device, n_s
     def lr_at(iteration: int) -> float:
         return lr * (1 - iteration / total_iterations) ** POLY_POWER if poly else lr
 
-    return HeadState(model, trained, optimizer, lr_at, s.out, sum(p.numel() for p in model.parameters()))
+    return HeadState(s, model, trained, optimizer, lr_at, s.out, sum(p.numel() for p in model.parameters()),
+                     run_lock=lock)
 
 
-def _resume(state: TrainState) -> None:
+def _resume(state: TrainState, head: HeadState) -> None:
     """Continue from the last completed epoch: weights, optimizer, random state, position, log."""
-    s, head, out = state.settings, state.head, state.settings.out
+    s, out = head.settings, head.out
     if not (out / run_dir.STATE).exists():
         if state.ranks.main:
             run_dir.truncate_metrics(out, 0)  # a first epoch that never finished may have logged a line
@@ -313,16 +409,16 @@ def _resume(state: TrainState) -> None:
     if state.device.type == "cuda" and "rng.cuda.0" in rng:
         torch.cuda.set_rng_state_all([rng[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
                                       if f"rng.cuda.{i}" in rng])
-    state.epoch, state.iteration, head.best_oiou = info["epoch"], info["iteration"], info["best_val_oIoU"]
+    head.epoch, head.iteration, head.best_oiou = info["epoch"], info["iteration"], info["best_val_oIoU"]
     if state.ranks.main:
-        run_dir.truncate_metrics(out, state.epoch)
+        run_dir.truncate_metrics(out, head.epoch)
     if s.optimization()[2] and info.get("epochs") != s.epochs:
         state.say(f"note: the poly lr schedule was planned for {info.get('epochs')} epochs and now spans "
                   f"{s.epochs}: the result differs from a run trained for {s.epochs} epochs from the start")
-    state.say(f"resuming {out} after epoch {state.epoch}/{s.epochs}")
+    state.say(f"resuming {out} after epoch {head.epoch}/{s.epochs}")
 
 
-def _preload_ok(preload, spec, model, n: int, path, progress: bool, copies: int = 1) -> bool:
+def _preload_ok(preload, spec, names: list[str], text: bool, n: int, path, progress: bool, copies: int = 1) -> bool:
     """Whether to load the samples into RAM first; says how much it needs.
 
     preload=True: always (FeatureDataset refuses, with one line, what does not fit). preload=None or
@@ -334,8 +430,8 @@ def _preload_ok(preload, spec, model, n: int, path, progress: bool, copies: int 
     auto = preload is None or preload == "auto"
     if not (preload or auto):
         return False
-    per_sample = sum(spec[name].nbytes(2) for name in model.tensor_names) + spec.image_size ** 2
-    if model.uses_text:
+    per_sample = sum(spec[name].nbytes(2) for name in names) + spec.image_size ** 2
+    if text:
         per_sample += spec.token_length * (spec.text_dim * 2 + 1)
     need = per_sample * n
     avail = available_memory()

@@ -233,6 +233,7 @@ _SHARED_NAMES = tuple(f.name for f in dataclasses.fields(RuntimeSettings))
 RESUMABLE = {
     "refseg.extract.cli": ("the shards written so far are kept in {out}", "rerun"),
     "refseg.heads.cli_train": ("the epochs completed so far are kept in {out}", "--resume"),
+    "refseg.heads.cli_sweep": ("the heads' completed epochs are kept under {out}", "rerun"),
     "refseg.study.cli": ("the caches and runs finished so far are kept under {out}", "rerun"),
 }
 

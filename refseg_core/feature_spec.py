@@ -11,6 +11,12 @@ Naming is by **stride** = image size / feature size, like timm's `reduction`:
     `up_blocks[i].resnets[1]` for plain levels, and the whole `up_blocks[-1]` output.
   - `attn_s16 attn_s32` (8 and 64 optional): cross-attention (`attn2`) softmax probabilities of the
     down and up blocks at that stride, averaged over heads and over the layers; channels = tokens L.
+
+Joint-attention transformers (SD3's MMDiT, FLUX; `from_transformer`) give every feature at one
+stride (16 = patch 2 x VAE 8), so their names carry the **block** and the stride (docs/DESIGN.md §5):
+`j12_s16` (SD3 joint block 12), `d07_s16` (FLUX double-stream block 7), `x30_s16` (FLUX single-stream
+block 30), and `attn_j12_s16`, ... for that block's text-token attention map (channels = the text
+sequence length). UNet names never carry a letter, so the two schemes cannot collide.
 """
 
 from __future__ import annotations
@@ -130,6 +136,92 @@ class FeatureSpec:
             latent_stride=latent_stride,
             tensors=tuple(features + attention),
         )
+
+    @classmethod
+    def from_transformer(
+        cls,
+        transformer_config: dict,
+        image_size: int,
+        text_length: int,
+        blocks=None,
+        attn_blocks=None,
+        latent_stride: int = 8,
+    ) -> "FeatureSpec":
+        """The spec for an `SD3Transformer2DModel` or `FluxTransformer2DModel` config (a plain dict).
+
+        `blocks` / `attn_blocks`: block ids (`"j12"`, `"d07"`, `"x30"`) whose image-token hidden states /
+        text-token attention maps are stored; None = `TransformerBlocks.default()`. `text_length`: the
+        length of the text sequence the joint attention sees (the maps' channels; SD3: CLIP + T5 tokens).
+        """
+        layout = TransformerBlocks.from_config(transformer_config, latent_stride)
+        if image_size % layout.stride:
+            raise ValueError(f"image size {image_size} is not a multiple of the transformer's stride {layout.stride}")
+        blocks = layout.default() if blocks is None else tuple(blocks)
+        attn_blocks = layout.default() if attn_blocks is None else tuple(attn_blocks)
+        size = image_size // layout.stride
+        features = [TensorInfo(f"{b}_s{layout.stride}", "feature", layout.hidden, layout.stride, size,
+                               (layout.module(b),)) for b in layout.check(blocks)]
+        attention = [TensorInfo(f"attn_{b}_s{layout.stride}", "attention", text_length, layout.stride, size,
+                                (layout.module(b) + ".attn",)) for b in layout.check(attn_blocks)]
+        return cls(
+            image_size=image_size,
+            token_length=text_length,
+            text_dim=int(transformer_config["joint_attention_dim"]),
+            latent_channels=layout.latent_channels,
+            latent_stride=latent_stride,
+            tensors=tuple(features + attention),
+        )
+
+
+@dataclass(frozen=True)
+class TransformerBlocks:
+    """What a joint-attention transformer config says about its blocks, in forward order.
+
+    SD3: `num_layers` joint blocks `j00..` (`transformer_blocks.i`). FLUX (its config has
+    `num_single_layers`): double-stream blocks `d00..` (`transformer_blocks.i`), then single-stream
+    blocks `x00..` (`single_transformer_blocks.i`). FLUX packs 2x2 latent patches into 64 input
+    channels (patch_size 1 on the packed grid); SD3 patches with `patch_size` 2. Either way a token
+    is 2x2 latent pixels: stride 16 with the x8 VAE.
+    """
+
+    ids: tuple[str, ...]  # every block, forward order
+    hidden: int  # the blocks' width: heads x head dim
+    latent_channels: int
+    stride: int
+
+    PATHS = {"j": "transformer_blocks", "d": "transformer_blocks", "x": "single_transformer_blocks"}
+
+    @classmethod
+    def from_config(cls, config: dict, latent_stride: int = 8) -> "TransformerBlocks":
+        hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        if "num_single_layers" in config:  # FLUX: packed 2x2 patches
+            ids = tuple(f"d{i:02d}" for i in range(int(config["num_layers"]))) + \
+                tuple(f"x{i:02d}" for i in range(int(config["num_single_layers"])))
+            return cls(ids, hidden, int(config["in_channels"]) // 4, latent_stride * 2)
+        ids = tuple(f"j{i:02d}" for i in range(int(config["num_layers"])))
+        return cls(ids, hidden, int(config["in_channels"]), latent_stride * int(config.get("patch_size", 2)))
+
+    def default(self) -> tuple[str, ...]:
+        """Blocks at 1/4, 1/2 and 3/4 of the depth (FLUX: double and single blocks counted as one stack).
+
+        Why: features of diffusion transformers are most semantic in the middle of the stack (DIFT's
+        finding for UNets, where the middle decoder level wins, holds for DiTs: the first blocks are
+        still close to the patch embedding and the last ones specialise to the velocity output), and
+        three evenly spaced blocks span it at 3 x hidden channels per sample. What limits more: disk,
+        hidden x (S/16)^2 x 2 bytes per block (FLUX 3072 channels: 25 MB per block at 1024 px).
+        """
+        n = len(self.ids)
+        return tuple(dict.fromkeys(self.ids[min(n - 1, (n * k) // 4)] for k in (1, 2, 3)))
+
+    def check(self, blocks) -> tuple[str, ...]:
+        unknown = [b for b in blocks if b not in self.ids]
+        if unknown:
+            raise ValueError(f"no block {', '.join(map(str, unknown))} in this transformer "
+                             f"(blocks: {self.ids[0]}..{self.ids[-1]})")
+        return tuple(blocks)
+
+    def module(self, block: str) -> str:
+        return f"{self.PATHS[block[0]]}.{int(block[1:])}"
 
 
 @dataclass(frozen=True)

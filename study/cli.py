@@ -11,14 +11,15 @@ from refseg.core.cli import dataclass_options, user_errors
 from refseg.study.demo import NOT_OPTIONS, DemoConfig, run_demo
 
 
-@click.group(help="Studies over the whole pipeline (the demo: the report's Table 4 noise ablation).")
+@click.group(help="Studies over the whole pipeline (the demo: the report's Table 4 noise ablation, with seeds).")
 def main():
     pass
 
 
-@main.command(help="Synthetic data -> caches at each T -> heads -> ablation table and figures, under --out.")
+@main.command(help="Synthetic data -> caches at each T -> attention probe -> a sweep of heads × T × seeds with a "
+                   "text-blind baseline -> table (mean ± std), computed conclusions and figures, under --out.")
 @dataclass_options(DemoConfig, skip=NOT_OPTIONS)
-@user_errors  # adds --quiet (and --threads, which DemoConfig's own field replaces: its default is 1)
+@user_errors  # adds --quiet (and --threads, which DemoConfig's own field replaces: its default is 2)
 def demo(quiet, **settings):
     cfg = DemoConfig(**settings, progress=not quiet)
     result = run_demo(cfg)

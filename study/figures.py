@@ -16,45 +16,72 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from refseg.core.metrics import TABLE_COLUMNS, format_table  # noqa: E402
+from refseg.core.metrics import TABLE_COLUMNS  # noqa: E402
 from refseg.heads.run_dir import read_metrics  # noqa: E402
 
 
-# ---- ablation table ------------------------------------------------------------------------------
+# ---- ablation table (mean ± std over seeds) ---------------------------------------------------------
+# A cell is one (head, T, text-blind or not) of the sweep: {"head", "noise_t", "text_blind", "n_seeds",
+# "<metric>_mean", "<metric>_std"} for each metric of TABLE_COLUMNS (refseg.heads.sweep's summary rows).
 
-def ablation_markdown(results: list[dict]) -> str:
-    """`results`: [{"head", "noise_t", "summary"}] -> one table per head in the report's layout."""
+def cell_label(cell: dict) -> str:
+    return f"{cell['head']} (text-blind)" if cell.get("text_blind") else str(cell["head"])
+
+
+def mean_std(cell: dict, metric: str) -> str:
+    """'23.41 ± 1.20': the mean and sample std over the cell's seeds ('23.41' alone for one seed)."""
+    mean, std = float(cell[f"{metric}_mean"]), cell[f"{metric}_std"]
+    return f"{mean:.2f}" if std == "" or np.isnan(float(std)) else f"{mean:.2f} ± {float(std):.2f}"
+
+
+def ablation_markdown(cells: list[dict]) -> str:
+    """One table per head (and per text-blind baseline): Noise, P@0.5..P@0.9, oIoU, mIoU as mean ± std, seeds."""
     parts = []
-    for head in dict.fromkeys(r["head"] for r in results):
-        rows = [(str(r["noise_t"]), r["summary"]) for r in results if r["head"] == head]
-        parts.append(f"### head `{head}`\n\n{format_table(rows, first_col='Noise')}\n")
+    for label in dict.fromkeys(cell_label(c) for c in cells):
+        lines = ["| Noise | " + " | ".join(TABLE_COLUMNS) + " | seeds |",
+                 "|---|" + "---:|" * (len(TABLE_COLUMNS) + 1)]
+        for c in cells:
+            if cell_label(c) == label:
+                lines.append(f"| {c['noise_t']} | " + " | ".join(mean_std(c, k) for k in TABLE_COLUMNS)
+                             + f" | {int(c['n_seeds'])} |")
+        parts.append(f"### head `{label}`\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
-def write_ablation_csv(results: list[dict], path) -> Path:
+def write_ablation_csv(cells: list[dict], path) -> Path:
+    """head, text_blind, noise_t, n_seeds, then <metric>_mean and <metric>_std per metric (2 decimals)."""
     path = Path(path)
+    stats = [f"{k}_{s}" for k in TABLE_COLUMNS for s in ("mean", "std")]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["head", "noise_t", *TABLE_COLUMNS, "n"])
-        for r in results:
-            s = r["summary"]
-            w.writerow([r["head"], r["noise_t"], *[f"{s[k]:.2f}" for k in TABLE_COLUMNS], s["n"]])
+        w.writerow(["head", "text_blind", "noise_t", "n_seeds", *stats])
+        for c in cells:
+            w.writerow([c["head"], int(bool(c.get("text_blind"))), c["noise_t"], int(c["n_seeds"]),
+                        *["" if c[k] == "" or np.isnan(float(c[k])) else f"{float(c[k]):.2f}" for k in stats]])
     return path
 
 
-def plot_ablation(results: list[dict], path) -> Path:
-    """oIoU and mIoU against the noise level, one line per head (T on a categorical axis: 0, 5, 500)."""
-    noise = sorted({r["noise_t"] for r in results})
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+def plot_ablation(cells: list[dict], path, chance: dict | None = None) -> Path:
+    """oIoU and mIoU against the noise level, one line per head (dashed: text-blind), error bars = std
+    over seeds; `chance` ({"oIoU", "mIoU"}: predicting every pixel, %) as a dotted line. T on a categorical axis."""
+    noise = sorted({c["noise_t"] for c in cells})
+    labels = list(dict.fromkeys(cell_label(c) for c in cells))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for ax, key in zip(axes, ("oIoU", "mIoU")):
-        for head in dict.fromkeys(r["head"] for r in results):
-            by_t = {r["noise_t"]: r["summary"][key] for r in results if r["head"] == head}
-            ax.plot(range(len(noise)), [by_t.get(t, np.nan) for t in noise], marker="o", label=head)
+        for n, label in enumerate(labels):
+            by_t = {c["noise_t"]: c for c in cells if cell_label(c) == label}
+            x = np.arange(len(noise)) + 0.06 * (n - (len(labels) - 1) / 2)  # bars side by side, not on top
+            mean = [float(by_t[t][f"{key}_mean"]) if t in by_t else np.nan for t in noise]
+            std = [float(by_t[t][f"{key}_std"]) if t in by_t else np.nan for t in noise]
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label=label,
+                        linestyle="--" if "text-blind" in label else "-")
+        if chance is not None and key in chance:
+            ax.axhline(chance[key], color="grey", linestyle=":", label="chance (predict every pixel)")
         ax.set_xticks(range(len(noise)), [f"T={t}" for t in noise])
-        ax.set_title(key)
+        ax.set_title(f"val {key} (mean ± std over seeds)")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+        ax.legend(fontsize=7)
     fig.suptitle("Noise ablation (val)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -64,21 +91,29 @@ def plot_ablation(results: list[dict], path) -> Path:
 
 # ---- training curves -----------------------------------------------------------------------------
 
-def plot_curves(runs: dict[str, Path], path) -> Path:
-    """Training loss and val oIoU per epoch from each run's metrics.jsonl."""
-    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for label, run in runs.items():
-        records = read_metrics(run)
-        epochs = [m["epoch"] for m in records]
-        ax_loss.plot(epochs, [m["loss"] for m in records], label=label)
-        val = [(m["epoch"], m["val"]["oIoU"]) for m in records if m.get("val")]
-        if val:
-            ax_iou.plot(*zip(*val), marker=".", label=label)
-    ax_loss.set(title="training loss", xlabel="epoch")
-    ax_iou.set(title="val oIoU (%)", xlabel="epoch")
+def plot_curves(groups: dict[str, list[Path]], path) -> Path:
+    """Training loss and val oIoU per epoch, one line per group of runs (the seeds of one cell: their
+    mean, with the band between the lowest and highest seed). Integer epoch ticks, a legend on each panel."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, runs in groups.items():
+        for ax, value in ((ax_loss, lambda m: m["loss"]),
+                          (ax_iou, lambda m: m["val"]["oIoU"] if m.get("val") else None)):
+            per_run = [{m["epoch"]: value(m) for m in read_metrics(run) if value(m) is not None} for run in runs]
+            epochs = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
+            if not epochs:
+                continue
+            values = np.array([[r[e] for e in epochs] for r in per_run], dtype=float)
+            line, = ax.plot(epochs, values.mean(0), marker=".", label=label)
+            if len(runs) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    ax_loss.set(title="training loss (mean over seeds, band: min-max)", xlabel="epoch")
+    ax_iou.set(title="val oIoU % (mean over seeds, band: min-max)", xlabel="epoch")
     for ax in (ax_loss, ax_iou):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    ax_iou.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,11 +183,28 @@ def pca_rgb(feature: np.ndarray) -> np.ndarray:
     return ((comps - lo) / np.where(hi > lo, hi - lo, 1)).reshape(h, w, 3)
 
 
-def feature_view(cache, t: int, row: int, tokens: list[str], path, max_tokens: int = 4) -> Path:
-    """Each cached level of one sample as PCA-RGB, next to its cross-attention maps for content tokens.
+def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """An attention map over an image: `heat` (h, w) normalised to [0, 1], upsampled (bilinear) to the
+    image's (H, W, 3) in [0, 1], coloured with magma and alpha-blended where it is high."""
+    import torch
+    import torch.nn.functional as F
+
+    heat = heat.astype(np.float32)
+    lo, hi = float(heat.min()), float(heat.max())
+    heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    up = F.interpolate(torch.from_numpy(heat)[None, None], size=image.shape[:2], mode="bilinear",
+                       align_corners=False)[0, 0].clamp(0, 1).numpy()
+    colour = plt.get_cmap("magma")(up)[..., :3]
+    weight = alpha * up[..., None]  # low attention leaves the image visible
+    return (1 - weight) * image + weight * colour
+
+
+def feature_view(cache, t: int, row: int, tokens: list[str], path, image=None, max_tokens: int = 4) -> Path:
+    """One sample: the input image and each cached level as PCA-RGB (top row), and the cross-attention
+    map of each content word laid over the image (bottom row), titled with the word.
 
     `tokens`: the sample's token strings (position i = token i of input_ids); special and padding
-    tokens and a few stop words are left out of the attention panels.
+    tokens and a few stop words are left out. `image`: the input as a PIL image (the cache's S x S).
     """
     sample = cache.read(t, row)
     features = cache.spec.features
@@ -160,17 +212,26 @@ def feature_view(cache, t: int, row: int, tokens: list[str], path, max_tokens: i
     stop = {"the", "a", "an", "of", "to", "on", "at", "in", "one", "shape", ""}
     content = [i for i, tok in enumerate(tokens) if tok and not tok.startswith("<|") and tok not in stop][:max_tokens]
     att = attention[-1] if attention else None  # the finest attention stride
-    n = len(features) + (len(content) if att is not None else 0)
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(2.1 * max(n, 1), 2.6))
-    axes = np.atleast_1d(axes)
-    for ax, info in zip(axes, features):
-        ax.imshow(pca_rgb(sample[info.name].astype(np.float32)), interpolation="nearest")
-        ax.set_title(f"{info.name} ({info.channels} ch)", fontsize=8)
-    for ax, i in zip(axes[len(features):], content):
-        ax.imshow(sample[att.name][i].astype(np.float32), cmap="magma", interpolation="nearest")
-        ax.set_title(f"{att.name}: '{tokens[i]}'", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
+    size = cache.spec.image_size
+    rgb = (np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255 if image is not None
+           else np.full((size, size, 3), 0.5, dtype=np.float32))
+    top = [("input", rgb)] + [(f"{info.name} ({info.channels} ch, PCA)", pca_rgb(sample[info.name].astype(np.float32)))
+                              for info in features]
+    bottom = [(f"'{tokens[i]}' ({att.name})", blend(rgb, sample[att.name][i])) for i in content] if att else []
+    cols = max(len(top), len(bottom), 1)
+    rows = 2 if bottom else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows + 0.4), squeeze=False)
+    for r, panels in enumerate((top, bottom)[:rows]):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(panels):
+                title, picture = panels[c]
+                ax.imshow(picture, interpolation="nearest")
+                ax.set_title(title, fontsize=8)
+    if bottom:
+        axes[1, 0].text(-0.05, 0.5, "cross-attention\nover the image", transform=axes[1, 0].transAxes,
+                        ha="right", va="center", fontsize=8)
     fig.suptitle(f"T={t}: \"{cache.texts[row]}\"", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -180,33 +241,41 @@ def feature_view(cache, t: int, row: int, tokens: list[str], path, max_tokens: i
 
 # ---- best / worst overlays -----------------------------------------------------------------------
 
-def overlay_grid(records: list[dict], cache, image_path_of, path, k: int = 4) -> Path:
-    """The k best and k worst samples by IoU: image, GT green, prediction red, sentence and IoU.
+def overlay_grid(records: list[dict], cache, image_path_of, path, title: str, k: int = 4) -> Path:
+    """The k best and k worst samples by IoU (ties: lower row first), under `title` (the head and T
+    shown) and a colour key: GT as a white outline, prediction as a cyan hatch, sentence and IoU wrapped.
 
     `records`: [{"row", "pred" (bool S×S), "iou"}]; `image_path_of(image_id)` gives the file.
     """
-    from refseg.heads.overlays import overlay_image
-    from refseg.core.transforms import load_image
+    from PIL import ImageDraw
 
-    ranked = sorted(records, key=lambda r: (r["iou"], r["row"]))
-    worst, best = ranked[:k], ranked[::-1][:k]
+    from refseg.core.transforms import load_image
+    from refseg.heads.overlays import font, legend, overlay_image
+
+    ranked = sorted(records, key=lambda r: (-r["iou"], r["row"]))
+    best, worst = ranked[:k], sorted(ranked[k:], key=lambda r: (r["iou"], r["row"]))[:k]
     size = cache.spec.image_size
+    scale = max(1, 256 // size)  # small synthetic images are enlarged so outlines and hatch stay visible
     tiles = []
     for r in best + worst:
         row = r["row"]
         gt = cache.gt([row])[0] != 0
         image = load_image(image_path_of(int(cache.index["image_id"][row]))).convert("RGB").resize((size, size))
-        tiles.append(overlay_image(image, r["pred"], gt, f"{cache.texts[row]} (IoU {100 * r['iou']:.0f})"))
-    width = max(t.width for t in tiles)
+        tiles.append(overlay_image(image, r["pred"], gt, f"{cache.texts[row]} (IoU {100 * r['iou']:.0f})",
+                                   scale=scale, key=False))
+    width = max(t.width for t in tiles) + 6  # a white gap between tiles
     height = max(t.height for t in tiles)
     cols = max(len(best), len(worst), 1)
-    grid = Image.new("RGB", (cols * width, 2 * height + 20), "white")
-    from PIL import ImageDraw
-
+    header = 18
+    key = legend(cols * width)
+    grid = Image.new("RGB", (cols * width, header + key.height + 2 * height + 16), "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((3, 3), title, fill="black", font=font())
+    grid.paste(key, (0, header))
+    y0 = header + key.height
     for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols) if i < len(best) else (1, i - len(best))
-        grid.paste(tile, (c * width, 10 + r * height))
-    draw.text((2, 0), "best (top row) and worst (bottom row) val samples", fill="black")
+        r, c = (0, i) if i < len(best) else (1, i - len(best))
+        grid.paste(tile, (c * width, y0 + r * (height + 16)))
+    draw.text((3, y0 + height + 2), "worst val samples:", fill="black", font=font())
     grid.save(path)
     return Path(path)

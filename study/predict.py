@@ -3,8 +3,9 @@
 `predict_pairs(model, run, pairs)` (and `refseg-predict`) does what `refseg-extract` followed by
 `refseg.heads.evaluate.predict` does, sample by sample, at the run's extraction settings (image
 size, token length, latent scaling, noise level and timestep, precision): the same transforms, the
-same text adapter, the same float16 rounding the cache applies to latents, embeddings and features
-(`store_dtype`), the same head and upsampling. So the S x S mask it returns equals the cache path's;
+same text adapter, the same rounding the cache applies to latents, embeddings and features
+(`store_dtype`: float16, or float32 for a run trained on a `--cache-dtype fp32` cache), the same head
+and upsampling. So the S x S mask it returns equals the cache path's;
 the mask it writes is the same logits resized to the image's original size.
 
 It lives in `refseg.study` because it composes extraction and a head (DESIGN §2: `extract` and
@@ -26,6 +27,7 @@ from PIL import Image
 from refseg.backbones.loading import Backbone, load_backbone
 from refseg.core.errors import DataError, ModelError
 from refseg.core.noise import add_noise, alphas_cumprod, make_noise
+from refseg.core.precision import ieee_float32
 from refseg.core.transforms import image_to_tensor, load_image
 from refseg.extract.capture import UNetCapture
 from refseg.extract.pipeline import batch_invariant
@@ -33,7 +35,8 @@ from refseg.heads import run_dir
 from refseg.heads.batches import autocast
 from refseg.heads.evaluate import load_head, logits_to_mask
 
-CACHE_DTYPE = torch.float16  # what refseg-extract stores latents, embeddings and features as
+# what refseg-extract stores latents, embeddings and features as (--cache-dtype; cache/layout.py CACHE_DTYPES)
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -59,6 +62,11 @@ class LoadedRun:
     extraction: dict
     spec: object
     checkpoint: str
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """The type the run's training cache stored its tensors in (float16 unless --cache-dtype fp32)."""
+        return STORE_DTYPES[self.extraction.get("cache_dtype", "float16")]
 
     @functools.cached_property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -118,17 +126,19 @@ def read_pairs_csv(path) -> list[tuple[str, str]]:
 
 
 def predict_pairs(model: str, run, pairs, *, model_config=None, device="auto", dtype="auto", checkpoint="best",
-                  batch_size: int = 4, store_dtype=CACHE_DTYPE) -> list[Prediction]:
+                  batch_size: int = 4, store_dtype=None) -> list[Prediction]:
     """Masks for each (image path, sentence) of `pairs` with `model` and `run`'s head (see the module doc).
 
     `store_dtype`: the precision the intermediate tensors are rounded to between stages, as the
-    cache stores them (float16); torch.float32 skips the rounding.
+    cache stores them; None (default): as the run's training cache did (`LoadedRun.store_dtype`);
+    torch.float32 skips the rounding.
     """
     loaded = load_run(model, run, model_config=model_config, device=device, dtype=dtype, checkpoint=checkpoint)
     return predict_loaded(loaded, pairs, batch_size=batch_size, store_dtype=store_dtype)
 
 
-def predict_loaded(loaded: LoadedRun, pairs, *, batch_size: int = 4, store_dtype=CACHE_DTYPE) -> list[Prediction]:
+def predict_loaded(loaded: LoadedRun, pairs, *, batch_size: int = 4, store_dtype=None) -> list[Prediction]:
+    store_dtype = loaded.store_dtype if store_dtype is None else store_dtype
     pairs = [(str(image), str(text)) for image, text in pairs]
     if not pairs:
         raise DataError("nothing to predict: give at least one image and sentence")
@@ -136,7 +146,8 @@ def predict_loaded(loaded: LoadedRun, pairs, *, batch_size: int = 4, store_dtype
         if not text.strip():
             raise DataError(f"empty sentence for image {image}")
     out = []
-    with UNetCapture(loaded.backbone.unet, loaded.spec) as capture, torch.inference_mode():
+    bb = loaded.backbone
+    with UNetCapture(bb.unet, loaded.spec) as capture, torch.inference_mode(), ieee_float32(bb.device, bb.dtype):
         for start in range(0, len(pairs), max(1, batch_size)):
             out += _predict_batch(loaded, capture, pairs[start:start + batch_size], start, store_dtype)
     return out

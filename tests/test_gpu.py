@@ -6,7 +6,6 @@ so the GPU check reports them next to its timings.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -17,6 +16,7 @@ import torch
 import zarr
 
 from refseg.backbones.loading import load_backbone
+from refseg.core.precision import ieee_float32
 from refseg.extract.capture import UNetCapture
 
 pytestmark = pytest.mark.gpu
@@ -34,16 +34,6 @@ def _record(name: str, **values) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"figure": name, **values}) + "\n")
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def _relative_errors(got: dict, ref: dict) -> dict:
 
 def test_capture_on_cuda_fp32_matches_the_cpu(cpu_unet, inputs):
     ref = _capture(cpu_unet, inputs, "cpu", torch.float32)
-    with _no_tf32():
+    with ieee_float32(torch.device("cuda"), torch.float32):
         got = _capture(copy.deepcopy(cpu_unet).cuda(), inputs, "cuda", torch.float32)
     errors = _relative_errors(got, ref)
     _record("capture cuda fp32 vs cpu fp32 (relative L2)", **errors)

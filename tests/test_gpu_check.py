@@ -35,8 +35,9 @@ def test_every_step_runs_and_reports_figures(tiny_check):
     steps = results["steps"]
     assert [s for s, v in steps.items() if v["status"] != "ok"] == [
         "c. torch.compile, whole UNet (bench/extract.py --compile on)",
-        "c. CUDA graphs (torch.compile mode reduce-overhead)"]  # GPU-only levers, skipped in tiny mode
-    assert "5 skipped" in steps["a. correctness (pytest -m gpu)"]["summary"]  # no CUDA here
+        "c. CUDA graphs (torch.compile mode reduce-overhead)",  # GPU-only levers, skipped in tiny mode
+        "d. VPD fixture in fp32 and bf16 (bench/vpd_fixture.py)"]  # its CPU variant is tests/test_vpd_import.py
+    assert "7 skipped" in steps["a. correctness (pytest -m gpu)"]["summary"]  # no CUDA here
     e2e = steps["b. end to end through the CLI"]
     assert [c["exit"] for c in e2e["commands"]] == [0] * 8
     assert e2e["samples"] == {"train": 12, "val": 4}
@@ -58,6 +59,11 @@ def test_every_step_runs_and_reports_figures(tiny_check):
     assert {r["variant"] for r in rows} == {"unet", "capture+host"} and all(r["samples/s"] > 0 for r in rows)
     train = steps["c. cached vs in-loop training (bench/train.py)"]["bench"]
     assert train["title"].startswith("Cached vs in-loop head training: tiny")
+    sweep = steps["e. sweep: K heads in one pass vs K solo runs (bench/sweep.py)"]["results"][0]["rows"]
+    assert [(r["case"], r["K"]) for r in sweep] == [("sd15-disk", 2)] and sweep[0]["ratio"] > 0
+    families = steps["f. backbone families at 1024 px, random weights (bench/families.py)"]["results"]
+    assert [(r["model"], r["batch"]) for r in families] == [("sdxl", 1), ("sdxl", 2), ("flux", 1), ("flux", 2)]
+    assert all(r["flops_per_sample"] > 0 and r["samples_per_s"] > 0 for r in families)
     text = (out / "gpu_check.md").read_text()
     assert text.startswith("### GPU check (tiny)") and "| refseg-extract train (T = 0, 5, 500) | 0 |" in text
     assert (out / "gpu_check.log").stat().st_size > 0
@@ -67,7 +73,7 @@ def test_a_spent_budget_skips_the_remaining_steps_and_still_writes_the_report(tm
     result = _check(tmp_path, "--budget", "1")
     assert result.returncode == 0, result.stderr
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert len(steps) == 7 and {s["status"] for s in steps.values()} == {"skipped"}
+    assert len(steps) == 10 and {s["status"] for s in steps.values()} == {"skipped"}
     assert "skipped (the check's time budget was spent)" in (tmp_path / "gpu_check.md").read_text()
 
 

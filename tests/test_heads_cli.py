@@ -100,7 +100,8 @@ def _constant_head(run, bias):
 
 
 def _per_sample(path):
-    return [{k: float(v) if k == "iou" else int(v) for k, v in r.items()} for r in csv.DictReader(open(path))]
+    return [{k: v if k == "sentence" else float(v) if k == "iou" else int(v) for k, v in r.items()}
+            for r in csv.DictReader(open(path, newline=""))]
 
 
 def test_protocols_compare_the_right_pixels_and_overlays(synth_root, tmp_path):
@@ -140,6 +141,28 @@ def test_protocols_compare_the_right_pixels_and_overlays(synth_root, tmp_path):
         differs += union.sum() != rule_vpd.sum()
     assert differs > 0  # some annotations are two overlapping polygons: the union rule was used
 
+    # --overlay-pick best/worst draws the K samples of highest/lowest IoU (ties: lower sent_id), in that
+    # order; --overlay-ids the given ones. All foreground: IoU = |GT| / S², which differs between samples.
+    ranked = sorted(vpd, key=lambda a: (-a["iou"], a["sent_id"]))
+    by_worst = sorted(vpd, key=lambda a: (a["iou"], a["sent_id"]))
+    for pick, expected in (("best", ranked[:3]), ("worst", by_worst[:3])):
+        evaluate("vpd", "--overlays", str(tmp_path / pick), "--overlay-pick", pick, "--max-overlays", "3")
+        assert sorted(p.name for p in (tmp_path / pick).glob("*.png")) == [
+            f"{k:03d}_sent{a['sent_id']}.png" for k, a in enumerate(expected)]
+    assert ranked[0]["iou"] > by_worst[0]["iou"]
+    ids = [vpd[9]["sent_id"], vpd[2]["sent_id"]]
+    evaluate("vpd", "--overlays", str(tmp_path / "ids"), "--overlay-ids", f"{ids[0]}, {ids[1]}")
+    assert sorted(p.name for p in (tmp_path / "ids").glob("*.png")) == [f"000_sent{ids[0]}.png",
+                                                                         f"001_sent{ids[1]}.png"]
+    for args, message in ((["--overlay-ids", "3,x"], "comma-separated sent_ids"),
+                          (["--overlay-ids", "999999999"], "sent_id 999999999 not in cache"),
+                          (["--overlay-ids", str(ids[0]), "--overlay-pick", "best"], "not both")):
+        _one_line_error(CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(tmp_path / "train.zarr"),
+                                                       "--overlays", str(tmp_path / "bad"), *args]), message)
+    _one_line_error(CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(tmp_path / "train.zarr"),
+                                                   "--overlay-pick", "worst"]), "need --overlays DIR")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
     # equal logits: ties go to background, so nothing is predicted and I = 0, U = |GT|
     _constant_head(run, [0.0, 0.0])
     for a in evaluate("vpd"):
@@ -147,13 +170,37 @@ def test_protocols_compare_the_right_pixels_and_overlays(synth_root, tmp_path):
 
     pngs = sorted((tmp_path / "ov").glob("*.png"))
     assert len(pngs) == 3
+    from refseg.heads.overlays import GT_COLOUR, PRED_COLOUR, legend
+
     image = np.asarray(Image.open(pngs[0]).convert("RGB")).astype(int)
-    assert image.shape[1] == 96 and image.shape[0] > 96  # the original size plus a caption strip
-    body = image[:96]
-    assert (body[..., 0] - body[..., 2] > 80).mean() > 0.5  # the all-foreground prediction is red...
-    assert ((body[..., 1] > 110) & (body[..., 0] > 110)).any()  # ...and the GT (green) blends over it
+    key = legend(96).height
+    assert image.shape[1] == 96 and image.shape[0] > 96 + key  # the original size, a key and a caption strip
+    body = image[key:key + 96]
+    cyan = np.all(body == PRED_COLOUR, axis=-1)
+    assert 0.2 < cyan.mean() < 0.6  # the all-foreground prediction: a cyan hatch over the whole image...
+    assert np.all(body == GT_COLOUR, axis=-1).any()  # ...and the GT's white outline on top
+
+    # the per-sample CSV: the metric columns first, then where each sample comes from
+    header = open(tmp_path / "vpd.csv").readline().strip().split(",")
+    assert header == ["sent_id", "ref_id", "iou", "i", "u", "image_id", "sentence"]
+    row_of = {int(sid): row for row, sid in enumerate(cache.index["sent_id"])}
+    for a in vpd:
+        assert (a["image_id"], a["sentence"]) == (int(cache.index["image_id"][row_of[a["sent_id"]]]),
+                                                  cache.texts[row_of[a["sent_id"]]])
 
     # a data root that is not there: one line, exit 2
     r = CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(tmp_path / "train.zarr"), "--protocol",
                                        "original", "--data-root", str(tmp_path / "missing")])
     _one_line_error(r, "data root not found")
+
+
+def test_per_sample_csv_quotes_sentences(tmp_path):
+    from refseg.heads.evaluate import CSV_COLUMNS, _write_csv
+
+    tricky = 'the red one, "left" of the star'
+    _write_csv(tmp_path / "p.csv", [{"sent_id": 7, "ref_id": 3, "iou": 0.25, "i": 1, "u": 4, "image_id": 12,
+                                      "sentence": tricky}])
+    text = (tmp_path / "p.csv").read_text()
+    assert text.splitlines()[1] == '7,3,0.250000,1,4,12,"the red one, ""left"" of the star"'
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", newline="")))
+    assert list(rows[0]) == CSV_COLUMNS and rows[0]["sentence"] == tricky

@@ -1,45 +1,108 @@
-"""The demo pipeline at a small size: every table row and every file it promises."""
+"""The demo pipeline at a small size: every table row and every file it promises, and the rule that
+turns the table into conclusions."""
 
 import csv
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from refseg.study.demo import DemoConfig, run_demo
+from refseg.study.demo import DemoConfig, bootstrap_std, interval, paired_bootstrap_std, run_demo, verdict
+
+
+def _cell(mean, std, n=3):
+    return {"oIoU_mean": mean, "oIoU_std": std, "n_seeds": n}
+
+
+def test_a_difference_is_called_only_where_the_intervals_separate():
+    # mean ± 2·std/√n: 30 ± 1.15 against 20 ± 1.15 separate; 30 ± 11.5 against 20 ± 1.15 do not
+    assert verdict(_cell(30.0, 1.0), _cell(20.0, 1.0), "film", "vpd") == "film beats vpd (30.0 vs 20.0)"
+    assert verdict(_cell(20.0, 1.0), _cell(30.0, 1.0), "film", "vpd") == "vpd beats film (30.0 vs 20.0)"
+    assert verdict(_cell(30.0, 10.0), _cell(20.0, 1.0), "a", "b") == "a vs b: no clear difference (30.0 vs 20.0)"
+    lo, hi = interval(_cell(30.0, 3.0, n=4))
+    assert (lo, hi) == pytest.approx((27.0, 33.0))
+    assert "no clear difference" in verdict(_cell(30.0, float("nan"), n=1), _cell(1.0, float("nan"), n=1), "a", "b")
+    # the val sampling of the difference joins the seeds' spread: 2 points beat 2·0.82 but not 2·1.29
+    assert verdict(_cell(30.0, 1.0), _cell(28.0, 1.0), "a", "b") == "a beats b (30.0 vs 28.0)"
+    assert "no clear difference" in verdict(_cell(30.0, 1.0), _cell(28.0, 1.0), "a", "b", sampling=1.0)
+
+
+def test_bootstrap_std_of_oiou_matches_the_binomial_std():
+    # 400 sentences with u = 1 and i in {0, 1} at p = 0.5: oIoU is a mean, its std 100·√(p(1-p)/n) = 2.5
+    i = np.array([0, 1] * 200)
+    assert bootstrap_std(i, np.ones(400), draws=2000) == pytest.approx(2.5, rel=0.1)
+    assert bootstrap_std(np.full(50, 3), np.full(50, 6)) == 0.0  # every sample alike: no sampling spread
+    # two runs on the same sentences: what they share cancels in the paired difference
+    rng = np.random.default_rng(1)
+    hard = rng.integers(0, 2, 400)  # sentences both runs get right or wrong alike
+    a = {k: (int(hard[k]), 1) for k in range(400)}
+    b = {k: (int(hard[k]) if k % 10 else 1 - int(hard[k]), 1) for k in range(400)}  # differs on 10%
+    assert paired_bootstrap_std(a, a) == 0.0
+    assert paired_bootstrap_std(a, b) == pytest.approx(100 * math.sqrt(0.1 * 0.9 / 400), rel=0.2)  # ~1.5
+    assert paired_bootstrap_std(a, b) < 0.75 * bootstrap_std(*zip(*a.values()))  # ~2.5 unpaired
+
+
+def test_extraction_leaves_a_core_to_the_cache_writer(monkeypatch):
+    from refseg.study.demo import extraction_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what default_threads() reads first: 1 usable core for torch
+    before = torch.get_num_threads()
+    with extraction_threads(2):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
 
 
 def test_demo_writes_the_ablation_table_and_figures(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), model="tiny", images=24, image_size=64, epochs=2, hidden=8,
-                     batch_size=8, device="cpu", progress=False)
+    cfg = DemoConfig(out=str(tmp_path / "demo"), model="tiny", images=24, train_samples=40, image_size=64,
+                     epochs=1, hidden=8, seeds=2, batch_size=8, device="cpu", threads=1, progress=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         result = run_demo(cfg)
-        assert torch.get_num_threads() == 2  # the demo's 1 thread (its default) is undone afterwards
+        assert torch.get_num_threads() == 2  # the demo's own thread count is undone afterwards
     finally:
         torch.set_num_threads(before)
     out = tmp_path / "demo"
 
-    # one row per (head, T), in the report's layout, with metrics in percent
+    # one row per (head, T), then the best head's text-blind baseline at each T: mean and std over 2 seeds
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["head"], int(r["noise_t"])) for r in rows] == [
-        ("vpd", 0), ("vpd", 5), ("vpd", 500), ("film", 0), ("film", 5), ("film", 500)]
+    best = result["study"]["best"]["head"]
+    assert [(r["head"], r["text_blind"], int(r["noise_t"])) for r in rows] == [
+        ("vpd", "0", 0), ("vpd", "0", 5), ("vpd", "0", 500), ("film", "0", 0), ("film", "0", 5), ("film", "0", 500),
+        (best, "1", 0), (best, "1", 5), (best, "1", 500)]
     for r in rows:
-        values = [float(r[k]) for k in ("P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "oIoU", "mIoU")]
-        assert all(0.0 <= v <= 100.0 for v in values)
-        assert values[:5] == sorted(values[:5], reverse=True)  # P@X cannot grow with X
-        assert int(r["n"]) == result["results"][0]["summary"]["n"] > 0
+        assert r["n_seeds"] == "2"
+        means = [float(r[f"{k}_mean"]) for k in ("P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "oIoU", "mIoU")]
+        assert all(0.0 <= v <= 100.0 for v in means)
+        assert means[:5] == sorted(means[:5], reverse=True)  # P@X cannot grow with X
+        assert float(r["oIoU_std"]) >= 0.0
     table = (out / "ablation.md").read_text()
-    assert "| Noise | P@0.5 | P@0.6 | P@0.7 | P@0.8 | P@0.9 | oIoU | mIoU |" in table
-    assert table.count("\n| 500 |") == 2
+    assert "| Noise | P@0.5 | P@0.6 | P@0.7 | P@0.8 | P@0.9 | oIoU | mIoU | seeds |" in table
+    assert f"### head `{best} (text-blind)`" in table and " ± " in table
+    assert table.split("## Conclusions")[0].count("\n| 500 |") == 3
 
-    # results.json holds the same numbers as the CSV
+    # the conclusions: every pair of noise levels and of heads is given a verdict by the rule
+    text = table.split("## Conclusions")[1]
+    verdicts = [line for line in text.splitlines() if line.startswith(("- Noise", "- Heads", "- What the sentence"))]
+    assert len(verdicts) == 2 * 3 + 3 + 3  # 3 pairs of T per head, 3 head pairs (one per T), 3 baselines
+    assert all(("beats" in v) != ("no clear difference" in v) for v in verdicts)
+    assert "Spread: std of val oIoU over seeds" in text and "bootstrap" in text
+
+    # the probe's table: pointing accuracy and its chance per noise level and attention tensor
+    probe = table.split("## Zero-shot attention probe")[1]
+    assert "| T | tensor | pointing % | chance % |" in probe
+    assert sum(line.startswith("| 500 |") for line in probe.splitlines()) >= 1
+
+    # results.json holds the same numbers as the CSV, the chance level and the spreads
     saved = json.loads((out / "results.json").read_text())
     assert saved["model"] == "tiny" and saved["torch_threads"] == 1
-    assert f"{saved['results'][4]['summary']['oIoU']:.2f}" == rows[4]["oIoU"]
+    assert f"{saved['cells'][4]['oIoU_mean']:.2f}" == rows[4]["oIoU_mean"]
+    study = saved["study"]
+    assert 0 < study["chance"]["oIoU"] < 100 and study["sampling_std"] >= 0 and math.isfinite(study["seed_std"])
 
     # every figure is a real, non-blank image
     for name in ("ablation.png", "curves.png", "noise_strip.png", "overlays.png", "features.png"):
@@ -47,10 +110,11 @@ def test_demo_writes_the_ablation_table_and_figures(tmp_path):
         assert img.shape[0] > 100 and img.shape[1] > 200, name
         assert img.std() > 5, f"{name} looks blank"
 
-    # the caches hold the three noise levels; each run is a complete run directory
+    # the caches hold the three noise levels; each run is a complete run directory of one epoch
     for split in ("train", "val"):
         assert sorted(p.name for p in (out / "cache" / f"{split}.zarr").glob("t[0-9][0-9][0-9][0-9]")) == ["t0000", "t0005", "t0500"]
-    for r in result["results"]:
-        run = out / "runs" / f"{r['head']}-t{r['noise_t']}"
-        assert {"head.safetensors", "config.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
-        assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    runs = sorted((out / "sweep" / "runs").iterdir()) + sorted((out / "sweep-text-blind" / "runs").iterdir())
+    assert len(runs) == 2 * 3 * 2 + 3 * 2
+    for run in runs:
+        assert {"best.safetensors", "config.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

@@ -8,7 +8,6 @@ VPD's margin |l1 - l0| is below 1e-3 (fp32) or 1e-2 (float16 cache).
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vpd-tiny"
-CKPT, BASE = FIXTURE / "vpd_refer.pth", FIXTURE / "base"
+from _vpd_util import BASE, CKPT, DATASET_NAME, FIXTURE, write_fixture_dataset
+
 TENSORS = {"latent": "latents", "embedding": "c_crossattn", "s8": "s8", "s16": "s16", "s32": "s32", "s64": "s64",
            "attn_s16": "attn_s16", "attn_s32": "attn_s32"}
-DATASET = "vpdtiny"
 
 
 def rel(a, b) -> float:
@@ -108,35 +106,14 @@ def test_fp32_forward_matches_vpd(imported, io, pairs):
     flips_only_near_ties(np.stack([p.mask for p in preds]), io, 1e-3)
 
 
-def _write_dataset(root: Path) -> Path:
-    """The fixture's samples as a RefCOCO-format dataset (split val), the target polygons as annotations."""
-    meta = json.loads((FIXTURE / "fixture.json").read_text())
-    folder = root / DATASET
-    (folder / "images").mkdir(parents=True)
-    images, anns, refs = [], [], []
-    for i, s in enumerate(meta["samples"]):
-        name = Path(s["file"]).name
-        shutil.copy(FIXTURE / s["file"], folder / "images" / name)
-        images.append({"id": i + 1, "file_name": name, "height": s["height"], "width": s["width"]})
-        anns.append({"id": 100 + i, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                     "segmentation": [s["target"]["polygon"]]})
-        sent = {"sent_id": 10 + i, "sent": s["sentence"], "raw": s["sentence"], "tokens": s["sentence"].split()}
-        refs.append({"ref_id": i, "ann_id": 100 + i, "image_id": i + 1, "category_id": 1, "split": "val",
-                     "sent_ids": [10 + i], "sentences": [sent], "file_name": name})
-    (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                       "categories": [{"id": 1, "name": "shape"}]}))
-    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
-    return root
-
-
 @pytest.fixture(scope="module")
 def cache_path(imported, tmp_path_factory):
     from refseg.extract.config import ExtractionConfig, with_preset
     from refseg.extract.pipeline import run_extraction
 
-    root = _write_dataset(tmp_path_factory.mktemp("data"))
+    root = write_fixture_dataset(tmp_path_factory.mktemp("data"))
     cache = root / "val.zarr"
-    cfg = ExtractionConfig(data_root=str(root), dataset=DATASET, split="val", model=str(imported[0] / "model"),
+    cfg = ExtractionConfig(data_root=str(root), dataset=DATASET_NAME, split="val", model=str(imported[0] / "model"),
                            image_size=256, device="cpu", dtype="fp32", out=str(cache), progress=False)
     run_extraction(with_preset(cfg, "vpd", {"image_size", "device", "dtype"}))  # = refseg-extract --preset vpd
     return cache
@@ -158,6 +135,17 @@ def test_cache_path_matches_vpd(imported, cache_path, io):
     gt, vpd = cache.gt([0, 1]) != 0, io["mask"].astype(bool)
     vpd_oiou = 100 * (gt & vpd).sum() / (gt | vpd).sum()  # VPD's own masks scored on the cached GT
     assert summary["n"] == 2 and abs(summary["oIoU"] - vpd_oiou) < 0.1
+
+
+def test_fp32_cache_path_flips_no_pixel(io, tmp_path):
+    """refseg-import vpd + refseg-extract --preset vpd --dtype fp32 --cache-dtype fp32 + refseg-eval: VPD's masks.
+
+    Through bench/vpd_fixture.py, the script the GPU check runs in bf16 and fp32 on CUDA."""
+    from bench.vpd_fixture import run_variant
+
+    result = run_variant("cpu", "fp32", "fp32", tmp_path, io)
+    assert max(result["relative_error"].values()) <= 1e-4, result["relative_error"]
+    assert result["flipped_pixels"] == 0 and result["pixels"] == io["mask"].size
 
 
 def test_predict_cli_equals_cache_path(imported, cache_path, io, pairs, tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from refseg.core.cli import dataclass_options, user_errors
 from refseg.backbones.tiny_synth.config import TrainConfig
+from refseg.backbones.tiny_synth.train_ground import GroundConfig
 
 
 @click.group()
@@ -31,6 +32,25 @@ def train(work, out, resume, threads, checkpoint_seconds, **settings):
     torch.set_num_threads(threads)
     cfg = TrainConfig(**settings)
     run(cfg, work, out, resume=resume, checkpoint_seconds=checkpoint_seconds,
+        log=lambda m: (click.echo(m), sys.stdout.flush()))
+
+
+@main.command()
+@click.option("--base", required=True, type=click.Path(file_okay=False, exists=True),
+              help="the stage-A/B model to start from (a diffusers folder)")
+@click.option("--work", required=True, type=click.Path(file_okay=False), help="checkpoints and logs (resumable)")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="write the diffusers folder here")
+@click.option("--resume", is_flag=True, help="continue the run in --work from its checkpoint")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads (bytes depend on it)")
+@click.option("--checkpoint-seconds", type=float, default=180.0, show_default=True)
+@dataclass_options(GroundConfig)
+@user_errors
+def ground(base, work, out, resume, threads, checkpoint_seconds, **settings):
+    """Stage C: fine-tune the UNet and text encoder so cross-attention looks at the named object."""
+    from refseg.backbones.tiny_synth.ground import ground as run
+
+    torch.set_num_threads(threads)
+    run(GroundConfig(**settings), base, work, out, resume=resume, checkpoint_seconds=checkpoint_seconds,
         log=lambda m: (click.echo(m), sys.stdout.flush()))
 
 

@@ -1,0 +1,44 @@
+"""Backbone families, by name: one module each (docs/DESIGN.md §4). `family_for_index` finds a folder's."""
+
+from __future__ import annotations
+
+from refseg.backbones.families.base import Family, NoiseInput, TextConditioning, read_model_index
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def _register_builtin() -> None:
+    import importlib
+
+    for module in ("sd", "sd2", "sdxl", "sd3", "flux"):
+        try:
+            mod = importlib.import_module(f"refseg.backbones.families.{module}")
+        except ModuleNotFoundError as exc:  # a family module not written yet (sd3/flux land separately)
+            if exc.name != f"refseg.backbones.families.{module}":
+                raise
+            continue
+        register(mod.FAMILY)
+
+
+def tiny_names() -> dict[str, Family]:
+    """--model value -> family, for the tiny random models ("tiny", "tiny-sd2", ...)."""
+    return {f.tiny_name: f for f in FAMILIES.values()}
+
+
+def family_for_index(model_index: dict) -> Family | None:
+    """The family a model_index.json names (its `_class_name`), or None."""
+    for family in FAMILIES.values():
+        if family.detect(model_index):
+            return family
+    return None
+
+
+_register_builtin()
+
+__all__ = ["FAMILIES", "Family", "NoiseInput", "TextConditioning", "family_for_index", "read_model_index",
+           "register", "tiny_names"]

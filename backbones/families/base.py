@@ -1,0 +1,172 @@
+"""The family seam: what every backbone family (SD1.x, SD2.x, SDXL, SD3, FLUX) provides to extraction.
+
+A family is one module in this package with one `Family` instance, registered in `FAMILIES`
+(`backbones/families/__init__.py`). Everything that differs between backbones sits behind it:
+building the tiny random model, loading (folder, hub id, single file), tokenizing, encoding text,
+the `FeatureSpec` of what is stored, and capturing it from one denoiser forward. Extraction
+(extract/pipeline.py) only calls these; it never asks which family it runs.
+
+Components are a plain dict (`{"vae", "unet" | "transformer", "text_encoder", "tokenizer",
+"scheduler_config", ...}`: diffusers' own subfolder names), so a folder saved by `save` loads with
+diffusers' pipeline class too.
+
+Noise (refseg_core/noise.py): `noise_input` turns `--noise-t T` / `--noise-sigma σ` into a
+`NoiseInput` (ᾱ or σ, SNR, the exact model timestep); `noise_latents` applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from refseg.core.errors import ModelError
+from refseg.core.feature_spec import DEFAULT_ATTN_STRIDES, DEFAULT_STRIDES, FeatureSpec
+from refseg.core.noise import DDPM, NoiseInput, noise_input
+
+__all__ = ["Family", "NoiseInput", "TextConditioning", "read_model_index"]
+
+
+@dataclass
+class TextConditioning:
+    """What the denoiser is conditioned on for a batch of sentences.
+
+    `embedding`: (B, L, D), the denoiser's text context (UNets: `encoder_hidden_states`).
+    `pooled`: (B, P) or None: SDXL: CLIP-G's `text_embeds`; SD3: CLIP-L+G pooled, concatenated;
+    FLUX: CLIP-L's pooled output. Stored per sentence as `text/pooled` only for families with one.
+    """
+
+    embedding: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+def read_model_index(folder: str) -> dict | None:
+    """A diffusers folder's model_index.json, or None when it has none (or it is not JSON)."""
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+class Family:
+    """One backbone family. Subclasses set the class attributes and implement the methods that raise.
+
+    Components are a dict of diffusers/transformers objects (see the module doc); every method takes
+    it first, so one `Family` instance serves every loaded model of the family.
+    """
+
+    name: str  # "sd", "sd2", "sdxl", "sd3", "flux": recorded in the backbone identity (except "sd": see sd.py)
+    noise_kind: str = DDPM  # "ddpm" | "flow"
+    tiny_name: str  # --model value of the tiny random model: "tiny", "tiny-sd2", ...
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family loads
+    components: tuple[str, ...] = ()  # the diffusers subfolders a folder of this family must have
+    denoiser_name: str = "unet"  # the components key of the denoiser: "unet" | "transformer"
+    default_strides: tuple[int, ...] = DEFAULT_STRIDES
+    default_attn_strides: tuple[int, ...] = DEFAULT_ATTN_STRIDES
+    default_image_size: int = 512
+    flow_timestep_scale: float = 1000.0  # flow families: model timestep = σ x this (SD3 1000, FLUX 1)
+
+    # ---- building and loading ---------------------------------------------------------------------
+    def build_tiny(self, seed: int = 0) -> dict:
+        """The components of the tiny random model (deterministic from `seed`, fp32, CPU, eval), with a
+        `scheduler` object or a `scheduler_config` dict."""
+        raise NotImplementedError
+
+    def detect(self, model_index: dict) -> bool:
+        """Whether a diffusers folder with this model_index.json belongs to this family."""
+        return model_index.get("_class_name") in self.pipeline_classes
+
+    def load(self, source: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+        """The components from a diffusers folder or hub id (diffusers' from_pretrained per subfolder)."""
+        raise NotImplementedError
+
+    def load_single_file(self, path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
+        """The components from one original-layout checkpoint file (`--model-config DIR` offline)."""
+        raise ModelError(f"cannot load {path!r}: single-file checkpoints are not supported for family {self.name}; "
+                         "use a diffusers folder or hub id")
+
+    def save(self, components: dict, folder) -> None:
+        """Write the components as a diffusers folder with model_index.json (loads back with `load`)."""
+        raise NotImplementedError
+
+    def modules(self, components: dict) -> dict[str, torch.nn.Module]:
+        """The weighted modules (hashed into the identity, moved to the device, frozen)."""
+        return {k: components[k] for k in components if isinstance(components[k], torch.nn.Module)}
+
+    def identity(self, components: dict) -> dict:
+        """What the backbone identity records of this family beyond model/kind/weights (configs)."""
+        raise NotImplementedError
+
+    def denoiser(self, components: dict) -> torch.nn.Module:
+        return components[self.denoiser_name]
+
+    # ---- latents ----------------------------------------------------------------------------------
+    def scaling_factor(self, components: dict) -> float:
+        return float(components["vae"].config.scaling_factor)
+
+    def shift_factor(self, components: dict) -> float | None:
+        """The VAE's shift (SD3/FLUX: z = (x - shift) * scale); None when it has none."""
+        value = components["vae"].config.get("shift_factor")
+        return None if value is None else float(value)
+
+    def latent_channels(self, components: dict) -> int:
+        return int(components["vae"].config.latent_channels)
+
+    def vae_scale_factor(self, components: dict) -> int:
+        return 2 ** (len(components["vae"].config.block_out_channels) - 1)
+
+    def max_stride(self, components: dict) -> int:
+        """The side of an image must be a multiple of this (pixels)."""
+        raise NotImplementedError
+
+    # ---- text -------------------------------------------------------------------------------------
+    def max_token_length(self, components: dict) -> int:
+        """The most tokens `--token-length` may ask for (the first tokenizer's: they index the maps)."""
+        return int(components["text_encoder"].config.max_position_embeddings)
+
+    def map_tokenizer(self, components: dict):
+        """The tokenizer whose ids are `tokenize`'s `input_ids` (they index the maps): what the report's
+        count of sentences truncated to --token-length counts with."""
+        return components["tokenizer"]
+
+    def tokenize(self, components: dict, texts: list[str], token_length: int) -> dict[str, torch.Tensor]:
+        """`input_ids` (B, L): the ids whose positions index the attention maps' token axis (stored as
+        text/input_ids), `attention_mask` (B, L), plus what else `encode_text` needs (input_ids_2, t5_ids...)."""
+        raise NotImplementedError
+
+    def encode_text(self, components: dict, tokens: dict[str, torch.Tensor]) -> TextConditioning:
+        raise NotImplementedError
+
+    def text_shape(self, components: dict, token_length: int) -> tuple[int, int]:
+        """(context length, width) of `TextConditioning.embedding` (the stored text/embedding per sentence)."""
+        raise NotImplementedError
+
+    def pooled_dim(self, components: dict) -> int | None:
+        """Width of `TextConditioning.pooled`; None for families without one (no text/pooled stored)."""
+        return None
+
+    # ---- features ---------------------------------------------------------------------------------
+    def spec(self, components: dict, image_size: int, token_length: int, **choices) -> FeatureSpec:
+        """What extraction stores at `image_size` with `token_length` tokens. `choices`: the family's
+        layer choices (UNets: strides, attn_strides)."""
+        raise NotImplementedError
+
+    def capture(self, components: dict, spec: FeatureSpec):
+        """A context manager whose `.run(latents, noise: NoiseInput, text: TextConditioning,
+        return_output=False)` returns {name: float32 (B, C, h, w)} for every tensor of `spec` (with the
+        denoiser's output too when `return_output`), the denoiser restored on exit."""
+        raise NotImplementedError
+
+    # ---- noise ------------------------------------------------------------------------------------
+    def noise_input(self, components: dict, t: int | None = None, sigma: float | None = None,
+                    timestep: int | None = None) -> NoiseInput:
+        """`--noise-t t` / `--noise-sigma sigma` (with `--timestep`) as this family's model runs it."""
+        return noise_input(components.get("scheduler_config"), kind=self.noise_kind, t=t, sigma=sigma,
+                           timestep=timestep, timestep_scale=self.flow_timestep_scale)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"

@@ -1,0 +1,39 @@
+"""`refseg-sweep`: train every head of a grid, the heads of one noise level sharing each batch read."""
+
+from __future__ import annotations
+
+import click
+
+from refseg.core.cli import current_runtime, user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--cache", required=True, type=click.Path(), help="Training cache (CACHE.zarr).")
+@click.option("--val-cache", required=True, type=click.Path(),
+              help="Val cache: every head's metrics per epoch, its best epoch selected on oIoU.")
+@click.option("--grid", "grid_path", required=True, type=click.Path(),
+              help="GRID.yaml: refseg-train-head options in snake case; a list is a swept axis, a scalar fixed.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Sweep directory: DIR/runs/<name>/, DIR/summary.csv, DIR/summary.md. Rerun to resume.")
+@click.option("--data-seed", default=0, show_default=True, type=int,
+              help="Seed of the data order shared by every head (each head's --seed seeds its init).")
+@user_errors
+def main(cache, val_cache, grid_path, out, data_seed):
+    """Train every combination of GRID in one pass per noise level (one read of each batch feeds every
+    head of it); each head gets a run directory refseg-eval reads, and the sweep a summary of mean and
+    std over seeds per cell."""
+    from refseg.heads.settings import SEED_RANGE, require_int
+    from refseg.heads.sweep import SUMMARY_MD, load_grid, run_sweep
+
+    require_int("--data-seed", data_seed, *SEED_RANGE)
+    grid = load_grid(grid_path)
+    rows = run_sweep(grid, cache, val_cache, out, data_seed=data_seed, progress=current_runtime().progress)
+    from pathlib import Path
+
+    summary = Path(out) / SUMMARY_MD
+    if rows and summary.is_file():
+        click.echo(summary.read_text(), nl=False)
+
+
+if __name__ == "__main__":
+    main()

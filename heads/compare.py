@@ -1,0 +1,188 @@
+"""`refseg-compare`: one table across runs and sweeps, grouped by the settings that differ.
+
+```python
+from refseg.heads.compare import compare, format_markdown
+rows = compare(["sweeps/s1", "runs/vpd-t5"], caches=["val.zarr", "testA.zarr", "testB.zarr"])
+print(format_markdown(rows))
+```
+
+Each argument is a run directory or a sweep directory (`refseg-sweep --out`, which stands for its
+runs). The settings that differ between the runs (head, its arguments, noise level, lr, ..., read
+from each run's config.json) are the table's first columns; runs whose settings agree but for the
+seed are one row, with the mean ± std (sample std, ddof=1) of each metric over them and their count.
+
+Without caches, the metrics are each run's recorded val metrics at its best val epoch (what
+best.safetensors holds). With caches (val, testA, testB, as LAVT's test script takes them), every
+run is evaluated on every cache (best checkpoint, protocol vpd; `refseg.heads.evaluate`'s
+`load_run_on_cache` and `evaluate_model`, so every check and caveat of refseg-eval applies), and
+each cache gets its own metric columns, named by its split (or its file name when splits repeat).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from refseg.core.errors import RefsegError
+from refseg.core.metrics import TABLE_COLUMNS
+from refseg.heads import run_dir
+
+# The config.json keys that make a run's settings, in the table's column order; a run recorded
+# before data_seed/text_blind existed had its data ordered by its seed and read the sentence.
+SETTING_KEYS = ("head", "head_args", "text_blind", "noise_t", "optimizer", "lr", "loss", "epochs", "batch_size",
+                "max_samples", "data_seed", "seed")
+RECORDED_BEFORE = {"data_seed": lambda cfg: cfg.get("seed"), "text_blind": lambda cfg: False}
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run directories from `paths`: each a run, or a sweep (its runs, in the grid's order)."""
+    from refseg.heads.sweep import RUNS, SWEEP_FILE
+
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if (path / SWEEP_FILE).is_file():
+            record = json.loads((path / SWEEP_FILE).read_text())
+            found = [path / RUNS / r["name"] for r in record["runs"] if (path / RUNS / r["name"] / run_dir.CONFIG).is_file()]
+            if not found:
+                raise RefsegError(f"sweep {path} has no runs yet: run its refseg-sweep command first")
+            runs += found
+        elif path.is_dir() and not (path / run_dir.CONFIG).exists():
+            raise RefsegError(f"{path} is neither a head run directory (no {run_dir.CONFIG}) nor a sweep directory "
+                              f"(no {SWEEP_FILE})")
+        else:
+            runs.append(run_dir.require_run(path))
+    unique = list(dict.fromkeys(p.resolve() for p in runs))
+    return [next(p for p in runs if p.resolve() == u) for u in unique]
+
+
+def run_settings(config: dict) -> dict:
+    """A run's settings, flat: its head arguments by their own names, the training cache by fingerprint."""
+    flat = {}
+    for key in SETTING_KEYS:
+        value = config.get(key, RECORDED_BEFORE[key](config) if key in RECORDED_BEFORE else None)
+        if key == "head_args":
+            flat.update({f"{k}": _plain(v) for k, v in sorted((value or {}).items())})
+        else:
+            flat[key] = _plain(value)
+    # the training cache by its fingerprint: one cache under two paths (relative, absolute) is one cache
+    flat["cache"] = ((config.get("cache") or {}).get("fingerprint") or "")[:12] or None
+    return flat
+
+
+def _plain(value):
+    return "+".join(map(str, value)) if isinstance(value, list) else value
+
+
+def recorded_metrics(run: Path) -> dict | None:
+    """The run's val metrics at its best recorded val epoch (None without val)."""
+    best = None
+    for record in run_dir.read_metrics(run):
+        if record.get("val") and (best is None or record["val"]["oIoU"] > best["val"]["oIoU"]):
+            best = record
+    return None if best is None else best["val"]
+
+
+def evaluate_on(run: Path, cache, device: str = "auto", batch_size: int = 16) -> dict:
+    """The run's best checkpoint scored on `cache` (protocol vpd); a text-blind run is given no sentence
+    (`load_head` applies what its config.json records)."""
+    from refseg.heads.evaluate import evaluate_model, load_run_on_cache
+    from refseg.heads.settings import EvalSettings
+
+    settings = EvalSettings(run=str(run), cache=cache, device=device, batch_size=batch_size)
+    settings.check()
+    loaded = load_run_on_cache(settings)
+    for caveat in loaded.caveats:
+        print(f"warning: {caveat.message}", file=sys.stderr, flush=True)
+    summary, _ = evaluate_model(loaded.model, loaded.dataset, device=loaded.device, batch_size=batch_size)
+    return summary
+
+
+def cache_labels(caches) -> list[str]:
+    """A column prefix per cache: its split, or its file name when two caches share a split."""
+    from refseg.heads.caches import as_cache
+
+    splits = [((as_cache(c)[0].settings.get("dataset") or {}).get("split") or Path(str(c)).stem) for c in caches]
+    if len(set(splits)) < len(splits):
+        return [Path(str(c)).name for c in caches]
+    return [str(s) for s in splits]
+
+
+def compare(paths, caches=(), *, device: str = "auto", progress: bool = False) -> list[dict]:
+    """The table's rows: the differing settings, `n_runs`, then `<metric>_mean` and `<metric>_std`
+    (prefixed `<cache> ` per cache when `caches` are given; std '' for one run)."""
+    runs = expand_runs(paths)
+    configs = [run_dir.read_config(run) for run in runs]
+    settings = [run_settings(cfg) for cfg in configs]
+    labels = cache_labels(caches) if caches else [None]
+    metrics = []
+    for k, run in enumerate(runs):
+        if progress:
+            print(f"[{k + 1}/{len(runs)}] {run}", file=sys.stderr, flush=True)
+        if caches:
+            metrics.append({label: evaluate_on(run, cache, device) for label, cache in zip(labels, caches)})
+        else:
+            metrics.append({None: recorded_metrics(run)})
+    head_arg_keys = sorted({k for cfg in configs for k in (cfg.get("head_args") or {})})
+    keys = ["head", *head_arg_keys] + [k for k in (*SETTING_KEYS, "cache") if k not in ("head", "head_args")]
+    differ = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
+    group_keys = [k for k in differ if k != "seed"]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(settings):
+        groups.setdefault(json.dumps([s.get(k) for k in group_keys]), []).append(i)
+    rows = []
+    for members in groups.values():
+        row = {k: settings[members[0]].get(k) for k in group_keys}
+        row["n_runs"] = len(members)
+        for label in labels:
+            found = [metrics[i][label] for i in members if metrics[i][label] is not None]
+            for metric in TABLE_COLUMNS:
+                name = f"{label} {metric}" if label else metric
+                values = [m[metric] for m in found]
+                row[f"{name}_mean"] = statistics.fmean(values) if values else ""
+                row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else ""
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(setting columns, metric names) of `rows`."""
+    first = rows[0] if rows else {}
+    settings = [k for k in first if k != "n_runs" and not k.endswith(("_mean", "_std"))]
+    metrics = [k[: -len("_mean")] for k in first if k.endswith("_mean")]
+    return settings, metrics
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """A Markdown table: the settings, n_runs, and each metric as `mean ± std`."""
+    from refseg.heads.sweep import cell_text, mean_std
+
+    settings, metrics = _columns(rows)
+    lines = ["| " + " | ".join(settings + ["n_runs"] + metrics) + " |", "|" + "---|" * (len(settings) + 1 + len(metrics))]
+    for row in rows:
+        cells = [cell_text(row[k]) for k in settings] + [str(row["n_runs"])]
+        cells += ["" if row[f"{m}_mean"] == "" else mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict]) -> str:
+    from refseg.heads.sweep import cell_text
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: cell_text(v) for k, v in row.items()})
+    return table.getvalue()
+
+
+def write_table(rows: list[dict], path) -> None:
+    """`path` ending .md (Markdown) or .csv."""
+    path = Path(path)
+    text = {".md": format_markdown, ".csv": format_csv}[path.suffix.lower()](rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.write_text(path, text)

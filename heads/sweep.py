@@ -1,0 +1,395 @@
+"""One pass, many heads: `refseg-sweep` trains every combination of a grid, and the heads that share
+a batch stream share each batch (DINOv2's linear evaluation trains its many heads on one forward).
+
+```python
+from refseg.heads.sweep import run_sweep, summarize
+rows = run_sweep({"head": ["vpd", "film"], "seed": [0, 1, 2], "noise_t": [0, 5], "hidden": 64, "epochs": 12},
+                 "train.zarr", "val.zarr", "sweeps/s1")
+```
+
+The grid: each key is a `refseg-train-head` option in snake case (a TrainSettings field, or an
+argument of the head such as `tensors` or `text_hidden`); a list is a swept axis, a scalar is fixed.
+`tensors` takes a list of names as one value: a list of lists sweeps it. Every head named in the grid
+must take each head argument given. Bad keys and values are refused, in one line, before anything is
+written.
+
+What is shared: the heads whose stream settings agree (`train_setup.STREAM_KEYS`: noise level, batch
+size, data seed, max samples, ...) are set up together (`train_setup.set_up_heads`) and trained by
+the loop of `refseg-train-head` (`train.run_epochs`): each batch is read, copied to the device and
+fed to each of them, and each val batch is read once for all. The data order is seeded by the data
+seed alone, so every head sees the batches its solo run would, and its weights are the bytes of a
+solo `refseg-train-head` run with the same settings (tests/test_sweep.py). Each head keeps its own
+optimizer, schedule, seed and run directory, `DIR/runs/<name>/`, where `<name>` spells the swept
+values (`head=film,lr=0.001,noise_t=5,seed=1`): `refseg-eval --run DIR/runs/<name>` reads it.
+
+Resuming: run the same command again. A head whose run holds all its epochs is skipped; a head
+stopped mid-way continues after its last completed epoch (the run directory's `--resume`), with
+the weights an uninterrupted sweep gives. A head that diverges stops alone and is reported.
+
+Under torchrun, the heads are split across the ranks, not the batch: rank r trains heads r::world
+(of the grid's order) in its own passes, without DDP, on its own device (cuda:LOCAL_RANK on GPUs).
+A head then needs no communication at all, each stays byte-equal to its solo run, and K heads on W
+GPUs take about K/W of the time; each rank reads the batches of its own streams. Rank 0 writes the
+summary once every rank is done.
+
+`DIR/summary.csv` and `DIR/summary.md` (`summarize`): one row per cell (the swept values but the
+seed), with `n_seeds` and `<metric>_mean`, `<metric>_std` (sample std, ddof=1; '' for one seed) of
+P@0.5..P@0.9, oIoU and mIoU at each run's selected epoch (its best val oIoU: best.safetensors).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from refseg.core.errors import RefsegError
+from refseg.core.metrics import TABLE_COLUMNS
+from refseg.heads import run_dir
+from refseg.heads.registry import HEADS, head_names
+from refseg.heads.settings import TrainSettings
+
+SWEEP_FILE = "sweep.json"  # the grid and data seed of the sweep in DIR (what `summarize` reads)
+RUNS = "runs"
+SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
+OWN_KEYS = ("cache", "val_cache", "out", "resume")  # set by the sweep itself, not by the grid
+REQUIRED = ("head", "noise_t")
+
+
+@dataclass
+class Job:
+    """One head of the sweep: its run's name, its settings and head arguments, and its swept values."""
+
+    name: str
+    settings: TrainSettings
+    head_args: dict
+    swept: dict  # {key: value} of the grid's axes
+
+    def stream(self) -> tuple:
+        from refseg.heads.train_setup import STREAM_KEYS
+
+        return tuple(_hashable(getattr(self.settings, key)) for key in STREAM_KEYS)
+
+
+# ---- the grid -----------------------------------------------------------------------------------
+def load_grid(path) -> dict:
+    """A GRID.yaml file -> the grid (a mapping), read with yaml.safe_load; one-line errors."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RefsegError(f"grid {path} does not exist" if not path.exists() else f"grid {path} is not a file")
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RefsegError(f"grid {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(grid, dict) or not grid:
+        raise RefsegError(f"grid {path} must be a mapping of option: value or [values], e.g. 'head: [vpd, film]'")
+    return grid
+
+
+def expand(grid: dict, cache, val_cache, out, *, data_seed: int = 0) -> list[Job]:
+    """Every combination of the grid's axes as a Job, checked (keys, types, ranges); nothing is written."""
+    if not isinstance(grid, dict) or not grid:
+        raise RefsegError("the grid must be a non-empty mapping of option: value or [values]")
+    fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
+    missing = [key for key in REQUIRED if key not in grid]
+    if missing:
+        raise RefsegError(f"the grid must give {' and '.join(missing)} (e.g. 'head: [vpd, film]', 'noise_t: 5')")
+    if "data_seed" in grid and data_seed != 0:
+        raise RefsegError("give the data seed once: in the grid (data_seed) or as --data-seed, not both")
+    axes = {key: _axis(key, value) for key, value in grid.items()}
+    heads = sorted({str(h) for h in axes["head"]})
+    unknown_heads = [h for h in heads if h not in HEADS]
+    if unknown_heads:
+        raise RefsegError(f"unknown head {unknown_heads[0]!r} in the grid (available: {', '.join(head_names())})")
+    head_keys = [key for key in axes if key not in fields]
+    for key in axes:
+        if key in OWN_KEYS:
+            raise RefsegError(f"{key} is not a grid key: the sweep sets it (--cache, --val-cache, --out)")
+    for key in head_keys:
+        for head in heads:
+            if key not in _head_parameters(head):
+                options = sorted(set(fields) - set(OWN_KEYS)) + sorted(_head_parameters(head))
+                raise RefsegError(f"unknown grid key {key!r} for head {head!r}: a grid key is a refseg-train-head "
+                                  f"option in snake case ({', '.join(options)})")
+    swept = [key for key, value in grid.items() if isinstance(value, list) and not _fixed_list(key, value)]
+    jobs, names = [], set()
+    for combination in itertools.product(*axes.values()):
+        values = {k: _coerce(k, v, fields[k]) if k in fields else v for k, v in zip(axes, combination)}
+        options = {k: v for k, v in values.items() if k in fields}
+        options.setdefault("data_seed", data_seed)
+        head_args = {k: v for k, v in values.items() if k not in fields}
+        name = run_name({k: values[k] for k in swept})
+        settings = TrainSettings(cache=cache, val_cache=val_cache, out=Path(out) / RUNS / name, **options)
+        settings.check()
+        if name in names:
+            raise RefsegError(f"the grid gives run {name!r} twice: a list holds a value twice")
+        names.add(name)
+        jobs.append(Job(name, settings, head_args, {k: values[k] for k in swept}))
+    return jobs
+
+
+def _axis(key: str, value) -> list:
+    """A grid value -> the list of its values (a scalar: one)."""
+    if isinstance(value, dict):
+        raise RefsegError(f"grid key {key!r} has a mapping as value: give a value or a list of values")
+    if not isinstance(value, list) or _fixed_list(key, value):
+        return [value]
+    if not value:
+        raise RefsegError(f"grid key {key!r} has an empty list: give at least one value")
+    for v in value:
+        if isinstance(v, dict) or (isinstance(v, list) and key != "tensors"):
+            raise RefsegError(f"grid key {key!r} holds {v!r}: a list's values must be plain values")
+    return value
+
+
+def _fixed_list(key: str, value) -> bool:
+    """`tensors: [s8, s16]` is one value (the names a head reads); `tensors: [[s8], [s8, s16]]` an axis."""
+    return key == "tensors" and isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _coerce(key: str, value, f: dataclasses.Field):
+    """A YAML value for TrainSettings field `f`, of the field's type (PyYAML reads 1e-3 as a string)."""
+    kind = str(f.type).replace(" ", "")
+    optional = "|None" in kind or "None|" in kind
+    base = kind.replace("|None", "").replace("None|", "")
+    if value is None and optional:
+        return None
+    if base == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif base == "bool" and (isinstance(value, bool) or (key == "preload" and value == "auto")):
+        return value
+    elif base == "str" and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    raise RefsegError(f"grid key {key!r} must be {'a number' if base in ('int', 'float') else base}"
+                      f"{' (a whole number)' if base == 'int' else ''}, got {value!r}")
+
+
+def _head_parameters(head: str) -> set[str]:
+    """The keyword arguments a head's constructor takes, but `hidden` (a TrainSettings field)."""
+    parameters = inspect.signature(HEADS[head]).parameters
+    return {name for name, p in parameters.items() if name not in ("self", "spec", "hidden")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def run_name(swept: dict) -> str:
+    """The run directory's name: the swept values, sorted by key (`head=film,lr=0.001,seed=1`)."""
+    if not swept:
+        return "run"
+    return ",".join(f"{key}={_spell(swept[key])}" for key in sorted(swept))
+
+
+def _spell(value) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "none"
+    elif isinstance(value, list):
+        text = "+".join(_spell(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace(os.sep, "_").replace(",", "_")
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else (str(value) if isinstance(value, Path) else value)
+
+
+# ---- running it ---------------------------------------------------------------------------------
+def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress: bool = True,
+              threads: int | None = None) -> list[dict]:
+    """Train every head of `grid` on `cache` (validating on `val_cache`) into `out`; -> the summary rows.
+
+    Rerun it to resume. `threads`: torch CPU threads while it runs (default: as they are).
+    """
+    from refseg.heads.distributed import Ranks
+
+    from refseg.core.paths import check_writable
+
+    jobs = expand(grid, cache, val_cache, out, data_seed=data_seed)
+    check_writable(out, "--out", directory=True)
+    _check_data(jobs)
+    out = Path(out)
+    ranks = Ranks.from_env()
+    restore = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        _start_ranks(ranks)
+        if ranks.main:
+            (out / RUNS).mkdir(parents=True, exist_ok=True)
+            run_dir.write_json(out / SWEEP_FILE, _record(grid, jobs, cache, val_cache, data_seed))
+        ranks.barrier()
+        failed = _train(jobs[ranks.rank::ranks.world], ranks, progress)
+        ranks.barrier()
+        rows = summarize(out) if ranks.main else []
+        if ranks.main:
+            write_summary(out, rows)
+    finally:
+        ranks.stop()
+        torch.set_num_threads(restore)
+    if failed:  # said, not raised: the other heads' results stand
+        print(f"warning: {len(failed)} of {len(jobs)} heads diverged and stopped early ({', '.join(failed)}); the "
+              "summary leaves them out", file=sys.stderr, flush=True)
+    return rows
+
+
+def _check_data(jobs: list[Job]) -> None:
+    """The caches open, hold the noise levels, and every head can be built on them: before anything is written."""
+    from refseg.heads.caches import as_cache
+    from refseg.heads.train_setup import build_for_training
+
+    opened = {}
+    for job in jobs:
+        for path in (job.settings.cache, job.settings.val_cache):
+            key = str(path)
+            if key not in opened:
+                opened[key] = as_cache(path)[0]
+            opened[key].done(job.settings.noise_t)  # a missing noise level: the cache's CacheError
+        try:
+            build_for_training(job.settings, job.head_args, opened[str(job.settings.cache)].spec)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RefsegError(f"run {job.name}: cannot build head {job.settings.head!r}: {exc}") from None
+
+
+def _start_ranks(ranks) -> None:
+    """Under torchrun: the process group, for the barriers only (no tensor crosses ranks)."""
+    if ranks.active and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo")
+        ranks.owns_group = True
+
+
+def _train(jobs: list[Job], ranks, progress: bool) -> list[str]:
+    """Train this rank's jobs, one pass per batch stream; -> the names of heads that diverged."""
+    from refseg.core.device import resolve_device
+    from refseg.heads.distributed import Ranks
+    from refseg.heads.train import run_epochs
+    from refseg.heads.train_setup import say, set_up_heads
+
+    streams: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        streams.setdefault(job.stream(), []).append(job)
+    failed = []
+    for k, stream in enumerate(streams.values(), 1):
+        todo = [job for job in stream if run_dir.completed_epoch(job.settings.out) < job.settings.epochs]
+        s = stream[0].settings
+        say(progress, f"sweep pass {k}/{len(streams)}: T={s.noise_t}, {len(stream)} heads"
+            + (f", {len(stream) - len(todo)} done already" if len(todo) < len(stream) else ""))
+        if not todo:
+            continue
+        device = s.device
+        if ranks.active and resolve_device(device).type == "cuda":
+            device = f"cuda:{ranks.local_rank}"  # each rank its own GPU
+        runs = [(dataclasses.replace(job.settings, device=device, resume=run_dir.has_entries(job.settings.out)),
+                 job.head_args) for job in todo]
+        state = set_up_heads(runs, progress, ranks=Ranks())
+        try:
+            run_epochs(state, keep_going=True)
+        finally:
+            state.release()
+        failed += [job.name for job, head in zip(todo, state.heads) if head.failed]
+    return failed
+
+
+def _record(grid: dict, jobs: list[Job], cache, val_cache, data_seed: int) -> dict:
+    """DIR/sweep.json: the grid, and each run's name and swept values (what `summarize` groups by)."""
+    return {"grid": grid, "data_seed": data_seed, "cache": str(getattr(cache, "path", cache)),
+            "val_cache": str(getattr(val_cache, "path", val_cache)),
+            "axes": [key for key in grid if key in jobs[0].swept],
+            "runs": [{"name": job.name, "swept": job.swept} for job in jobs]}
+
+
+# ---- the summary --------------------------------------------------------------------------------
+def selected_metrics(run) -> dict | None:
+    """A finished run's val metrics at its selected epoch (the best val oIoU, best.safetensors'
+    epoch: the first of equal ones), with `epoch`; None while the run is unfinished or had no val."""
+    config = run_dir.read_config(run)
+    history = run_dir.read_metrics(run)
+    if not history or history[-1].get("epoch") != config.get("epochs"):
+        return None
+    best = None
+    for record in history:
+        if record.get("val") and (best is None or record["val"]["oIoU"] > best["val"]["oIoU"]):
+            best = record
+    return None if best is None else dict(best["val"], epoch=best["epoch"])
+
+
+def summarize(out_dir) -> list[dict]:
+    """The rows of DIR/summary.csv: one per cell (the swept values but the seed), in the grid's order,
+    with `n_seeds` and `<metric>_mean` / `<metric>_std` (sample std, '' for one seed) of each metric
+    at each finished run's selected epoch. Unfinished runs are left out (and from n_seeds)."""
+    out_dir = Path(out_dir)
+    path = out_dir / SWEEP_FILE
+    if not path.is_file():
+        raise RefsegError(f"{out_dir} is not a sweep directory (no {SWEEP_FILE})")
+    record = json.loads(path.read_text())
+    axes = [key for key in record["axes"] if key != "seed"]
+    cells: dict[str, tuple[dict, list[dict]]] = {}
+    for run in record["runs"]:
+        settings = {key: run["swept"][key] for key in axes}
+        cell = cells.setdefault(json.dumps(settings), (settings, []))
+        folder = out_dir / RUNS / run["name"]
+        metrics = selected_metrics(folder) if (folder / run_dir.CONFIG).is_file() else None
+        if metrics is not None:
+            cell[1].append(metrics)
+    return [_row(settings, found) for settings, found in cells.values() if found]
+
+
+def _row(settings: dict, found: list[dict]) -> dict:
+    row = dict(settings, n_seeds=len(found))
+    for metric in TABLE_COLUMNS:
+        values = [m[metric] for m in found]
+        row[f"{metric}_mean"] = statistics.fmean(values)
+        row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else ""
+    return row
+
+
+def write_summary(out_dir, rows: list[dict]) -> None:
+    """DIR/summary.csv (every value) and DIR/summary.md (mean ± std, 2 decimals)."""
+    out_dir = Path(out_dir)
+    settings = [key for key in (rows[0] if rows else {}) if key != "n_seeds" and not key.endswith(("_mean", "_std"))]
+    columns = settings + ["n_seeds"] + [f"{m}_{stat}" for m in TABLE_COLUMNS for stat in ("mean", "std")]
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: cell_text(row[k]) for k in columns})
+    run_dir.write_text(out_dir / SUMMARY_CSV, table.getvalue())
+    header = settings + ["n_seeds"] + list(TABLE_COLUMNS)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [cell_text(row[k]) for k in settings] + [str(row["n_seeds"])]
+        cells += [mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    run_dir.write_text(out_dir / SUMMARY_MD, "\n".join(lines) + "\n")
+
+
+def mean_std(mean: float, std) -> str:
+    """`12.34 ± 0.56`, or `12.34` alone for one seed (std '')."""
+    return f"{mean:.2f}" if std == "" or (isinstance(std, float) and math.isnan(std)) else f"{mean:.2f} ± {std:.2f}"
+
+
+def cell_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return "" if value is None else str(value)
