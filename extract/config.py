@@ -47,6 +47,27 @@ class StrideList(click.ParamType):
         return ",".join(map(str, value))
 
 
+class BlockList(click.ParamType):
+    """`--blocks d07,x30` -> ("d07", "x30"); `''` -> () where `allow_empty` (ids are checked against the model)."""
+
+    name = "text"
+
+    def __init__(self, allow_empty: bool):
+        self.allow_empty = allow_empty
+
+    def convert(self, value, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        values = tuple(v.strip() for v in value.split(",") if v.strip())
+        if not values and not self.allow_empty:
+            fail(f"{param.opts[0]} needs at least one block (e.g. j12 for SD3, d07 or x30 for FLUX)")
+        return values
+
+    @staticmethod
+    def to_text(value: tuple[str, ...]) -> str:  # as typed (refseg.core.cli.command_line)
+        return ",".join(value)
+
+
 @dataclass(kw_only=True)  # required fields sit among the others, in --help's order
 class ExtractionConfig:
     """Every setting of one extraction run.
@@ -95,6 +116,13 @@ class ExtractionConfig:
         "Feature strides to store.", type=StrideList(allow_empty=False), show_default="the family's"))
     attn_strides: tuple[int, ...] | None = field(default=None, metadata=cli(
         "Cross-attention strides ('' for none).", type=StrideList(allow_empty=True), show_default="the family's"))
+    # transformer families only (SD3, FLUX: every feature at stride 16, named by block: j12_s16, x23_s16)
+    blocks: tuple[str, ...] | None = field(default=None, metadata=cli(
+        "SD3/FLUX: blocks whose image tokens are stored, e.g. j12 (SD3), d07,x30 (FLUX double/single).",
+        type=BlockList(allow_empty=False), show_default="the family's: 1/4, 1/2, 3/4 of the depth"))
+    attn_blocks: tuple[str, ...] | None = field(default=None, metadata=cli(
+        "SD3/FLUX: blocks whose text-token maps are stored ('' for none).", type=BlockList(allow_empty=True),
+        show_default="--blocks, else the family's"))
     text_field: str = field(default="sent", metadata=cli(type=click.Choice(["sent", "raw"])))
     mask_rule: str = field(default="vpd", metadata=cli(type=click.Choice(["vpd", "union"])))
     shard_size: int | None = field(default=None, metadata=cli(  # None: the cache's default
@@ -150,6 +178,13 @@ class ExtractionConfig:
                 raise RefsegError(f"{flag} takes powers of two like 8,16,32 (got {','.join(map(str, strides))})")
         if math.isnan(self.wait_timeout) or self.wait_timeout < 0:
             raise RefsegError(f"--wait-timeout must be 0 or more seconds (got {self.wait_timeout})")
+
+    def layer_choices(self) -> dict:
+        """The block choices given (transformer families), as `Backbone.spec` takes them; {} when none.
+        Maps follow --blocks unless --attn-blocks is given. A UNet family refuses either in one line, and
+        so does an id the transformer lacks (FeatureSpec.from_transformer)."""
+        attn = self.attn_blocks if self.attn_blocks is not None else self.blocks
+        return {k: tuple(v) for k, v in (("blocks", self.blocks), ("attn_blocks", attn)) if v is not None}
 
     def check_for_model(self, max_stride: int, max_tokens: int, schedule_steps: int) -> None:
         """The settings that depend on the loaded model: refused before any store is opened."""

@@ -105,6 +105,8 @@ def cache_settings(cfg: ExtractionConfig, backbone: Backbone) -> dict:
             "noise_seed": cfg.noise_seed,
             "strides": sorted(cfg.strides),
             "attn_strides": sorted(cfg.attn_strides),
+            # only when given: the stores of every other extraction keep their fingerprint
+            **{k: sorted(v) for k, v in cfg.layer_choices().items()},
             "dtype": str(backbone.dtype).replace("torch.", ""),
             "text_field": cfg.text_field,
             "mask_rule": cfg.mask_rule,

@@ -81,7 +81,7 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
         backbone = load_backbone(cfg.model, model_config=cfg.model_config, device=cfg.device, dtype=cfg.dtype)
     cfg = for_backbone(cfg, backbone)  # the family's image size and layers where cfg leaves them open
     cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
-    spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides)
+    spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides, **cfg.layer_choices())
     levels = noise_levels(cfg, backbone)  # refused here when ambiguous, before any store is opened
     report = ExtractionReport(len(tables.samples), len(tables.image_paths), tuple(n.level for n in levels),
                               truncated=count_truncated(backbone.family.map_tokenizer(backbone.components),

@@ -247,3 +247,29 @@ def test_extract_refuses_a_stride_a_transformer_does_not_have(synth_root, tmp_pa
     assert result.exit_code == 2
     assert "--strides 8,16: every feature of a flux transformer is at stride 16" in result.output
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_blocks_choose_what_is_stored_and_are_refused_where_they_do_not_exist(synth_root, tmp_path):
+    from refseg.cache.reader import open_cache
+    from refseg.extract.cli import main as extract_main
+
+    def extract(model, out, *extra):
+        return CliRunner().invoke(extract_main, [
+            "--data-root", str(synth_root), "--dataset", "refcoco-synth", "--split", "val", "--model", model,
+            "--image-size", "64", "--token-length", str(L), "--noise-t", "5", "--limit", "2",
+            "--out", str(tmp_path / out), "--quiet", "--threads", "1", *extra])
+
+    result = extract("tiny-flux", "chosen.zarr", "--blocks", "d00,x03", "--attn-blocks", "x03")
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "chosen.zarr")
+    assert cache.spec.names == ["d00_s16", "x03_s16", "attn_x03_s16"]
+    assert cache.settings["extraction"]["blocks"] == ["d00", "x03"]
+    assert cache.settings["extraction"]["attn_blocks"] == ["x03"]
+    assert cache.read(5, 0)["d00_s16"].shape == cache.spec["d00_s16"].shape
+    result = extract("tiny-flux", "same.zarr", "--blocks", "x01")  # maps follow --blocks
+    assert result.exit_code == 0 and open_cache(tmp_path / "same.zarr").spec.names == ["x01_s16", "attn_x01_s16"]
+    for model, flag, fragment in (("tiny-flux", "x09", "no block x09 in this transformer"),
+                                  ("tiny", "d00", "family sd takes strides and attn_strides, not attn_blocks, blocks")):
+        result = extract(model, "bad.zarr", "--blocks", flag)
+        assert result.exit_code == 2 and fragment in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "bad.zarr").exists()
