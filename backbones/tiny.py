@@ -65,20 +65,27 @@ SCHEDULER_CONFIG = dict(
 
 def build_tiny(seed: int = 0) -> dict:
     """The tiny backbone's components: vae, unet, text_encoder, tokenizer, scheduler (fp32, CPU, eval)."""
+    return build_sd_parts(seed, build_tokenizer(model_max_length=TOKEN_LIMIT), UNET_CONFIG, TEXT_CONFIG,
+                          SCHEDULER_CONFIG)
+
+
+def build_sd_parts(seed: int, tokenizer, unet_config: dict, text_config: dict, scheduler_config: dict) -> dict:
+    """A random SD-topology backbone (this file's VAE; `unet_config`, a CLIP text encoder of `text_config`):
+    each component built right after `torch.manual_seed` (seed, seed + 1, seed + 2), so the same seed
+    gives the same weights, byte for byte. Shared by `tiny` and `tiny-sd2`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tokenizer(model_max_length=TOKEN_LIMIT)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**unet_config)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG,
+        pad_token_id=tokenizer.pad_token_id, **text_config,
     ))
     for m in (vae, unet, text_encoder):
         m.eval()
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                scheduler=DDPMScheduler(**SCHEDULER_CONFIG))
+                scheduler=DDPMScheduler(**scheduler_config))

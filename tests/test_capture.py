@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from _capture_util import plain_unet_forward
 from refseg.extract.capture import UNetCapture
 from refseg.backbones.loading import load_backbone
 from refseg.core.feature_spec import FeatureSpec
@@ -26,31 +27,11 @@ def _spec(unet, image=64, strides=(8, 16, 32, 64), attn_strides=(8, 16, 32)):
     return FeatureSpec.from_unet_config(dict(unet.config), image, L, 8, strides, attn_strides)
 
 
-def _plain_forward(unet, latents, t, text, modules=(), attn_modules=()):
-    """The UNet without capture, with ordinary hooks: (output, module outputs, attn2 inputs)."""
-    outputs, attn_inputs, handles = {}, {}, []
-    for name in modules:
-        def keep(mod, args, out, name=name):
-            outputs[name] = (out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out).clone()
-        handles.append(unet.get_submodule(name).register_forward_hook(keep))
-    for name in attn_modules:
-        def keep_in(mod, args, kwargs, name=name):
-            attn_inputs[name] = (args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])
-        handles.append(unet.get_submodule(name).register_forward_pre_hook(keep_in, with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            out = unet(latents, t, encoder_hidden_states=text).sample
-    finally:
-        for h in handles:
-            h.remove()
-    return out, outputs, attn_inputs
-
-
 def test_features_equal_plain_forward_hooks(unet, inputs):
     spec = _spec(unet)
     modules = [t.modules[0] for t in spec.features]
     assert modules == ["up_blocks.0.resnets.1", "up_blocks.1.attentions.1", "up_blocks.2.attentions.1", "up_blocks.3"]
-    _, plain, _ = _plain_forward(unet, *inputs, modules=modules)
+    _, plain, _ = plain_unet_forward(unet, *inputs, modules=modules)
     with UNetCapture(unet, spec) as cap:
         captured = cap.run(*inputs)
     assert list(captured) == spec.names
@@ -64,7 +45,7 @@ def test_attention_maps_equal_softmax_qk_recomputed_from_the_layers(unet, inputs
     spec = _spec(unet)
     attn_modules = [m for t in spec.attention for m in t.modules]
     assert all(m.endswith("attn2") for m in attn_modules)
-    _, _, seen = _plain_forward(unet, *inputs, attn_modules=attn_modules)
+    _, _, seen = plain_unet_forward(unet, *inputs, attn_modules=attn_modules)
     with UNetCapture(unet, spec) as cap:
         captured = cap.run(*inputs)
     for info in spec.attention:
@@ -89,7 +70,7 @@ def test_unet_output_unchanged_and_unet_restored(unet, inputs):
     spec = _spec(unet)
     attn_modules = [m for t in spec.attention for m in t.modules]
     before = {name: unet.get_submodule(name).processor for name, _ in unet.named_modules() if name.endswith(("attn1", "attn2"))}
-    reference, _, _ = _plain_forward(unet, *inputs)
+    reference, _, _ = plain_unet_forward(unet, *inputs)
     with UNetCapture(unet, spec) as cap:
         for name, processor in before.items():  # only the listed attn2 layers are swapped
             assert (unet.get_submodule(name).processor is processor) == (name not in attn_modules)
@@ -97,7 +78,7 @@ def test_unet_output_unchanged_and_unet_restored(unet, inputs):
     assert torch.equal(out, reference)  # bit-identical, not merely close
     assert all(unet.get_submodule(name).processor is p for name, p in before.items())
     assert all(not m._forward_hooks for m in unet.modules())
-    again, _, _ = _plain_forward(unet, *inputs)
+    again, _, _ = plain_unet_forward(unet, *inputs)
     assert torch.equal(again, reference)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from _families_util import extract_splits, train_and_evaluate
 from refseg.backbones.families import FAMILIES, TextConditioning, family_for_index, tiny_names
 from refseg.backbones.loading import load_backbone, save_backbone
 from refseg.core.errors import ModelError
@@ -142,17 +143,8 @@ def test_folder_round_trip(tiny, tmp_path):
 def test_extract_train_eval(model, synth_root, tmp_path):
     from refseg.cache.reader import open_cache
     from refseg.core.noise import sd_snr
-    from refseg.extract.cli import main as extract_main
-    from refseg.heads.cli_eval import main as eval_main
-    from refseg.heads.cli_train import main as train_main
 
-    runner = CliRunner()
-    for split in ("train", "val"):
-        result = runner.invoke(extract_main, [
-            "--data-root", str(synth_root), "--dataset", "refcoco-synth", "--split", split, "--model", model,
-            "--image-size", "64", "--token-length", str(L), "--noise-t", "500", "--limit", "6", "--shard-size", "4",
-            "--out", str(tmp_path / f"{split}.zarr"), "--quiet", "--threads", "1"])
-        assert result.exit_code == 0, result.output
+    extract_splits(model, synth_root, tmp_path, 500, L)
     cache = open_cache(tmp_path / "train.zarr")
     family = FAMILIES[model.removeprefix("tiny-")]
     assert {t.stride for t in cache.spec.tensors} == {16} and len(cache.spec.attention) == 3
@@ -161,16 +153,7 @@ def test_extract_train_eval(model, synth_root, tmp_path):
     noise = cache.noise(500)
     assert noise["kind"] == "flow" and noise["snr"] == pytest.approx(sd_snr(500), rel=1e-9)  # SD's SNR at T = 500
     assert noise["model_timestep"] == pytest.approx(noise["sigma"] * family.flow_timestep_scale)
-    run = tmp_path / "run"
-    result = runner.invoke(train_main, [
-        "--cache", str(tmp_path / "train.zarr"), "--val-cache", str(tmp_path / "val.zarr"), "--noise-t", "500",
-        "--head", "pyramid", "--out", str(run), "--epochs", "1", "--hidden", "8", "--batch-size", "3",
-        "--threads", "1"])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(eval_main, ["--run", str(run), "--cache", str(tmp_path / "val.zarr"), "--json",
-                                       str(tmp_path / "e.json"), "--threads", "1"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "e.json").read_text())["summary"]
+    summary = train_and_evaluate(tmp_path, 500, "pyramid")
     assert summary["n"] == 6 and 0.0 <= summary["mIoU"] <= 100.0
 
 

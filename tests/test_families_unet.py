@@ -14,6 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from _capture_util import plain_unet_forward
+from _families_util import extract_splits, train_and_evaluate
 from refseg.backbones.families import FAMILIES, family_for_index, tiny_names
 from refseg.backbones.loading import load_backbone, save_backbone
 from refseg.core.errors import ModelError
@@ -97,26 +99,10 @@ def test_sdxl_text_and_time_ids_as_the_diffusers_pipeline_builds_them(sdxl):
 # ---- capture: hooks, softmax(QKᵀ) from the weights, output unchanged ------------------------------------
 
 def _plain(backbone, latents, steps, text, modules, attn_modules):
-    """The UNet without capture, with ordinary hooks: (output, module outputs, attn2 inputs)."""
-    outputs, attn_inputs, handles = {}, {}, []
-    unet = backbone.unet
-    for name in modules:
-        def keep(mod, args, out, name=name):
-            outputs[name] = (out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out).clone()
-        handles.append(unet.get_submodule(name).register_forward_hook(keep))
-    for name in attn_modules:
-        def keep_in(mod, args, kwargs, name=name):
-            attn_inputs[name] = (args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])
-        handles.append(unet.get_submodule(name).register_forward_pre_hook(keep_in, with_kwargs=True))
+    """The UNet without capture, with ordinary hooks and the family's added conditioning."""
     added = backbone.family.added_cond_kwargs(backbone.components, text, latents)
-    try:
-        with torch.inference_mode():
-            out = unet(latents, steps, encoder_hidden_states=text.embedding,
-                       **({} if added is None else {"added_cond_kwargs": added})).sample
-    finally:
-        for h in handles:
-            h.remove()
-    return out, outputs, attn_inputs
+    return plain_unet_forward(backbone.unet, latents, steps, text.embedding, modules, attn_modules,
+                              **({} if added is None else {"added_cond_kwargs": added}))
 
 
 def _softmax_qk(attn, hidden, context) -> torch.Tensor:
@@ -281,17 +267,8 @@ def test_single_file_of_sdxl_layout_goes_to_the_sdxl_loader(tmp_path):
 @pytest.mark.parametrize("model", ["tiny-sd2", "tiny-sdxl"])
 def test_extract_train_eval(model, synth_root, tmp_path):
     from refseg.cache.reader import open_cache
-    from refseg.extract.cli import main as extract_main
-    from refseg.heads.cli_eval import main as eval_main
-    from refseg.heads.cli_train import main as train_main
 
-    runner = CliRunner()
-    for split in ("train", "val"):
-        result = runner.invoke(extract_main, [
-            "--data-root", str(synth_root), "--dataset", "refcoco-synth", "--split", split, "--model", model,
-            "--image-size", "64", "--token-length", str(L), "--noise-t", "5", "--limit", "6", "--shard-size", "4",
-            "--out", str(tmp_path / f"{split}.zarr"), "--quiet", "--threads", "1"])
-        assert result.exit_code == 0, result.output
+    extract_splits(model, synth_root, tmp_path, 5, L)
     cache = open_cache(tmp_path / "train.zarr")
     family = FAMILIES[model.removeprefix("tiny-")]
     assert cache.spec.names == [f"s{s}" for s in family.default_strides] + ["attn_s16", "attn_s32"]
@@ -302,15 +279,7 @@ def test_extract_train_eval(model, synth_root, tmp_path):
     noise = cache.noise(5)
     assert noise["kind"] == "ddpm" and noise["model_timestep"] == 5 and noise["snr"] == pytest.approx(
         noise["alpha_bar"] / (1 - noise["alpha_bar"]))
-    run = tmp_path / "run"
-    result = runner.invoke(train_main, [
-        "--cache", str(tmp_path / "train.zarr"), "--val-cache", str(tmp_path / "val.zarr"), "--noise-t", "5",
-        "--head", "film", "--out", str(run), "--epochs", "1", "--hidden", "8", "--batch-size", "3", "--threads", "1"])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(eval_main, ["--run", str(run), "--cache", str(tmp_path / "val.zarr"), "--json",
-                                       str(tmp_path / "e.json"), "--threads", "1"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "e.json").read_text())["summary"]
+    summary = train_and_evaluate(tmp_path, 5, "film")
     assert summary["n"] == 6 and 0.0 <= summary["mIoU"] <= 100.0
 
 

@@ -16,8 +16,6 @@ activations are the same network whichever target it was trained for); the finge
 
 from __future__ import annotations
 
-import torch
-
 from refseg.backbones.families.sd import SDFamily
 
 TEXT_DIM = 48  # toy size of OpenCLIP-H's 1024
@@ -66,26 +64,12 @@ class SD2Family(SDFamily):
         return False  # same pipeline class as SD1.x: told apart after loading (`is_sd2`)
 
     def build_tiny(self, seed: int = 0) -> dict:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        from refseg.backbones.tiny import VAE_CONFIG
+        from refseg.backbones.tiny import build_sd_parts
         from refseg.backbones.tokenizer_vocab import build_tokenizer
 
         tokenizer = build_tokenizer(model_max_length=TOKEN_LIMIT)
         tokenizer.pad_token = "!"  # SD2's tokenizer pads with "!", not <|endoftext|>
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
-        for m in (vae, unet, text_encoder):
-            m.eval()
-        return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                    scheduler=DDPMScheduler(**SCHEDULER_CONFIG))
+        return build_sd_parts(seed, tokenizer, UNET_CONFIG, TEXT_CONFIG, SCHEDULER_CONFIG)
 
 
 FAMILY = SD2Family()

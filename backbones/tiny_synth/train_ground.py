@@ -19,7 +19,6 @@ not an emergent property.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from refseg.backbones.tiny_synth import checkpoint
 from refseg.backbones.tiny_synth.config import learning_rate
 from refseg.backbones.tiny_synth.data import step_generator
 from refseg.backbones.tiny_synth.grounding_data import attention_targets
+from refseg.backbones.tiny_synth.train_unet import diffusion_loss
 
 STAGE = 3
 LOG_EVERY = 25
@@ -107,13 +107,6 @@ def attention_loss(maps: list, targets: torch.Tensor, weights: torch.Tensor) -> 
     return total / len(maps)
 
 
-def _forward(unet, text_encoder, scheduler, z0, ids, t, generator):
-    noise = torch.randn(z0.shape, generator=generator)
-    zt = scheduler.add_noise(z0, noise, t)
-    pred = unet(zt, t, text_encoder(ids)[0]).sample
-    return (pred - noise).pow(2).mean()
-
-
 def train_ground(unet, text_encoder, scheduler, latents, masks, captions, sentences, tokenize, empty_ids,
                  cfg: GroundConfig, work: Path, log, checkpoint_seconds: float) -> dict:
     """Fine-tune `unet` and `text_encoder` in place; resumes from work/ground.pt.
@@ -130,28 +123,17 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    state = checkpoint.load(path, cfg.as_dict()) or {"step": 0, "history": [], "seconds": 0.0}
-    if "unet" in state:
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        log(f"stage C: resuming at step {state['step']}/{cfg.steps}")
+    run = checkpoint.StageCheckpoint(path, cfg.as_dict(), {"unet": unet, "text_encoder": text_encoder}, opt,
+                                     "stage C", cfg.steps, log, checkpoint_seconds)
     maps, previous = install_recorders(unet)
     unet.train()
     text_encoder.train()
-    step, history, seconds = state["step"], state["history"], state["seconds"]
     window: list[dict] = []
-    started = last_save = time.monotonic()
 
-    def save():
-        checkpoint.save(path, {"config": cfg.as_dict(), "step": step, "history": history,
-                               "seconds": seconds + time.monotonic() - started, "unet": unet.state_dict(),
-                               "text_encoder": text_encoder.state_dict(), "optimizer": opt.state_dict()})
-
-    while step < cfg.steps:
-        g = step_generator(cfg.seed, STAGE, step)
+    while run.step < cfg.steps:
+        g = step_generator(cfg.seed, STAGE, run.step)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg.lr, step, cfg.steps, cfg.warmup_steps)
+            group["lr"] = learning_rate(cfg.lr, run.step, cfg.steps, cfg.warmup_steps)
         parts = {}
         loss = 0.0
         for kind, pool, ids_all, n, length in (("caption", captions, cap_ids, cfg.caption_batch, cfg.caption_length),
@@ -167,7 +149,7 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
             targets, weights = attention_targets(batch, masks, length)
             weights = weights * (~drop & (t <= cfg.attn_max_t)).float()[:, None]
             maps.clear()
-            mse = _forward(unet, text_encoder, scheduler, z0, ids, t, g)
+            mse = diffusion_loss(unet, text_encoder, scheduler, z0, ids, g, t)
             attn = attention_loss(maps, targets, weights)
             loss = loss + mse + cfg.attn_weight * attn
             parts[f"{kind}_mse"], parts[f"{kind}_attn_ce"] = mse.item(), attn.item()
@@ -175,24 +157,21 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
+        run.step += 1
         window.append(parts)
-        if step % LOG_EVERY == 0 or step == cfg.steps:
+        if run.step % LOG_EVERY == 0 or run.step == cfg.steps:
             mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
-            history.append({"step": step, **mean})
+            run.history.append({"step": run.step, **mean})
             window = []
-            log(f"stage C step {step}/{cfg.steps} " + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
-                + f" ({time.monotonic() - started:.0f}s)")
-        if time.monotonic() - last_save > checkpoint_seconds:
-            save()
-            last_save = time.monotonic()
-    if state.get("step") != step or "unet" not in state:
-        save()
+            log(f"stage C step {run.step}/{cfg.steps} " + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                + f" ({run.elapsed():.0f}s)")
+        run.tick()
+    result = run.finish()
     maps.clear()
     unet.set_attn_processor(previous)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    return checkpoint.load(path, cfg.as_dict())
+    return result
 
 
 @torch.inference_mode()

@@ -3,7 +3,6 @@ with the CLIP text encoder trained alongside and the caption dropped for classif
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -37,9 +36,11 @@ def tokenize(tokenizer, captions: list[str], length: int) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def diffusion_loss(unet, text_encoder, scheduler, z0, ids, generator) -> torch.Tensor:
+def diffusion_loss(unet, text_encoder, scheduler, z0, ids, generator, t: torch.Tensor | None = None) -> torch.Tensor:
+    """ε-prediction MSE at timesteps `t` (drawn from `generator` after the noise when None)."""
     noise = torch.randn(z0.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator)
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator)
     zt = scheduler.add_noise(z0, noise, t)
     pred = unet(zt, t, text_encoder(ids)[0]).sample
     return (pred - noise).pow(2).mean()
@@ -53,27 +54,16 @@ def train_unet(unet, text_encoder, scheduler, posteriors, scale: float, token_id
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
     text_encoder.requires_grad_(cfg.train_text_encoder)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    state = checkpoint.load(path, cfg.stage_b()) or {"step": 0, "history": [], "seconds": 0.0}
-    if "unet" in state:
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        log(f"stage B: resuming at step {state['step']}/{cfg.unet_steps}")
+    run = checkpoint.StageCheckpoint(path, cfg.stage_b(), {"unet": unet, "text_encoder": text_encoder}, opt,
+                                     "stage B", cfg.unet_steps, log, checkpoint_seconds)
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
-    step, history, seconds = state["step"], state["history"], state["seconds"]
     window: list[float] = []
-    started = last_save = time.monotonic()
 
-    def save():
-        checkpoint.save(path, {"config": cfg.stage_b(), "step": step, "history": history,
-                               "seconds": seconds + time.monotonic() - started, "unet": unet.state_dict(),
-                               "text_encoder": text_encoder.state_dict(), "optimizer": opt.state_dict()})
-
-    while step < cfg.unet_steps:
-        g = step_generator(cfg.seed, STAGE, step)
+    while run.step < cfg.unet_steps:
+        g = step_generator(cfg.seed, STAGE, run.step)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg.unet_lr, step, cfg.unet_steps, cfg.warmup_steps)
+            group["lr"] = learning_rate(cfg.unet_lr, run.step, cfg.unet_steps, cfg.warmup_steps)
         idx = torch.randint(0, means.shape[0], (cfg.unet_batch,), generator=g)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout
@@ -83,21 +73,17 @@ def train_unet(unet, text_encoder, scheduler, posteriors, scale: float, token_id
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
+        run.step += 1
         window.append(loss.item())
-        if step % LOG_EVERY == 0 or step == cfg.unet_steps:
-            history.append({"step": step, "mse": sum(window) / len(window)})
+        if run.step % LOG_EVERY == 0 or run.step == cfg.unet_steps:
+            run.history.append({"step": run.step, "mse": sum(window) / len(window)})
             window = []
-            log(f"stage B step {step}/{cfg.unet_steps} eps-mse {history[-1]['mse']:.4f} "
-                f"({time.monotonic() - started:.0f}s)")
-        if time.monotonic() - last_save > checkpoint_seconds:
-            save()
-            last_save = time.monotonic()
-    if state.get("step") != step or "unet" not in state:
-        save()
+            log(f"stage B step {run.step}/{cfg.unet_steps} eps-mse {run.history[-1]['mse']:.4f} "
+                f"({run.elapsed():.0f}s)")
+        run.tick()
     unet.eval()
     text_encoder.eval()
-    return checkpoint.load(path, cfg.stage_b())
+    return run.finish()
 
 
 @torch.inference_mode()

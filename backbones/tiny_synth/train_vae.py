@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -36,47 +35,33 @@ def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, work: Path, log, chec
     """Train `vae` in place on `images` ((N, 3, S, S) in [-1, 1]); resumes from work/vae.pt."""
     path = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    state = checkpoint.load(path, cfg.stage_a()) or {"step": 0, "history": [], "seconds": 0.0}
-    if "vae" in state:
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["optimizer"])
-        log(f"stage A: resuming at step {state['step']}/{cfg.vae_steps}")
+    run = checkpoint.StageCheckpoint(path, cfg.stage_a(), {"vae": vae}, opt, "stage A", cfg.vae_steps, log,
+                                     checkpoint_seconds)
     vae.train()
-    step, history, seconds = state["step"], state["history"], state["seconds"]
     window: list[dict] = []
-    started = last_save = time.monotonic()
-
-    def save():
-        checkpoint.save(path, {"config": cfg.stage_a(), "step": step, "history": history,
-                               "seconds": seconds + time.monotonic() - started,
-                               "vae": vae.state_dict(), "optimizer": opt.state_dict()})
 
     crop = min(cfg.vae_crop, cfg.image_size)
-    while step < cfg.vae_steps:
-        g = step_generator(cfg.seed, STAGE, step)
+    while run.step < cfg.vae_steps:
+        g = step_generator(cfg.seed, STAGE, run.step)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg.vae_lr, step, cfg.vae_steps, cfg.warmup_steps)
+            group["lr"] = learning_rate(cfg.vae_lr, run.step, cfg.vae_steps, cfg.warmup_steps)
         x = random_crops(images, cfg.vae_batch, crop, g)
         loss, parts = vae_loss(vae, x, g, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        step += 1
+        run.step += 1
         window.append(parts)
-        if step % LOG_EVERY == 0 or step == cfg.vae_steps:
+        if run.step % LOG_EVERY == 0 or run.step == cfg.vae_steps:
             mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
-            history.append({"step": step, **mean})
+            run.history.append({"step": run.step, **mean})
             window = []
-            log(f"stage A step {step}/{cfg.vae_steps} l1 {mean['l1']:.4f} l2 {mean['l2']:.5f} kl {mean['kl']:.3f} "
-                f"({time.monotonic() - started:.0f}s)")
-        if time.monotonic() - last_save > checkpoint_seconds:
-            save()
-            last_save = time.monotonic()
-    if state.get("step") != step or "vae" not in state:
-        save()
+            log(f"stage A step {run.step}/{cfg.vae_steps} l1 {mean['l1']:.4f} l2 {mean['l2']:.5f} "
+                f"kl {mean['kl']:.3f} ({run.elapsed():.0f}s)")
+        run.tick()
     vae.eval()
-    return checkpoint.load(path, cfg.stage_a())
+    return run.finish()
 
 
 @torch.inference_mode()
