@@ -22,6 +22,8 @@ are rewritten after every step, so a run stopped from outside still returns what
   d  VPD's tiny fixture imported, extracted and scored in fp32 and bf16, float32 and float16 caches
   e  the sweep: K heads trained in one pass against K solo runs
   f  the backbone families' FLOPs, samples/s and peak memory at 1024 px (random weights)
+  g  the demo's study (film and its no-sentence baseline × T × 3 seeds) past the CPU budget: 3000
+     training sentences from 2800 images, 10 epochs, ~2,200 val sentences (bench/demo_scale.py)
 
 Outputs in $OUT (else gpu-out/): gpu_check.json, gpu_check.md, gpu_check.log.
 """
@@ -283,7 +285,7 @@ BENCHES = {  # name -> (mode -> arguments, step budget in s); run in this order 
 }
 
 
-# ---- d, e, f: the later issues' checks: each script prints one JSON object per line, collected here --------
+# ---- d, e, f, g: the later issues' checks: each script prints one JSON object per line, collected here --------
 SCRIPTS = {  # name -> (script, mode -> arguments, step budget in s)
     "d. VPD fixture in fp32 and bf16 (bench/vpd_fixture.py)": (
         # not in tiny mode: tests/test_vpd_import.py runs its fp32 variant on the CPU
@@ -293,6 +295,8 @@ SCRIPTS = {  # name -> (script, mode -> arguments, step budget in s)
                            "tiny": ["--quick", "--no-append", "--heads", "2", "--cases", "sd15-disk"]}, 120),
     "f. backbone families at 1024 px, random weights (bench/families.py)": (
         "bench/families.py", {"full": [], "tiny": ["--tiny"]}, 240),
+    "g. the demo's study at 5x the data, 10 epochs, 6.6x the val set (bench/demo_scale.py)": (
+        "bench/demo_scale.py", {"full": [], "tiny": ["--tiny"]}, 420),
 }
 
 

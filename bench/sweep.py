@@ -18,6 +18,10 @@ Cases:
   (b) the demo's shapes (tiny-synth's UNet at 128², L=16) with preload: the demo's head (`vpd`,
       hidden 64, batch 16), its caches read into RAM once per run.
 Data are random (bench/read.py's `random_data`), written with refseg's CacheWriter.
+
+`--processes P` (CPU) adds a third side in the same run: the same sweep split over P local processes of
+threads/P torch threads each (`run_sweep(processes=P)`, `refseg-sweep --processes`), reported as
+"1-proc ÷ P-proc". The heads are then the bytes of one-thread solo runs, not of the threads-thread ones.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="cold,warm", help="sd15-disk: cold (evicted before each run) and/or warm")
     p.add_argument("--quick", action="store_true", help="smaller stores, cold only, one JSON line (GPU: < 90 s)")
     p.add_argument("--dir", default=None, help="where to write the stores (default: the system temp dir)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="CPU: also time the sweep over P local processes of threads/P threads (a third side)")
     p.add_argument("--train", type=int, default=None,
                    help="training samples of every case (default: the case's; more makes reading dominate)")
     common.add_common_args(p)
@@ -106,14 +112,14 @@ def grid_for(case: dict, args, device: str) -> dict:
                 optimizer="adam", preload=case["preload"], device=device)
 
 
-def sweep_side(grid: dict, stores: tuple, out: str, cold: bool) -> float:
+def sweep_side(grid: dict, stores: tuple, out: str, cold: bool, processes: int = 1) -> float:
     from refseg.heads.sweep import run_sweep
 
     if cold:
         for store in stores:
             evict(store)
     t = time.perf_counter()
-    run_sweep(grid, *stores, out, progress=False)
+    run_sweep(grid, *stores, out, progress=False, processes=processes)
     return time.perf_counter() - t
 
 
@@ -163,19 +169,26 @@ def measure(name: str, case: dict, args, device: str, work: str, mode: str) -> d
     warm = os.path.join(work, f"{name}-{mode}-warmup")
     solo_side(dict(grid, seed=[0]), stores, warm, False)
     shutil.rmtree(warm, ignore_errors=True)
-    times = {"sweep": [], "solo": []}
+    sides = [("sweep", sweep_side), ("solo", solo_side)]
+    if args.processes > 1:
+        sides.append(("processes", lambda *a: sweep_side(*a, processes=args.processes)))
+    times = {side: [] for side, _ in sides}
     for r in range(args.repeats):
-        for side, fn in (("sweep", sweep_side), ("solo", solo_side)):
+        for side, fn in sides:
             out = os.path.join(work, f"{name}-{mode}-{side}-{r}")
             times[side].append(fn(grid, stores, out, mode == "cold"))
             shutil.rmtree(out, ignore_errors=True)
     sweep_s, solo_s = common.median(times["sweep"]), common.median(times["solo"])
+    split = {}
+    if args.processes > 1:
+        proc_s = common.median(times["processes"])
+        split = {f"{args.processes}-proc sweep s": proc_s, "1-proc ÷ P-proc": sweep_s / proc_s}
     read_s = read_only(case, spec, stores[0], mode == "cold", torch.device(device))
     per_sample = sum(spec[n].nbytes(2) for n in _tensors(case, spec)) / 1e6
     return {"case": name, "mode": mode if not case["preload"] else "preload", "K": args.heads,
             "samples": case["train"], "val": case["val"], "epochs": args.epochs, "MB read/sample": per_sample,
             "head": _describe(case["grid"]), "read-only pass s": read_s, "sweep s": sweep_s,
-            "solo s (K runs)": solo_s, "ratio": solo_s / sweep_s}
+            "solo s (K runs)": solo_s, "ratio": solo_s / sweep_s, **split}
 
 
 def _tensors(case: dict, spec) -> list[str]:
@@ -195,6 +208,10 @@ def main(argv=None) -> None:
     work = tempfile.mkdtemp(prefix="refseg-bench-sweep-", dir=args.dir)
     columns = ["case", "mode", "K", "samples", "val", "epochs", "MB read/sample", "head", "read-only pass s",
                "sweep s", "solo s (K runs)", "ratio"]
+    if args.processes > 1:
+        if str(device) != "cpu":
+            raise SystemExit("--processes splits a sweep on the CPU (give --device cpu)")
+        columns += [f"{args.processes}-proc sweep s", "1-proc ÷ P-proc"]
     table = common.Table(columns)
     try:
         for name in args.cases.split(","):

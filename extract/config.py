@@ -139,6 +139,11 @@ class ExtractionConfig:
         flag="--overwrite"))
     skip_bad: bool = field(default=False, metadata=cli(
         "Skip unreadable images / empty sentences, report them at the end.", flag="--skip-bad"))
+    # "empty": every sample is encoded as the empty prompt, so the features of an image are the same for each
+    # of its sentences: the no-sentence baseline (what the sentence adds through the backbone, not the head)
+    prompt: str = field(default="sentence", metadata=cli(
+        "What conditions the backbone: each sample's sentence, or the empty prompt (a no-sentence baseline; "
+        "the index still holds the sentences, the GT their objects).", type=click.Choice(["sentence", "empty"])))
     shard: tuple[int, int] = (0, 1)  # this process's part (i, n) of the shards
     progress: bool = True
 

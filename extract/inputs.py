@@ -110,6 +110,7 @@ def cache_settings(cfg: ExtractionConfig, backbone: Backbone) -> dict:
             "dtype": str(backbone.dtype).replace("torch.", ""),
             "text_field": cfg.text_field,
             "mask_rule": cfg.mask_rule,
+            **({"prompt": cfg.prompt} if cfg.prompt != "sentence" else {}),  # only when given: fingerprints stay
             # only when not float16: float16 stores (all those made before the option) keep their fingerprint
             **({"cache_dtype": CACHE_DTYPES[cfg.cache_dtype]} if CACHE_DTYPES[cfg.cache_dtype] != DEFAULT_CACHE_DTYPE
                else {}),

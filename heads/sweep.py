@@ -32,6 +32,13 @@ A head then needs no communication at all, each stays byte-equal to its solo run
 GPUs take about K/W of the time; each rank reads the batches of its own streams. Rank 0 writes the
 summary once every rank is done.
 
+On one machine's CPU, `processes=P` (`refseg-sweep --processes P`) splits the heads the same way
+across P local processes of threads/P torch threads each: a decoder this small keeps two threads
+busy only part of the time, and two one-thread processes train about 1.4x as many heads per second
+on 2 cores (BENCHMARKS.md, "Sweep"). Each head is then the bytes of its solo run with --threads
+threads/P (tests/test_sweep.py): the thread count, not the split, is what changes bytes. The
+processes are spawned, so a head registered outside refseg must be importable by its module there.
+
 `DIR/summary.csv` and `DIR/summary.md` (`summarize`): one row per cell (the swept values but the
 seed), with `n_seeds` and `<metric>_mean`, `<metric>_std` (sample std, ddof=1; '' for one seed) of
 P@0.5..P@0.9, oIoU and mIoU at each run's selected epoch (its best val oIoU: best.safetensors).
@@ -214,10 +221,11 @@ def _hashable(value):
 
 # ---- running it ---------------------------------------------------------------------------------
 def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress: bool = True,
-              threads: int | None = None) -> list[dict]:
+              threads: int | None = None, processes: int = 1) -> list[dict]:
     """Train every head of `grid` on `cache` (validating on `val_cache`) into `out`; -> the summary rows.
 
-    Rerun it to resume. `threads`: torch CPU threads while it runs (default: as they are).
+    Rerun it to resume. `threads`: torch CPU threads while it runs (default: as they are), shared out
+    among `processes` local CPU processes that split the heads (module docstring).
     """
     from refseg.heads.distributed import Ranks
 
@@ -228,6 +236,7 @@ def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress
     _check_data(jobs)
     out = Path(out)
     ranks = Ranks.from_env()
+    _check_processes(processes, ranks, jobs)
     restore = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -237,7 +246,10 @@ def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress
             (out / RUNS).mkdir(parents=True, exist_ok=True)
             run_dir.write_json(out / SWEEP_FILE, _record(grid, jobs, cache, val_cache, data_seed))
         ranks.barrier()
-        failed = _train(jobs[ranks.rank::ranks.world], ranks, progress)
+        if processes > 1:
+            failed = _train_in_processes(jobs, processes, max(1, torch.get_num_threads() // processes), progress)
+        else:
+            failed = _train(jobs[ranks.rank::ranks.world], ranks, progress)
         ranks.barrier()
         rows = summarize(out) if ranks.main else []
         if ranks.main:
@@ -267,6 +279,47 @@ def _check_data(jobs: list[Job]) -> None:
             build_for_training(job.settings, job.head_args, opened[str(job.settings.cache)].spec)
         except (ValueError, KeyError, TypeError) as exc:
             raise RefsegError(f"run {job.name}: cannot build head {job.settings.head!r}: {exc}") from None
+
+
+def _check_processes(processes: int, ranks, jobs: list[Job]) -> None:
+    from refseg.core.device import resolve_device
+
+    if processes < 1:
+        raise RefsegError(f"--processes must be at least 1 (got {processes})")
+    if processes == 1:
+        return
+    if ranks.active:
+        raise RefsegError("--processes splits the heads on one machine's CPU; under torchrun the ranks split them "
+                          "already: leave it out")
+    devices = sorted({str(resolve_device(job.settings.device)) for job in jobs} - {"cpu"})
+    if devices:
+        raise RefsegError(f"--processes is for training on the CPU; these heads train on {', '.join(devices)} "
+                          "(one process feeds a GPU)")
+
+
+def _train_in_processes(jobs: list[Job], processes: int, threads: int, progress: bool) -> list[str]:
+    """Train jobs[i::processes] in local process i, each with `threads` torch threads; -> diverged heads.
+    Process 0 alone shows progress. An error in one is raised here once they have all stopped."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [jobs[i::processes] for i in range(processes)]
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_share, share, threads, progress and i == 0)
+                   for i, share in enumerate(shares) if share]
+        errors = [future.exception() for future in futures]  # waits for every process
+    for error in errors:
+        if error is not None:
+            raise error
+    return [name for future in futures for name in future.result()]
+
+
+def _train_share(jobs: list[Job], threads: int, progress: bool) -> list[str]:
+    """One local process's part of a sweep (runs in a spawned process)."""
+    from refseg.heads.distributed import Ranks
+
+    torch.set_num_threads(threads)
+    return _train(jobs, Ranks(), progress)
 
 
 def _start_ranks(ranks) -> None:

@@ -487,6 +487,14 @@ class ReferDataset:
         except KeyError:
             raise DataError(f"no annotation with id {ann_id} in {self.instances_path}") from None
 
+    def image_annotations(self, image_id: int) -> list[int]:
+        """The ids of every annotation of an image (referred or not), in instances.json order."""
+        if not hasattr(self, "_anns_by_image"):
+            self._anns_by_image: dict[int, list[int]] = {}
+            for ann_id, ann in self._anns.items():
+                self._anns_by_image.setdefault(ann.get("image_id"), []).append(ann_id)
+        return list(self._anns_by_image.get(image_id, []))
+
     def category_name(self, category_id: int) -> str:
         cat = self._categories.get(category_id)
         return str(cat.get("name", category_id)) if cat else str(category_id)
@@ -496,10 +504,13 @@ class ReferDataset:
 
         Degenerate polygons are skipped (`usable_polygon`); an annotation with none left is all False.
         """
+        return self.annotation_mask(self.ref(ref_id)["ann_id"], rule)
+
+    def annotation_mask(self, ann_id: int, rule: str = "vpd") -> np.ndarray:
+        """`mask` of any annotation, referred or not: bool (H, W) at the image's original size."""
         if rule not in MASK_RULES:
             raise RefsegError(f"unknown mask rule {rule!r}; choose one of: {', '.join(MASK_RULES)}")
-        ref = self.ref(ref_id)
-        ann = self._anns[ref["ann_id"]]
+        ann = self.annotation(ann_id)
         img = self._images[ann["image_id"]]
         h, w = img["height"], img["width"]
         seg = ann["segmentation"]

@@ -259,6 +259,23 @@ def _unique_descriptors(obj: SceneObject, objects: list[SceneObject]) -> list[tu
     ]
 
 
+SENTENCE_KINDS = ("attribute", "position", "relation")
+RELATION_PHRASES = ("next to", "above", "below", "to the left of", "to the right of")
+POSITION_ENDINGS = ("on the left", "on the right", "at the top", "at the bottom")
+
+
+def sentence_kind(sentence: str) -> str:
+    """Which of `SENTENCE_KINDS` a referring sentence of this world is, read from its words: a relation
+    names an anchor ("... above the green square"), a position ends "on the left" / "at the top" ...,
+    an attribute sentence is the object's own words only. Exact for `_candidate_sentences`' templates."""
+    padded = f" {sentence.strip()} "
+    if any(f" {phrase} " in padded for phrase in RELATION_PHRASES):
+        return "relation"
+    if sentence.strip().endswith(POSITION_ENDINGS):
+        return "position"
+    return "attribute"
+
+
 def _candidate_sentences(target: SceneObject, scene: Scene) -> dict[str, list[str]]:
     """Sentences that identify `target` and nothing else in the scene, grouped by kind."""
     objects, size = scene.objects, scene.size

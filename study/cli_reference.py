@@ -16,6 +16,9 @@ from refseg.core.data_cli import main as data_main
 from refseg.study.cli import main as report_main
 from refseg.study.cli_import import main as import_main
 from refseg.study.cli_predict import main as predict_main
+from refseg.study.cli_probe import main as probe_main
+from refseg.heads.cli_compare import main as compare_main
+from refseg.heads.cli_sweep import main as sweep_main
 
 COMMANDS = {
     "refseg-data": data_main,
@@ -23,6 +26,9 @@ COMMANDS = {
     "refseg-cache": cache_main,
     "refseg-train-head": train_main,
     "refseg-eval": eval_main,
+    "refseg-sweep": sweep_main,
+    "refseg-compare": compare_main,
+    "refseg-probe": probe_main,
     "refseg-report": report_main,
     "refseg-import": import_main,
     "refseg-predict": predict_main,

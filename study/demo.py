@@ -1,5 +1,5 @@
 """The report's Table 4 study end to end, as a study whose conclusions hold: synthetic data -> caches at
-T = 0, 5, 500 -> a zero-shot attention probe -> a sweep of heads × T × seeds, with a text-blind
+T = 0, 5, 500 -> a zero-shot attention probe -> a sweep of heads × T × seeds, with a no-sentence
 baseline -> a table of mean ± std, conclusions computed from it, and figures.
 
     refseg-report demo --out demo-out
@@ -7,7 +7,10 @@ baseline -> a table of mean ± std, conclusions computed from it, and figures.
 Everything lands under one folder:
     data/                     the synthetic RefCOCO-format dataset
     cache/{train,val}.zarr    one store per split, a group per noise level (the backbone runs once per T)
-    sweep/runs/<name>/        one run per (head, T, seed); sweep-text-blind/ the text-blind baseline
+    cache/*-no-sentence.zarr  the same images with the empty prompt (--prompt empty): the baseline's features
+    sweep/runs/<name>/        one run per (head, T, seed); sweep-no-sentence/ the no-sentence baseline (the
+                              best head, text-blind, on the empty prompt's features: the sentence removed
+                              from the backbone and the head)
     per_sample/<cell>.csv     each cell's first seed scored per val sentence (the bootstraps read these)
     ablation.md/.csv/.png     the table (val, mean ± std over seeds), the conclusions, the probe's table
     curves.png noise_strip.png features.png overlays.png
@@ -69,18 +72,21 @@ class DemoConfig:
     baseline: str = field(default="best", metadata=cli(
         "Text-blind baseline for the best head, for every head, or none.", type=click.Choice(BASELINES)))
     epochs: int = field(default=6, metadata=cli())
-    hidden: int = field(default=64, metadata=cli("Head width (VPD: 640)."))  # 64 keeps the CPU demo in minutes
+    # 32: the decoders' convolutions are most of the sweep's time, and 32 channels train twice as fast as
+    # 64 with the same val oIoU on this world (BENCHMARKS.md, demo rows); VPD uses 640
+    hidden: int = field(default=32, metadata=cli("Head width (VPD: 640)."))
     loss: str = "ce+dice"  # issue 13: Dice helps the small objects of the synthetic world
     batch_size: int = 16
     lr: float = 1e-3
     optimizer: str = "adam"
     seed: int = 0  # the dataset's seed and the sweep's data order
     device: str = field(default="auto", metadata=cli())
-    # The conclusions, not the digits, hold across thread counts: more threads round differently
-    # (BENCHMARKS.md, demo rows); the seeds' spread is much larger than that.
+    # Across CPUs the conclusions, not the digits, hold: another CPU rounds differently (BENCHMARKS.md,
+    # demo rows); the seeds' spread is much larger than that. On one CPU every --threads gives the same
+    # bytes: each process computes on one thread (`cpu_processes`).
     threads: int | None = field(default=2, metadata=cli(
-        "Torch CPU threads of the sweep (extraction: at most the usable cores less one). The same count on the "
-        "same CPU gives the same table."))
+        "CPU threads: extraction and the sweep run as that many one-thread processes, so every count gives the "
+        "same caches and table on one CPU."))
     progress: bool = True
     timings: dict = field(default_factory=dict)
 
@@ -102,13 +108,14 @@ class DemoConfig:
         if self.baseline not in BASELINES:
             raise RefsegError(f"--baseline takes {', '.join(BASELINES)} (got {self.baseline!r})")
 
-    def extraction(self, split: str, model: str) -> ExtractionConfig:
-        """The extraction of one split of the study's data."""
+    def extraction(self, split: str, model: str, prompt: str = "sentence") -> ExtractionConfig:
+        """The extraction of one split of the study's data; `prompt="empty"`: the no-sentence baseline's."""
         from refseg.extract.config import ExtractionConfig
 
         out = Path(self.out)
-        return ExtractionConfig(data_root=str(out / "data"), dataset="refcoco-synth", split=split,
-                                out=str(out / "cache" / f"{split}.zarr"), model=model, noise_ts=self.noise_ts,
+        name = split if prompt == "sentence" else f"{split}-no-sentence"
+        return ExtractionConfig(data_root=str(out / "data"), dataset="refcoco-synth", split=split, prompt=prompt,
+                                out=str(out / "cache" / f"{name}.zarr"), model=model, noise_ts=self.noise_ts,
                                 image_size=self.image_size, token_length=self.token_length,
                                 batch_size=self.batch_size, device=self.device, progress=self.progress,
                                 limit=self.train_samples if split == "train" else None)
@@ -164,6 +171,9 @@ def _run_demo(cfg: DemoConfig) -> dict:
     model = resolve_model(cfg.model)
     backbone = load_backbone(model, device=cfg.device)
     extractions = {split: cfg.extraction(split, model) for split in ("train", "val")}
+    if cfg.baseline != "none":  # the baseline's features: the empty prompt (one denoiser run per image)
+        extractions.update({f"{split}-no-sentence": cfg.extraction(split, model, prompt="empty")
+                            for split in ("train", "val")})
     for extraction in extractions.values():
         extraction.check()
         extraction.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
@@ -181,12 +191,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
     lap("data")
 
     say(cfg, f"[2/5] extraction with --model {model} at T = {', '.join(map(str, cfg.noise_ts))}")
-    caches = {}
-    with extraction_threads(cfg.threads):
-        for split, extraction in extractions.items():
-            caches[split] = Path(extraction.out)
-            report = run_extraction(extraction, backbone=backbone)
-            say(cfg, "\n".join(report.lines()))
+    caches = {split: Path(extraction.out) for split, extraction in extractions.items()}
+    processes = cpu_processes(cfg)
+    if processes > 1:
+        seconds = extract_in_processes(list(extractions.values()), processes)
+        for (split, path), took in zip(caches.items(), seconds):
+            say(cfg, f"{split}: {describe_store(path)}, {took:.0f} s by {processes} one-thread processes")
+    else:
+        with extraction_threads(cfg.threads):
+            for extraction in extractions.values():
+                say(cfg, "\n".join(run_extraction(extraction, backbone=backbone).lines()))
     lap("extract")
 
     say(cfg, "[3/5] zero-shot attention probe on val")
@@ -195,13 +209,14 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     n_runs = cfg.seeds * len(cfg.noise_ts) * (len(cfg.heads) * (2 if cfg.baseline == "all" else 1)
                                               + (cfg.baseline == "best"))
-    say(cfg, f"[4/5] sweep: {n_runs} heads ({', '.join(cfg.heads)} × T × {cfg.seeds} seeds, text-blind "
+    say(cfg, f"[4/5] sweep: {n_runs} heads ({', '.join(cfg.heads)} × T × {cfg.seeds} seeds, no-sentence "
              f"baseline: {cfg.baseline}), {cfg.epochs} epochs each")
     cells = sweep(cfg, caches, out / "sweep", cfg.heads, text_blind=False)
     if cfg.baseline != "none":
         best = best_cell(cells)
         heads = cfg.heads if cfg.baseline == "all" else (best["head"],)
-        cells += sweep(cfg, caches, out / "sweep-text-blind", heads, text_blind=True)
+        no_sentence = {split: caches[f"{split}-no-sentence"] for split in ("train", "val")}
+        cells += sweep(cfg, no_sentence, out / "sweep-no-sentence", heads, text_blind=True)
     lap("sweep")
 
     say(cfg, "[5/5] conclusions, table and figures")
@@ -233,6 +248,72 @@ def extraction_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+def cpu_processes(cfg: DemoConfig) -> int:
+    """On the CPU, extraction and the sweep run as `threads` one-thread processes. The tiny backbone and
+    the demo's decoders are too small to keep two threads busy (and extraction's cache writer needs a
+    core of its own next to them), so on 2 cores two one-thread processes do more per second than one
+    process (BENCHMARKS.md, "Sweep" and the demo rows). The bytes are those of one thread, whatever the
+    split, so every --threads gives the same caches and table on one CPU (tests/test_study.py)."""
+    from refseg.core.device import resolve_device
+
+    return (cfg.threads or 1) if resolve_device(cfg.device).type == "cpu" else 1
+
+
+def extract_in_processes(extractions: list[ExtractionConfig], processes: int) -> list[float]:
+    """Every extraction (split) by `processes` spawned one-thread processes, process i filling shard part
+    (i, processes) of each store (extract/pipeline.py: the parts finish stage one together, then each
+    runs the UNet on its own shards); -> each store's seconds (its slowest part). A store left
+    incomplete (a part failed) is refused in one line; rerunning resumes it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_extract_part, extractions, (i, processes)) for i in range(processes)]
+        errors = [future.exception() for future in futures]  # waits for every part
+    for error in errors:
+        if error is not None:
+            raise error
+    for extraction in extractions:
+        describe_store(extraction.out, require_complete=True)
+    return [max(part_seconds) for part_seconds in zip(*(future.result() for future in futures))]
+
+
+def describe_store(path, require_complete: bool = False) -> str:
+    """'600 samples, 107 images, T = 0, 5, 500 complete' for a demo cache."""
+    from refseg.cache import open_cache
+    from refseg.core.errors import CacheError
+
+    cache = open_cache(path)
+    levels = cache.noise_levels
+    unfinished = [t for t in levels if not cache.done(t).all()]
+    if require_complete and unfinished:
+        raise CacheError(f"{path}: noise level(s) {', '.join(map(str, unfinished))} unfinished after extraction; "
+                         "rerun the demo with the same --out to resume")
+    state = "complete" if not unfinished else f"unfinished at T = {', '.join(map(str, unfinished))}"
+    return f"{cache.n_samples} samples, {len(cache.images_done())} images, T = {', '.join(map(str, levels))} {state}"
+
+
+def _extract_part(extractions: list[ExtractionConfig], part: tuple[int, int]) -> list[float]:
+    """One spawned process's part of every split (its own backbone, one torch thread)."""
+    import dataclasses
+
+    import torch
+
+    from refseg.backbones.loading import load_backbone
+    from refseg.extract.pipeline import run_extraction
+
+    torch.set_num_threads(1)
+    first = extractions[0]
+    backbone = load_backbone(first.model, device=first.device)
+    seconds = []
+    for extraction in extractions:
+        only_part_0_shows_progress = extraction.progress and part[0] == 0
+        report = run_extraction(dataclasses.replace(extraction, shard=part, progress=only_part_0_shows_progress),
+                                backbone=backbone)
+        seconds.append(report.seconds)
+    return seconds
+
+
 # ---- the sweep -----------------------------------------------------------------------------------
 
 def sweep(cfg: DemoConfig, caches: dict, out: Path, heads, *, text_blind: bool) -> list[dict]:
@@ -241,13 +322,14 @@ def sweep(cfg: DemoConfig, caches: dict, out: Path, heads, *, text_blind: bool) 
     from refseg.heads.sweep import run_sweep
 
     rows = run_sweep(cfg.grid(heads, text_blind), caches["train"], caches["val"], out, data_seed=cfg.seed,
-                     progress=cfg.progress, threads=cfg.threads)
+                     progress=cfg.progress, threads=cfg.threads, processes=cpu_processes(cfg))
     runs = runs_by_cell(out / "runs")
     cells = []
     for row in rows:
         key = (row["head"], int(row["noise_t"]), text_blind)
         stds = {k: float("nan") if row[k] == "" else float(row[k]) for k in row if k.endswith("_std")}  # '': 1 seed
         cells.append(dict(row, **stds, head=row["head"], noise_t=int(row["noise_t"]), text_blind=text_blind,
+                          val_cache=str(caches["val"]),
                           runs=[str(p) for p in runs.get(key, [])]))
     order = {(h, t): k for k, (h, t) in enumerate(itertools.product(cfg.heads, cfg.noise_ts))}
     return sorted(cells, key=lambda c: order[(c["head"], c["noise_t"])])
@@ -351,14 +433,63 @@ def chance_levels(val_cache: Path) -> dict:
     return {"oIoU": 100 * fg / pixels, "mIoU": 100 * float(np.mean(share)), "n": n}
 
 
+def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[int, int]]:
+    """sent_id -> (intersection, union) on val of predicting the union of every annotated object of the
+    sentence's image (at the cache's mask size and rule), the sentence unread. A text-blind head can
+    learn that much; only the sentence can pick the one object out of the 2–5."""
+    from refseg.cache import open_cache
+    from refseg.core.refer import ReferDataset
+    from refseg.core.transforms import mask_to_size
+
+    cache = open_cache(val_cache)
+    rule = cache.settings["extraction"]["mask_rule"]
+    refer = ReferDataset(str(data_root), cache.settings["dataset"]["dataset"])
+    size = cache.spec.image_size
+    out = {}
+    for row, (sent_id, image_id) in enumerate(zip(cache.index["sent_id"], cache.index["image_id"])):
+        every = np.zeros((size, size), bool)
+        for ann_id in refer.image_annotations(int(image_id)):
+            every |= mask_to_size(refer.annotation_mask(ann_id, rule), size) != 0
+        gt = cache.gt([row])[0] != 0
+        out[int(sent_id)] = (int((every & gt).sum()), int((every | gt).sum()))
+    return out
+
+
+def scores(samples: dict[int, tuple[int, int]]) -> dict:
+    """oIoU and mIoU (%) of {sent_id: (i, u)} (an empty union scores 0, as LAVT counts it)."""
+    i, u = (np.array(v, dtype=np.int64) for v in zip(*samples.values()))
+    return {"oIoU": 100 * float(i.sum()) / max(int(u.sum()), 1),
+            "mIoU": 100 * float(np.mean(np.where(u > 0, i / np.maximum(u, 1), 0.0))), "n": len(samples)}
+
+
+def by_sentence_kind(columns: dict[str, dict[int, tuple[int, int]]], val_cache: Path) -> str:
+    """Markdown: the val oIoU of each column ({name: {sent_id: (i, u)}}) per kind of sentence
+    (`synthetic.sentence_kind`: attribute, position among look-alikes, relation to an anchor)."""
+    from refseg.cache import open_cache
+    from refseg.core.synthetic import SENTENCE_KINDS, sentence_kind
+
+    cache = open_cache(val_cache)
+    kind_of = {int(sid): sentence_kind(text) for sid, text in zip(cache.index["sent_id"], cache.texts)}
+    lines = ["| sentence kind | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for kind in SENTENCE_KINDS + ("all",):
+        ids = [sid for sid, k in kind_of.items() if kind in (k, "all")]
+        if not ids:
+            continue
+        cells = [f"{scores({sid: col[sid] for sid in ids})['oIoU']:.1f}" for col in columns.values()]
+        lines.append(f"| {kind} | {len(ids)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) -> dict:
     """Every sentence of the study's text, computed from the cells: best cell, what the sentence adds,
     chance, noise levels per head, heads per T, and seed spread against sampling spread."""
     with_text = [c for c in cells if not c.get("text_blind")]
     blind = {(c["head"], c["noise_t"]): c for c in cells if c.get("text_blind")}
     best = best_cell(cells)
-    name = lambda c: f"{c['head']} T={c['noise_t']}" + (" text-blind" if c.get("text_blind") else "")  # noqa: E731
+    name = lambda c: f"{c['head']} T={c['noise_t']}" + (" no sentence" if c.get("text_blind") else "")  # noqa: E731
     chance = chance_levels(val_cache)
+    every_object = every_object_samples(val_cache, out / "data")
+    objects = scores(every_object)
     scored = first_seed_samples(cells, val_cache, out / "per_sample", cfg.device)
 
     paired = []  # the val sampling std of each difference called
@@ -375,11 +506,14 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
     lo, _ = interval(best)
     lines.append(f"Best cell: {name(best)}, val oIoU {best['oIoU_mean']:.1f} ± {best['oIoU_std']:.1f} "
                  f"({int(best['n_seeds'])} seeds); predicting every pixel gives {chance['oIoU']:.1f} "
-                 f"({'below' if chance['oIoU'] < lo else 'not clearly below'} the best cell's interval).")
+                 f"({'below' if chance['oIoU'] < lo else 'not clearly below'} the best cell's interval); "
+                 f"predicting every object of the image, the sentence unread, gives {objects['oIoU']:.1f} "
+                 f"({'below' if objects['oIoU'] < lo else 'not clearly below'} it).")
     for c in with_text:
         if (c["head"], c["noise_t"]) in blind:
+            # the baseline has the sentence removed from the backbone (the empty prompt) and from the head
             lines.append("What the sentence adds: " + call(c, blind[(c["head"], c["noise_t"])], name(c),
-                                                            "its text-blind baseline"))
+                                                            "its no-sentence baseline"))
     for head in dict.fromkeys(c["head"] for c in with_text):
         row = [c for c in with_text if c["head"] == head]
         lines += [f"Noise, head {head}: " + call(a, b, f"T={a['noise_t']}", f"T={b['noise_t']}")
@@ -404,14 +538,21 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
                      f"{BOOTSTRAP_DRAWS} resamples): {dominant}. Paired on the same sentences, the sampling "
                      f"std of the differences above is smaller (median {np.median(paired):.2f}), and the "
                      "rule counts it.")
-    return {"lines": lines, "best": {k: best[k] for k in ("head", "noise_t")}, "best_run": str(run) if run else None,
-            "best_csv": str(out / "per_sample" / csv_name(best)), "chance": chance, "seed_std": seed_std,
+    kinds = None  # the best cell (it reads the sentence), its no-sentence baseline and every object, per kind
+    best_blind = blind.get((best["head"], best["noise_t"]))
+    if best_blind is not None and _key(best) in scored and _key(best_blind) in scored:
+        kinds = by_sentence_kind({name(best): scored[_key(best)], "no sentence": scored[_key(best_blind)],
+                                  "every object": every_object}, val_cache)
+    return {"lines": lines, "by_kind": kinds, "best": {k: best[k] for k in ("head", "noise_t")},
+            "best_run": str(run) if run else None,
+            "best_csv": str(out / "per_sample" / csv_name(best)), "chance": chance, "every_object": objects,
+            "seed_std": seed_std,
             "sampling_std": sampling, "paired_sampling_std": paired,
             "rule": f"|mean_a - mean_b| > {Z:g}·sqrt(std_a²/n_a + std_b²/n_b + paired_sampling_std²)"}
 
 
 def csv_name(cell: dict) -> str:
-    return f"{cell['head']}-t{cell['noise_t']}{'-text-blind' if cell.get('text_blind') else ''}.csv"
+    return f"{cell['head']}-t{cell['noise_t']}{'-no-sentence' if cell.get('text_blind') else ''}.csv"
 
 
 def _key(cell: dict) -> tuple:
@@ -429,7 +570,7 @@ def first_seed_samples(cells: list[dict], val_cache: Path, folder: Path, device:
         if not cell.get("runs"):
             continue
         path = folder / csv_name(cell)
-        evaluate(cell["runs"][0], val_cache, per_sample=path, device=device)
+        evaluate(cell["runs"][0], cell.get("val_cache", val_cache), per_sample=path, device=device)
         with open(path, newline="") as f:
             out[_key(cell)] = {int(r["sent_id"]): (int(r["i"]), int(r["u"])) for r in csv.DictReader(f)}
     return out
@@ -468,16 +609,18 @@ def write_report(out: Path, cells: list[dict], study: dict, probe: dict, val_cac
     text = "\n".join(f"- {line}" for line in study["lines"])
     probe_md = probe.get("markdown") or probe.get("missing", "")
     files["ablation.md"] = out / "ablation.md"
+    kinds = f"### Val oIoU by kind of sentence (first seeds)\n\n{study['by_kind']}\n" if study.get("by_kind") else ""
     files["ablation.md"].write_text(
         f"# Noise ablation on refcoco-synth val (mean ± std over {cfg.seeds} seeds)\n\n"
         f"Measured on {where['cpu']} ({where['cores']} cores), {cfg.threads} torch threads, {where['date']}. "
         "Another machine or thread count gives other digits; the conclusions below are what should hold.\n\n"
-        f"{table}\n## Conclusions (computed from the table)\n\n{text}\n\n"
+        f"{table}\n## Conclusions (computed from the table)\n\n{text}\n\n{kinds}"
         f"## Zero-shot attention probe (val, no training)\n\n{probe_md}\n")
     files["ablation.csv"] = figures.write_ablation_csv(cells, out / "ablation.csv")
-    files["ablation.png"] = figures.plot_ablation(cells, out / "ablation.png", chance=study["chance"])
+    files["ablation.png"] = figures.plot_ablation(cells, out / "ablation.png", chance=study["chance"],
+                                                   every_object=study["every_object"])
     files["curves.png"] = figures.plot_curves(
-        {f"{c['head']} T={c['noise_t']}" + (" blind" if c["text_blind"] else ""): [Path(r) for r in c["runs"]]
+        {f"{c['head']} T={c['noise_t']}" + (" no sentence" if c["text_blind"] else ""): [Path(r) for r in c["runs"]]
          for c in cells if c["runs"]}, out / "curves.png")
 
     # The best cell's first seed supplies the overlays; its noise level the feature view.
@@ -499,5 +642,5 @@ def write_report(out: Path, cells: list[dict], study: dict, probe: dict, val_cac
     tokens = [tok.replace("</w>", "") for tok in backbone.tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
     files["features.png"] = figures.feature_view(cache, best["noise_t"], row, tokens, out / "features.png",
                                                  image=load_image(image_path))
-    click.echo(f"{table}\n{text}\n\n{probe_md}")
+    click.echo(f"{table}\n{text}\n\n{kinds}{probe_md}")
     return files

@@ -21,11 +21,14 @@ from refseg.heads.run_dir import read_metrics  # noqa: E402
 
 
 # ---- ablation table (mean ± std over seeds) ---------------------------------------------------------
-# A cell is one (head, T, text-blind or not) of the sweep: {"head", "noise_t", "text_blind", "n_seeds",
+# A cell is one (head, T, baseline or not) of the sweep: {"head", "noise_t", "text_blind", "n_seeds",
 # "<metric>_mean", "<metric>_std"} for each metric of TABLE_COLUMNS (refseg.heads.sweep's summary rows).
+# The demo's baseline cells (text_blind) are its no-sentence baseline: a text-blind head trained on the
+# empty prompt's features (study/demo.py).
+BASELINE = "no sentence"
 
 def cell_label(cell: dict) -> str:
-    return f"{cell['head']} (text-blind)" if cell.get("text_blind") else str(cell["head"])
+    return f"{cell['head']} ({BASELINE})" if cell.get("text_blind") else str(cell["head"])
 
 
 def mean_std(cell: dict, metric: str) -> str:
@@ -35,7 +38,7 @@ def mean_std(cell: dict, metric: str) -> str:
 
 
 def ablation_markdown(cells: list[dict]) -> str:
-    """One table per head (and per text-blind baseline): Noise, P@0.5..P@0.9, oIoU, mIoU as mean ± std, seeds."""
+    """One table per head (and per no-sentence baseline): Noise, P@0.5..P@0.9, oIoU, mIoU as mean ± std, seeds."""
     parts = []
     for label in dict.fromkeys(cell_label(c) for c in cells):
         lines = ["| Noise | " + " | ".join(TABLE_COLUMNS) + " | seeds |",
@@ -61,9 +64,10 @@ def write_ablation_csv(cells: list[dict], path) -> Path:
     return path
 
 
-def plot_ablation(cells: list[dict], path, chance: dict | None = None) -> Path:
-    """oIoU and mIoU against the noise level, one line per head (dashed: text-blind), error bars = std
-    over seeds; `chance` ({"oIoU", "mIoU"}: predicting every pixel, %) as a dotted line. T on a categorical axis."""
+def plot_ablation(cells: list[dict], path, chance: dict | None = None, every_object: dict | None = None) -> Path:
+    """oIoU and mIoU against the noise level, one line per head (dashed: no sentence), error bars = std
+    over seeds; `chance` ({"oIoU", "mIoU"}: predicting every pixel, %) as a dotted line, `every_object`
+    (predicting every object of the image) as a dash-dotted one. T on a categorical axis."""
     noise = sorted({c["noise_t"] for c in cells})
     labels = list(dict.fromkeys(cell_label(c) for c in cells))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
@@ -74,9 +78,12 @@ def plot_ablation(cells: list[dict], path, chance: dict | None = None) -> Path:
             mean = [float(by_t[t][f"{key}_mean"]) if t in by_t else np.nan for t in noise]
             std = [float(by_t[t][f"{key}_std"]) if t in by_t else np.nan for t in noise]
             ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label=label,
-                        linestyle="--" if "text-blind" in label else "-")
+                        linestyle="--" if BASELINE in label else "-")
         if chance is not None and key in chance:
             ax.axhline(chance[key], color="grey", linestyle=":", label="chance (predict every pixel)")
+        if every_object is not None and key in every_object:
+            ax.axhline(every_object[key], color="black", linestyle="-.", linewidth=1,
+                       label="every object (sentence unread)")
         ax.set_xticks(range(len(noise)), [f"T={t}" for t in noise])
         ax.set_title(f"val {key} (mean ± std over seeds)")
         ax.set_ylabel("%")

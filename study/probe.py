@@ -179,6 +179,9 @@ def probe_attention(cache, noise_ts=None, threshold: float | None = None, tokeni
     from refseg.cache.reader import Cache, open_cache
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if cache.settings["extraction"].get("prompt", "sentence") != "sentence":
+        raise CacheError(f"cache {cache.path} was extracted with --prompt {cache.settings['extraction']['prompt']}: "
+                         "its attention maps follow no sentence, so there is nothing to probe")
     tensors = [t for t in cache.spec.tensors if t.kind == "attention"]
     if not tensors:
         raise CacheError(f"cache {cache.path} has no cross-attention tensors (it has "

@@ -95,7 +95,7 @@ CELLS = [_cell("film", 0, False, 40.0, 2.0), _cell("film", 5, False, 35.5, 1.25)
 def test_ablation_table_csv_and_plot_give_mean_and_std(tmp_path):
     md = figures.ablation_markdown(CELLS)
     assert "| Noise | P@0.5 | P@0.6 | P@0.7 | P@0.8 | P@0.9 | oIoU | mIoU | seeds |" in md
-    assert "### head `film (text-blind)`" in md and "| 5 | " + " | ".join(["35.50 ± 1.25"] * 7) + " | 3 |" in md
+    assert "### head `film (no sentence)`" in md and "| 5 | " + " | ".join(["35.50 ± 1.25"] * 7) + " | 3 |" in md
     rows = list(csv.DictReader(open(figures.write_ablation_csv(CELLS, tmp_path / "a.csv"))))
     assert [(r["head"], r["text_blind"], r["noise_t"]) for r in rows] == [
         ("film", "0", "0"), ("film", "0", "5"), ("vpd", "0", "0"), ("film", "1", "0"), ("film", "1", "5")]

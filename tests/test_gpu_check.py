@@ -64,6 +64,10 @@ def test_every_step_runs_and_reports_figures(tiny_check):
     families = steps["f. backbone families at 1024 px, random weights (bench/families.py)"]["results"]
     assert [(r["model"], r["batch"]) for r in families] == [("sdxl", 1), ("sdxl", 2), ("flux", 1), ("flux", 2)]
     assert all(r["flops_per_sample"] > 0 and r["samples_per_s"] > 0 for r in families)
+    (scale,) = steps["g. the demo's study at 5x the data, 10 epochs, 6.6x the val set (bench/demo_scale.py)"]["results"]
+    assert [(c["noise_t"], c["text_blind"], c["n_seeds"]) for c in scale["cells"]] == [
+        (0, False, 2), (5, False, 2), (500, False, 2), (0, True, 2), (5, True, 2), (500, True, 2)]
+    assert scale["chance"]["oIoU"] < scale["every_object"]["oIoU"] < 100 and len(scale["conclusions"]) > 3
     text = (out / "gpu_check.md").read_text()
     assert text.startswith("### GPU check (tiny)") and "| refseg-extract train (T = 0, 5, 500) | 0 |" in text
     assert (out / "gpu_check.log").stat().st_size > 0
@@ -73,7 +77,7 @@ def test_a_spent_budget_skips_the_remaining_steps_and_still_writes_the_report(tm
     result = _check(tmp_path, "--budget", "1")
     assert result.returncode == 0, result.stderr
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert len(steps) == 10 and {s["status"] for s in steps.values()} == {"skipped"}
+    assert len(steps) == 11 and {s["status"] for s in steps.values()} == {"skipped"}
     assert "skipped (the check's time budget was spent)" in (tmp_path / "gpu_check.md").read_text()
 
 

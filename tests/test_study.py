@@ -13,6 +13,30 @@ from PIL import Image
 from refseg.study.demo import DemoConfig, bootstrap_std, interval, paired_bootstrap_std, run_demo, verdict
 
 
+def _every_object(out):
+    from pycocotools import mask as mask_utils
+
+    from refseg.cache import open_cache
+
+    data = json.loads((out / "data" / "refcoco-synth" / "instances.json").read_text())
+    images = {img["id"]: img for img in data["images"]}
+    cache = open_cache(out / "cache" / "val.zarr")
+    inter = union = 0
+    ious = []
+    for row, image_id in enumerate(cache.index["image_id"]):
+        img = images[int(image_id)]
+        every = np.zeros((img["height"], img["width"]), bool)
+        for ann in (a for a in data["annotations"] if a["image_id"] == int(image_id)):
+            parts = mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], img["height"], img["width"]))
+            every |= parts.sum(axis=2) == 1
+        gt = cache.gt([row])[0] != 0
+        assert gt.shape == every.shape  # the demo's images are drawn at the cache's size
+        i, u = int((every & gt).sum()), int((every | gt).sum())
+        inter, union = inter + i, union + u
+        ious.append(i / u)
+    return {"oIoU": 100 * inter / union, "mIoU": 100 * float(np.mean(ious)), "n": len(ious)}
+
+
 def _cell(mean, std, n=3):
     return {"oIoU_mean": mean, "oIoU_std": std, "n_seeds": n}
 
@@ -55,19 +79,44 @@ def test_extraction_leaves_a_core_to_the_cache_writer(monkeypatch):
     assert torch.get_num_threads() == before
 
 
-def test_demo_writes_the_ablation_table_and_figures(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), model="tiny", images=24, train_samples=40, image_size=64,
-                     epochs=1, hidden=8, seeds=2, batch_size=8, device="cpu", threads=1, progress=False)
+def _small_demo(out, threads):
+    cfg = DemoConfig(out=str(out), model="tiny", images=24, train_samples=40, image_size=64,
+                     epochs=1, hidden=8, seeds=2, batch_size=8, device="cpu", threads=threads, progress=False)
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)
     try:
         result = run_demo(cfg)
-        assert torch.get_num_threads() == 2  # the demo's own thread count is undone afterwards
+        assert torch.get_num_threads() == 3  # the demo's own thread count is undone afterwards
     finally:
         torch.set_num_threads(before)
-    out = tmp_path / "demo"
+    return result
 
-    # one row per (head, T), then the best head's text-blind baseline at each T: mean and std over 2 seeds
+
+@pytest.fixture(scope="module")
+def demo_on_one_thread(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-1") / "demo"
+    return out, _small_demo(out, threads=1)
+
+
+def test_demo_on_two_threads_gives_the_one_thread_caches_and_table(demo_on_one_thread, tmp_path):
+    one, _ = demo_on_one_thread
+    two = tmp_path / "demo"
+    _small_demo(two, threads=2)  # two one-thread processes extract and train (study/demo.py cpu_processes)
+    assert (two / "ablation.csv").read_text() == (one / "ablation.csv").read_text()
+    for split in ("train", "val"):
+        shards = [p for p in (one / "cache" / f"{split}.zarr").glob("t*/*/c/**/*") if p.is_file()]
+        assert len(shards) >= 3 * 6  # each of the 4 features and 2 attention maps at each T
+        for shard in shards:
+            assert shard.read_bytes() == (two / shard.relative_to(one)).read_bytes(), shard
+    for run in (one / "sweep" / "runs").iterdir():
+        assert (run / "head.safetensors").read_bytes() == (two / "sweep" / "runs" / run.name /
+                                                           "head.safetensors").read_bytes(), run.name
+
+
+def test_demo_writes_the_ablation_table_and_figures(demo_on_one_thread):
+    out, result = demo_on_one_thread
+
+    # one row per (head, T), then the best head's no-sentence baseline at each T: mean and std over 2 seeds
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
     best = result["study"]["best"]["head"]
@@ -82,12 +131,13 @@ def test_demo_writes_the_ablation_table_and_figures(tmp_path):
         assert float(r["oIoU_std"]) >= 0.0
     table = (out / "ablation.md").read_text()
     assert "| Noise | P@0.5 | P@0.6 | P@0.7 | P@0.8 | P@0.9 | oIoU | mIoU | seeds |" in table
-    assert f"### head `{best} (text-blind)`" in table and " ± " in table
+    assert f"### head `{best} (no sentence)`" in table and " ± " in table
     assert table.split("## Conclusions")[0].count("\n| 500 |") == 3
 
     # the conclusions: every pair of noise levels and of heads is given a verdict by the rule
     text = table.split("## Conclusions")[1]
-    verdicts = [line for line in text.splitlines() if line.startswith(("- Noise", "- Heads", "- What the sentence"))]
+    called = ("- Noise", "- Heads", "- What the sentence adds")
+    verdicts = [line for line in text.splitlines() if line.startswith(called)]
     assert len(verdicts) == 2 * 3 + 3 + 3  # 3 pairs of T per head, 3 head pairs (one per T), 3 baselines
     assert all(("beats" in v) != ("no clear difference" in v) for v in verdicts)
     assert "Spread: std of val oIoU over seeds" in text and "bootstrap" in text
@@ -103,6 +153,21 @@ def test_demo_writes_the_ablation_table_and_figures(tmp_path):
     assert f"{saved['cells'][4]['oIoU_mean']:.2f}" == rows[4]["oIoU_mean"]
     study = saved["study"]
     assert 0 < study["chance"]["oIoU"] < 100 and study["sampling_std"] >= 0 and math.isfinite(study["seed_std"])
+    # the every-object reference: the union of every annotation of each val sentence's image against its
+    # GT, recomputed here from instances.json with pycocotools (the vpd rule: a pixel of exactly one polygon)
+    assert study["every_object"] == pytest.approx(_every_object(out), abs=1e-9)
+    assert study["chance"]["oIoU"] < study["every_object"]["oIoU"] < 100
+    every = f"{study['every_object']['oIoU']:.1f}"
+    assert f"predicting every object of the image, the sentence unread, gives {every}" in text
+    # by kind of sentence: the best cell, its no-sentence baseline and every object; the kinds add up to all
+    kinds = table.split("### Val oIoU by kind of sentence (first seeds)")[1].split("##")[0].strip().splitlines()
+    best_t = result["study"]["best"]["noise_t"]
+    assert kinds[0] == f"| sentence kind | n | {best} T={best_t} | no sentence | every object |"
+    rows_by_kind = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in kinds[2:]}
+    assert set(rows_by_kind) <= {"attribute", "position", "relation", "all"} and "all" in rows_by_kind
+    n_by_kind = [int(r[1]) for k, r in rows_by_kind.items() if k != "all"]
+    assert sum(n_by_kind) == int(rows_by_kind["all"][1]) == study["chance"]["n"]
+    assert rows_by_kind["all"][4] == every
 
     # every figure is a real, non-blank image
     for name in ("ablation.png", "curves.png", "noise_strip.png", "overlays.png", "features.png"):
@@ -111,9 +176,19 @@ def test_demo_writes_the_ablation_table_and_figures(tmp_path):
         assert img.std() > 5, f"{name} looks blank"
 
     # the caches hold the three noise levels; each run is a complete run directory of one epoch
-    for split in ("train", "val"):
-        assert sorted(p.name for p in (out / "cache" / f"{split}.zarr").glob("t[0-9][0-9][0-9][0-9]")) == ["t0000", "t0005", "t0500"]
-    runs = sorted((out / "sweep" / "runs").iterdir()) + sorted((out / "sweep-text-blind" / "runs").iterdir())
+    for split in ("train", "val", "train-no-sentence", "val-no-sentence"):
+        levels = sorted(p.name for p in (out / "cache" / f"{split}.zarr").glob("t[0-9][0-9][0-9][0-9]"))
+        assert levels == ["t0000", "t0005", "t0500"], split
+    # the baseline trained and was scored on the empty prompt's features: the sentence is gone from the backbone too
+    from refseg.cache import open_cache
+
+    assert open_cache(out / "cache" / "val-no-sentence.zarr").settings["extraction"]["prompt"] == "empty"
+    for run in (out / "sweep-no-sentence" / "runs").iterdir():
+        config = json.loads((run / "config.json").read_text())
+        trained_on = config["cache"]
+        assert trained_on["path"].endswith("train-no-sentence.zarr") and config["text_blind"] is True
+        assert trained_on["settings"]["extraction"]["prompt"] == "empty"
+    runs = sorted((out / "sweep" / "runs").iterdir()) + sorted((out / "sweep-no-sentence" / "runs").iterdir())
     assert len(runs) == 2 * 3 * 2 + 3 * 2
     for run in runs:
         assert {"best.safetensors", "config.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}

@@ -246,3 +246,28 @@ def test_two_ranks_split_the_heads_and_each_is_its_solo_run(sweep, caches, tmp_p
         assert json.loads((two / "runs" / name / "config.json").read_text())["world_size"] == 1
     assert summarize(two) == rows
     assert (two / "summary.csv").read_text() == (out / "summary.csv").read_text()
+
+
+# ---- local processes: the heads split across CPU processes --------------------------------------
+def test_two_local_processes_split_the_heads_and_each_is_its_one_thread_solo_run(sweep, caches, tmp_path):
+    out, rows = sweep  # the module's sweep ran on one thread (conftest)
+    two = tmp_path / "two"
+    before = torch.get_num_threads()
+    assert run_sweep(GRID, *caches, two, progress=False, threads=2, processes=2) == rows
+    assert torch.get_num_threads() == before
+    for name in NAMES:
+        assert _files(two / "runs" / name) == _files(out / "runs" / name), name
+    assert (two / "summary.csv").read_text() == (out / "summary.csv").read_text()
+
+
+@pytest.mark.parametrize("processes, env, fragment", [
+    (0, {}, "--processes must be at least 1 (got 0)"),
+    (2, {"WORLD_SIZE": "2", "RANK": "0"}, "under torchrun the ranks split them already"),
+])
+def test_bad_process_counts_are_refused_before_anything_is_written(caches, tmp_path, monkeypatch, processes, env,
+                                                                   fragment):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RefsegError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        run_sweep(GRID, *caches, tmp_path / "s", progress=False, processes=processes)
+    assert not (tmp_path / "s").exists()

@@ -228,3 +228,21 @@ def test_render_and_describe_scene():
         assert obj.area > 0 and obj.bbox[2] > 0
     again = render_scene(np.random.default_rng(1), 64)
     assert describe_scene(again) == caption and again.image.tobytes() == scene.image.tobytes()
+
+
+def test_sentence_kind_names_the_template_each_candidate_came_from():
+    from refseg.core.synthetic import SENTENCE_KINDS, _candidate_sentences, render_scene, sentence_kind
+
+    rng = np.random.default_rng(7)
+    seen = dict.fromkeys(SENTENCE_KINDS, 0)
+    for _ in range(60):
+        scene = render_scene(rng, 128)
+        for obj in scene.objects:
+            for kind, sentences in _candidate_sentences(obj, scene).items():
+                for sentence in sentences:
+                    assert sentence_kind(sentence) == kind, sentence
+                    seen[kind] += 1
+    assert min(seen.values()) > 20, seen  # every kind drawn, "to the left of" among the relations
+    assert sentence_kind("the square to the left of the red circle") == "relation"
+    assert sentence_kind("the small square on the left") == "position"
+    assert sentence_kind("the big red one") == "attribute"
