@@ -18,8 +18,9 @@ from refseg.core.cli import current_runtime, user_errors
 @click.option("--data-seed", default=0, show_default=True, type=int,
               help="Seed of the data order shared by every head (each head's --seed seeds its init).")
 @click.option("--processes", default=1, show_default=True, type=int,
-              help="Local CPU processes that split the heads, each with threads/P torch threads (2 on 2 cores "
-                   "trains ~1.4x faster); each head equals its solo run with --threads threads/P.")
+              help="Local CPU processes that split the heads, each with threads/P torch threads (for long "
+                   "sweeps of small heads; BENCHMARKS.md, Sweep); each head equals its solo run with --threads "
+                   "threads/P.")
 @user_errors
 def main(cache, val_cache, grid_path, out, data_seed, processes):
     """Train every combination of GRID in one pass per noise level (one read of each batch feeds every

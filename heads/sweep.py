@@ -33,9 +33,10 @@ GPUs take about K/W of the time; each rank reads the batches of its own streams.
 summary once every rank is done.
 
 On one machine's CPU, `processes=P` (`refseg-sweep --processes P`) splits the heads the same way
-across P local processes of threads/P torch threads each: a decoder this small keeps two threads
-busy only part of the time, and two one-thread processes train about 1.4x as many heads per second
-on 2 cores (BENCHMARKS.md, "Sweep"). Each head is then the bytes of its solo run with --threads
+across P local processes of threads/P torch threads each: a small decoder keeps two threads busy
+only part of the time, so on 2 cores two one-thread processes can train more heads per second than
+one process on two threads, once the sweep is long enough to repay the processes' start-up of a few
+seconds (BENCHMARKS.md, "Sweep"). Each head is then the bytes of its solo run with --threads
 threads/P (tests/test_sweep.py): the thread count, not the split, is what changes bytes. The
 processes are spawned, so a head registered outside refseg must be importable by its module there.
 

@@ -250,10 +250,10 @@ def extraction_threads(threads: int | None):
 
 def cpu_processes(cfg: DemoConfig) -> int:
     """On the CPU, extraction and the sweep run as `threads` one-thread processes. The tiny backbone and
-    the demo's decoders are too small to keep two threads busy (and extraction's cache writer needs a
-    core of its own next to them), so on 2 cores two one-thread processes do more per second than one
-    process (BENCHMARKS.md, "Sweep" and the demo rows). The bytes are those of one thread, whatever the
-    split, so every --threads gives the same caches and table on one CPU (tests/test_study.py)."""
+    the demo's decoders are too small to keep two threads busy, and extraction ran on one thread beside
+    its cache writer: on 2 cores two one-thread processes extract 1.55x and train 1.08-1.3x faster
+    (BENCHMARKS.md, "Sweep" and the demo rows). The bytes are those of one thread, whatever the split,
+    so every --threads gives the same caches and table on one CPU (tests/test_study.py)."""
     from refseg.core.device import resolve_device
 
     return (cfg.threads or 1) if resolve_device(cfg.device).type == "cpu" else 1

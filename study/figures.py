@@ -27,6 +27,7 @@ from refseg.heads.run_dir import read_metrics  # noqa: E402
 # empty prompt's features (study/demo.py).
 BASELINE = "no sentence"
 
+
 def cell_label(cell: dict) -> str:
     return f"{cell['head']} ({BASELINE})" if cell.get("text_blind") else str(cell["head"])
 

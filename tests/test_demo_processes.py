@@ -19,7 +19,7 @@ def _config(root, out, split):
 
 
 def test_two_extraction_processes_write_the_bytes_of_one(tmp_path):
-    generate(tmp_path / "data", images=24, seed=0, image_size=64)
+    generate(tmp_path / "data", images=16, seed=0, image_size=64)
     splits = ("train", "val")
     for split in splits:  # one process, one thread (conftest)
         run_extraction(_config(tmp_path / "data", tmp_path / "one" / f"{split}.zarr", split))
