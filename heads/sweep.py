@@ -301,18 +301,11 @@ def _check_processes(processes: int, ranks, jobs: list[Job]) -> None:
 def _train_in_processes(jobs: list[Job], processes: int, threads: int, progress: bool) -> list[str]:
     """Train jobs[i::processes] in local process i, each with `threads` torch threads; -> diverged heads.
     Process 0 alone shows progress. An error in one is raised here once they have all stopped."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from refseg.core.processes import run_in_processes
 
     shares = [jobs[i::processes] for i in range(processes)]
-    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_share, share, threads, progress and i == 0)
-                   for i, share in enumerate(shares) if share]
-        errors = [future.exception() for future in futures]  # waits for every process
-    for error in errors:
-        if error is not None:
-            raise error
-    return [name for future in futures for name in future.result()]
+    calls = [(share, threads, progress and i == 0) for i, share in enumerate(shares) if share]
+    return [name for names in run_in_processes(_train_share, calls) for name in names]
 
 
 def _train_share(jobs: list[Job], threads: int, progress: bool) -> list[str]:

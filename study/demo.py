@@ -264,18 +264,12 @@ def extract_in_processes(extractions: list[ExtractionConfig], processes: int) ->
     (i, processes) of each store (extract/pipeline.py: the parts finish stage one together, then each
     runs the UNet on its own shards); -> each store's seconds (its slowest part). A store left
     incomplete (a part failed) is refused in one line; rerunning resumes it."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from refseg.core.processes import run_in_processes
 
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_extract_part, extractions, (i, processes)) for i in range(processes)]
-        errors = [future.exception() for future in futures]  # waits for every part
-    for error in errors:
-        if error is not None:
-            raise error
+    seconds_by_part = run_in_processes(_extract_part, [(extractions, (i, processes)) for i in range(processes)])
     for extraction in extractions:
         describe_store(extraction.out, require_complete=True)
-    return [max(part_seconds) for part_seconds in zip(*(future.result() for future in futures))]
+    return [max(part_seconds) for part_seconds in zip(*seconds_by_part)]
 
 
 def describe_store(path, require_complete: bool = False) -> str:
@@ -445,11 +439,14 @@ def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[in
     rule = cache.settings["extraction"]["mask_rule"]
     refer = ReferDataset(str(data_root), cache.settings["dataset"]["dataset"])
     size = cache.spec.image_size
-    out = {}
+    out, by_image = {}, {}  # an image's union, made once for all of its sentences
     for row, (sent_id, image_id) in enumerate(zip(cache.index["sent_id"], cache.index["image_id"])):
-        every = np.zeros((size, size), bool)
-        for ann_id in refer.image_annotations(int(image_id)):
-            every |= mask_to_size(refer.annotation_mask(ann_id, rule), size) != 0
+        if int(image_id) not in by_image:
+            every = np.zeros((size, size), bool)
+            for ann_id in refer.image_annotations(int(image_id)):
+                every |= mask_to_size(refer.annotation_mask(ann_id, rule), size) != 0
+            by_image[int(image_id)] = every
+        every = by_image[int(image_id)]
         gt = cache.gt([row])[0] != 0
         out[int(sent_id)] = (int((every & gt).sum()), int((every | gt).sum()))
     return out
