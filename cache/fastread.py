@@ -6,17 +6,22 @@ tensor straight into the output array avoids both; the speeds of either reader a
 floor are measured by bench/read.py (BENCHMARKS.md, "Cache reads").
 
 It applies only where the bytes on disk are the array's bytes: a local store, a sharded array with
-one row per inner chunk, inner codecs = little-endian `bytes` alone (the store's codec is `none`),
-the shard index at the end, encoded `bytes` (+ `crc32c`). `ShardRowReader.for_array` returns None
-for anything else, and `Cache` then reads through zarr as before: same values either way (tested).
+one row per inner chunk, inner codecs = little-endian `bytes` (+ `crc32c`, format 2) with no
+compression (the store's codec is `none`), the shard index at the end, encoded `bytes` (+ `crc32c`).
+`ShardRowReader.for_array` returns None for anything else, and `Cache` then reads through the engine
+(cache/engine.py): same values either way (tested). The engine (tensorstore) reads one row at a time
+at a third of this reader's speed (bench/write.py, BENCHMARKS.md "Data engine"), which is why this
+reader stays for the training loader's single-row reads.
 
 The shard format (Zarr v3 sharding codec): the inner chunks' bytes, then an index of one
-(offset, nbytes) little-endian uint64 pair per inner chunk, then the index's CRC-32C. A chunk
-that was never written, or held only the fill value (zarr does not write those), has the pair
-(2**64-1, 2**64-1) and reads as the fill value; so does a shard whose file does not exist.
+(offset, nbytes) little-endian uint64 pair per inner chunk, then the index's CRC-32C. In a format-2
+store each inner chunk is the row's bytes followed by their CRC-32C, which is verified on every read,
+and every chunk is written: a chunk marked absent (2**64-1, 2**64-1) or a shard file that does not
+exist is damage (`DamagedCacheError`). In a format-1 store such a chunk held only the fill value
+(zarr does not write those) and reads as it.
 
 Open shard files are kept, with their index, in a small LRU (`ShardFiles`): the index read with a
-file always describes that very file, so a shard replaced later (zarr writes files by rename) is
+file always describes that very file, so a shard replaced later (files are written by rename) is
 never read through a stale index. FeatureDataset reads only rows whose `done` flag is set, and the
 writer sets it after its last write to that shard (cache/writer.py), so a file kept open is final.
 """
@@ -32,7 +37,7 @@ import google_crc32c  # zarr's own dependency for its crc32c codec
 import numpy as np
 
 from refseg.cache.layout import is_local, local_path
-from refseg.core.errors import CacheError
+from refseg.core.errors import CacheError, DamagedCacheError
 
 EMPTY = 2**64 - 1  # zarr's marker for an inner chunk with no bytes in the shard
 DEFAULT_OPEN_FILES = 64  # per Cache (per DataLoader worker): shuffled reads rarely revisit a shard
@@ -50,11 +55,14 @@ class ShardFiles:
         self._files: OrderedDict[str, tuple[int, list]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def read(self, path: str, chunks_per_shard: int, has_crc: bool, chunk: int, out: np.ndarray) -> bool:
-        """Fill `out` with inner chunk `chunk` of the shard file at `path`.
+    def read(self, path: str, chunks_per_shard: int, has_crc: bool, chunk: int, out: np.ndarray,
+             chunk_crc: bool = False) -> bool:
+        """Fill `out` with inner chunk `chunk` of the shard file at `path`; with `chunk_crc` the chunk
+        ends in its CRC-32C, which is checked (format 2).
 
-        False (out untouched) when the shard file or the chunk does not exist: the caller fills in
-        the fill value. CacheError on a torn or corrupt file.
+        False (out untouched) when the shard file or the chunk does not exist: the caller decides what
+        that means. DamagedCacheError on a chunk that fails its checksum, CacheError on a torn or
+        corrupt file.
         """
         with self._lock:
             entry = self._files.get(path)
@@ -68,13 +76,18 @@ class ShardFiles:
             offset, nbytes = index[chunk]
             if offset == EMPTY and nbytes == EMPTY:
                 return False
-            if nbytes != out.nbytes:
-                raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {out.nbytes} "
+            expected = out.nbytes + (4 if chunk_crc else 0)
+            if nbytes != expected:
+                raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {expected} "
                                  f"(a compressed or foreign shard?)")
-            got = os.preadv(fd, [memoryview(out).cast("B")], offset)
+            crc = bytearray(4)
+            buffers = [memoryview(out).cast("B"), crc] if chunk_crc else [memoryview(out).cast("B")]
+            got = os.preadv(fd, buffers, offset)
             if got != nbytes:
                 raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
-            return True
+        if chunk_crc and np.uint32(google_crc32c.value(out.reshape(-1).view(np.uint8))).tobytes() != bytes(crc):
+            raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
+        return True
 
     def _open(self, path: str, n: int, has_crc: bool):
         try:
@@ -129,11 +142,12 @@ class ShardRowReader:
     `reader.rows(rows)` -> several rows stacked, each read straight into its place in the output."""
 
     def __init__(self, folder: str, key_of, row_shape: tuple, dtype: np.dtype, rows_per_shard: int,
-                 n_rows: int, fill_value, has_crc: bool, files: ShardFiles):
+                 n_rows: int, fill_value, has_crc: bool, files: ShardFiles, chunk_crc: bool = False):
         self.folder, self._key_of = folder, key_of
         self.row_shape, self.dtype = row_shape, dtype
         self.rows_per_shard, self.n_rows = rows_per_shard, n_rows
         self.fill_value, self.has_crc, self.files = fill_value, has_crc, files
+        self.chunk_crc = chunk_crc  # format 2: each row's chunk ends in its CRC-32C, and every chunk exists
         self._paths: dict[int, str] = {}  # shard number -> file path
 
     @classmethod
@@ -154,7 +168,8 @@ class ShardRowReader:
         row_shape = tuple(meta.shape[1:])
         if tuple(sharding.chunk_shape) != (1, *row_shape):
             return None
-        if len(sharding.codecs) != 1 or not isinstance(sharding.codecs[0], BytesCodec):
+        inner = sharding.codecs
+        if not isinstance(inner[0], BytesCodec) or len(inner) > 2 or not all(isinstance(c, Crc32cCodec) for c in inner[1:]):
             return None
         index_codecs = sharding.index_codecs
         if not (isinstance(index_codecs[0], BytesCodec) and len(index_codecs) <= 2
@@ -172,7 +187,7 @@ class ShardRowReader:
         zeros = (0,) * len(row_shape)
         return cls(folder, lambda s: meta.encode_chunk_key((s, *zeros)), row_shape, dtype,
                    int(meta.chunk_grid.chunk_shape[0]), int(meta.shape[0]), meta.fill_value,
-                   len(index_codecs) == 2, files)
+                   len(index_codecs) == 2, files, chunk_crc=len(inner) == 2)
 
     def row(self, r: int) -> np.ndarray:
         out = np.empty(self.row_shape, dtype=self.dtype)
@@ -201,5 +216,9 @@ class ShardRowReader:
         path = self._paths.get(shard)
         if path is None:
             path = self._paths[shard] = os.path.join(self.folder, self._key_of(shard))
-        if not self.files.read(path, self.rows_per_shard, self.has_crc, chunk, out):
-            out[...] = self.fill_value
+        if self.files.read(path, self.rows_per_shard, self.has_crc, chunk, out, self.chunk_crc):
+            return
+        if self.chunk_crc:  # format 2 writes every chunk: absence is damage, not the fill value
+            what = "chunk missing from its shard" if os.path.exists(path) else "chunk file missing"
+            raise DamagedCacheError(f"{what} ({path})", rows=[r], detail=f"{what} ({path})", missing=True)
+        out[...] = self.fill_value

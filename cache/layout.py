@@ -16,6 +16,11 @@ The store is plain Zarr v3 (docs/DESIGN.md §6)::
 Per-sample arrays hold one sample per chunk and `shard_size` samples per shard (one file per shard),
 so one sample can be read alone and a writer writes whole files. `done`/`skipped` flags are chunked
 by the shard size, so each shard's flags are one file too, written after the shard's data.
+
+Format 2 (since the data engine, cache/engine.py) gives every chunk of every array a CRC-32C (the
+zarr v3 `crc32c` codec, last in the chunk's codecs) and writes every chunk, fill values included: an
+absent chunk of an array refseg wrote is damage, and a changed byte fails its checksum. Format 1
+stores (no data checksums; chunks equal to the fill value not written) still read as before.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import numpy as np
 from refseg.core.errors import CacheError, CacheNotFoundError, IncompleteCacheError, NewerFormatError
 from refseg.core.feature_spec import FeatureSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHECKSUM_FORMAT = 2  # the first format whose chunks all carry a CRC-32C and are all written
 # SD1.5 at 512 px: 16 x FeatureSpec.bytes_per_sample() ≈ 78 MB of features per shard (shard sizes
 # compared in BENCHMARKS.md, "Cache reads")
 DEFAULT_SHARD_SIZE = 16
@@ -53,6 +59,9 @@ SETTINGS_KEYS = ("backbone", "extraction", "dataset")
 # before it existed lack it, and are not checked.
 DATASET_DIGEST_ATTR = "dataset_sha256"
 INDEX_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "image_row")
+# The family's text arrays as created (`base_arrays`' text_shape and pooled_dim), recorded from format 2
+# on so that `refseg-cache verify --repair` can rebuild a lost zarr.json of any array from the attributes
+TEXT_LAYOUT_ATTR = "text_layout"
 
 _NOISE_GROUP = re.compile(r"^t(\d{4})$")
 
@@ -214,40 +223,58 @@ def noise_arrays(spec: FeatureSpec, n_samples: int, float_dtype: str = DEFAULT_C
     return out
 
 
-def compressors_for(codec: str, itemsize: int = 2):
-    """Zarr compressors for the big float arrays (`itemsize` bytes per value) under the store's `codec`."""
-    from zarr.codecs import BloscCodec, ZstdCodec
+def has_checksums(format_version: int) -> bool:
+    """Whether a store of this format has a CRC-32C on every chunk and every chunk written."""
+    return int(format_version) >= CHECKSUM_FORMAT
+
+
+def compressors_for(codec: str, itemsize: int = 2, checksums: bool = True):
+    """Zarr bytes-to-bytes codecs for an array under the store's `codec` (`itemsize` bytes per value;
+    "none" for the arrays that are never compressed), then the chunk's CRC-32C (format 2)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if codec == "none":
-        return None
-    if codec == "zstd":
-        return (ZstdCodec(level=1),)
-    if codec == "blosc":
+        compressors = ()
+    elif codec == "zstd":
+        compressors = (ZstdCodec(level=1),)
+    elif codec == "blosc":
         # bit-shuffle on the float words groups sign/exponent bits, which is what compresses
-        return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize),)
-    raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+        compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize),)
+    else:
+        raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+    # the checksum last: it covers the bytes as stored, so a flipped byte is caught before decompression
+    return (*compressors, Crc32cCodec()) if checksums else (compressors or None)
 
 
-def create_array(group, layout: ArrayLayout, name: str, shard_size: int, codec: str):
-    """Create `layout` as `group[name]` (no data written)."""
+# Every chunk written, fill values included (zarr-python skips chunks equal to the fill value by
+# default): an absent chunk then always means damage. tensorstore's `store_data_equal_to_fill_value`
+# does the same for the engine's writes (cache/engine.py).
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def create_array(group, layout: ArrayLayout, name: str, shard_size: int, codec: str, checksums: bool = True):
+    """Create `layout` as `group[name]` (no data written); `checksums`: format 2's CRC-32C per chunk."""
     shape = layout.shape
     if layout.per_row:
         chunks = (1, *shape[1:])
         shards = (shard_size, *shape[1:])
     else:
         chunks, shards = tuple(max(1, s) for s in shape), None
+    itemsize = 1 if layout.dtype == "string" else np.dtype(layout.dtype).itemsize
     return group.create_array(
         name, shape=shape, dtype=str if layout.dtype == "string" else layout.dtype,
         chunks=chunks, shards=shards, fill_value="" if layout.dtype == "string" else 0,
-        compressors=compressors_for(codec, np.dtype(layout.dtype).itemsize) if layout.compressible else None,
-        dimension_names=layout.dims,
+        compressors=compressors_for(codec if layout.compressible else "none", itemsize, checksums),
+        dimension_names=layout.dims, config=WRITE_EVERY_CHUNK,
     )
 
 
-def create_flags(group, name: str, n: int, shard_size: int, dim: str = "sample"):
-    """A bool flag array chunked by the shard size: one small file per shard."""
+def create_flags(group, name: str, n: int, shard_size: int, dim: str = "sample", checksums: bool = True):
+    """A bool flag array chunked by the shard size: one small file per shard. An absent flag file reads
+    as "not done" (the flags are read leniently: the shard is then computed again, never trusted)."""
     return group.create_array(name, shape=(n,), dtype="bool", chunks=(shard_size,), fill_value=False,
-                              compressors=None, dimension_names=(dim,))
+                              compressors=compressors_for("none", 1, checksums), dimension_names=(dim,),
+                              config=WRITE_EVERY_CHUNK)
 
 
 # ---- paths --------------------------------------------------------------------------------------

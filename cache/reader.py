@@ -8,17 +8,17 @@ import numpy as np
 import zarr
 
 from refseg.cache.fastread import ShardFiles, ShardRowReader
-from refseg.cache.layout import SETTINGS_KEYS, is_local, local_path, open_root, store_nbytes
-from refseg.cache.store import Coverage, Store, take_rows
-from refseg.core.errors import CacheError
+from refseg.cache.layout import SETTINGS_KEYS, is_local, local_path, noise_group_name, open_root, store_nbytes
+from refseg.cache.store import Coverage, Store
+from refseg.core.errors import CacheError, DamagedCacheError
 
 
 def open_cache(path, direct_reads: bool = True) -> "Cache":
     """Open the store at `path` read-only. CacheError if it is missing, not a refseg cache, or newer.
 
     `direct_reads`: read rows of local uncompressed arrays straight from their shard files
-    (cache/fastread.py; the same values, faster than zarr's API through the training DataLoader:
-    BENCHMARKS.md, "Cache reads"); False reads everything through zarr.
+    (cache/fastread.py; the same values and the same checks, faster than the engine one row at a
+    time: BENCHMARKS.md, "Cache reads"); False reads everything through the engine (cache/engine.py).
     """
     path = os.fspath(path)
     _refuse_what_is_not_a_store(path)
@@ -76,7 +76,15 @@ class Cache(Store):
     @property
     def texts(self) -> list[str]:
         if self._texts is None:
-            self._texts = [str(s) for s in self._root["index/text"][:]]
+            array = self._root["index/text"]  # a string array: zarr-python's (the engine has no strings)
+            if self.checksums and array.nchunks_initialized < array.nchunks:  # format 2 writes every chunk
+                raise self.damage_error("index/text", DamagedCacheError("chunk file missing"), rows_known=False)
+            try:
+                self._texts = [str(s) for s in array[:]]
+            except ValueError as exc:
+                if "checksum" not in str(exc):
+                    raise
+                raise self.damage_error("index/text", DamagedCacheError("checksum mismatch"), rows_known=False) from None
         return self._texts
 
     def _level(self, t) -> zarr.Group:
@@ -112,43 +120,38 @@ class Cache(Store):
 
         return recorded_noise(self._level(t).attrs.asdict(), self.settings["backbone"])
 
-    def pooled(self, rows) -> np.ndarray | None:
-        """The pooled text embeddings of `rows` (SDXL, SD3, FLUX); None for a store without them."""
-        return None if self._pooled is None else self._take(self._pooled, rows)
-
     def done(self, t) -> np.ndarray:
         """Which samples have features at noise level `t` (read now: a running extraction adds more)."""
-        return self._array(t, "done")[:]
+        self._level(t)  # a CacheError naming the levels there are, if `t` is not one of them
+        return self.flags(f"{noise_group_name(t)}/done")
 
     def skipped(self, t) -> np.ndarray:
         """Samples recorded as bad at noise level `t` (stored as zeros, never done)."""
-        return self._array(t, "skipped")[:]
+        self._level(t)
+        return self.flags(f"{noise_group_name(t)}/skipped")
 
     def coverage(self, t) -> Coverage:
         """How much of noise level `t` is extracted (read now: a running extraction adds more)."""
         return Coverage.from_flags(int(t), self.done(t), self.skipped(t))
 
     def images_done(self) -> np.ndarray:
-        return self._root["images/done"][:]
+        return self.flags("images/done")
 
     def text_done(self) -> np.ndarray:
-        return self._root["text/done"][:]
+        return self.flags("text/done")
 
     # ---- data ---------------------------------------------------------------------------------
-    def _take(self, array: zarr.Array, rows) -> np.ndarray:
-        """`take_rows(array, rows)`, read directly from the shard files when the array allows it."""
-        if self._shard_files is None:
-            return take_rows(array, rows)
-        key = id(array)
-        if key not in self._row_readers:
-            self._row_readers[key] = ShardRowReader.for_array(array, self._shard_files)
-        reader = self._row_readers[key]
-        if reader is None:
-            return take_rows(array, rows)
+    def _read_rows(self, array: zarr.Array, key: str, rows) -> np.ndarray:
+        """Rows read directly from the shard files when the array allows it, else through the engine."""
+        reader = None
+        if self._shard_files is not None:
+            if id(array) not in self._row_readers:
+                self._row_readers[id(array)] = ShardRowReader.for_array(array, self._shard_files)
+            reader = self._row_readers[id(array)]
+        if reader is None or (isinstance(rows, slice) and rows.step not in (None, 1)):
+            return self.engine.read_rows(key, rows)
         if isinstance(rows, (int, np.integer)):
             return reader.row(rows)
-        if isinstance(rows, slice) and rows.step not in (None, 1):
-            return take_rows(array, rows)
         return reader.rows(rows)
 
     def read(self, t, row: int, names=None) -> dict[str, np.ndarray]:
@@ -162,21 +165,6 @@ class Cache(Store):
     def read_rows(self, t, rows, name: str) -> np.ndarray:
         """One tensor for several rows: (n, C, H, W) float16."""
         return self._take(self._array(t, name), rows)
-
-    def gt(self, rows) -> np.ndarray:
-        return self._take(self._gt, rows)
-
-    def latents(self, image_rows) -> np.ndarray:
-        return self._take(self._latent, image_rows)
-
-    def embeddings(self, rows) -> np.ndarray:
-        return self._take(self._embedding, rows)
-
-    def attention_mask(self, rows) -> np.ndarray:
-        return self._take(self._attention_mask, rows)
-
-    def input_ids(self, rows) -> np.ndarray:
-        return self._take(self._input_ids, rows)
 
     @property
     def bad(self) -> list[dict]:

@@ -2,8 +2,13 @@
 
 The root attributes are parsed here, once, into typed fields: format version, fingerprint, the three
 settings dicts, spec, sample selection, shard size and codec. Every one of them is written when the
-store is created (`CacheWriter._create`, FORMAT_VERSION 1), so none has a default. The sample index
-is read and the per-sample data arrays are opened once; noise groups are looked up on demand.
+store is created (`CacheWriter._create`), so none has a default. The sample index is read and the
+per-sample data arrays are opened once; noise groups are looked up on demand.
+
+Data is read through the store's engine (cache/engine.py) and named alike for the reader and the
+writer (`latents`, `embeddings`, `pooled`, `attention_mask`, `input_ids`, `gt`). A chunk that is
+missing or fails its checksum is a `DamagedCacheError` naming the store, the array and the samples
+(sent_id, or image_id for per-image arrays), with the command that repairs it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, SETTINGS_KEYS, noise_group_name,
-                                 parse_noise_group)
-from refseg.core.errors import CacheError
+from refseg.cache.engine import ZarrEngine
+from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, SETTINGS_KEYS, has_checksums,
+                                 noise_group_name, parse_noise_group)
+from refseg.core.errors import CacheError, DamagedCacheError
 from refseg.core.feature_spec import FeatureSpec
+
+# the arrays every store has, which a reader opens before anything else (text/pooled: some families only)
+CORE_ARRAYS = (*(f"index/{name}" for name in INDEX_FIELDS), "index/text", "images/image_id", "images/orig_hw",
+               "images/latent", "images/done", "text/input_ids", "text/attention_mask", "text/embedding",
+               "text/done", "masks/gt")
 
 
 def take_rows(arr: zarr.Array, rows) -> np.ndarray:
@@ -103,7 +114,18 @@ class Store:
         self.codec: str = self.attrs["codec"]
         # latents, embeddings and features: float16 unless extracted with --cache-dtype fp32 (cache/layout.py)
         self.float_dtype = np.dtype(self.settings["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))
-        self.index: dict[str, np.ndarray] = {name: root[f"index/{name}"][:] for name in INDEX_FIELDS}
+        # format 2: a CRC-32C on every chunk, every chunk written (an absent one is damage)
+        self.checksums = has_checksums(self.format_version)
+        # reads through zarr-python, never tensorstore: a reader's process may fork DataLoader workers
+        # (cache/engine.py says why)
+        self.engine = ZarrEngine(path, self.checksums, root)
+        missing = [key for key in CORE_ARRAYS if not _has_array(root, key)]
+        if missing:
+            raise DamagedCacheError(
+                f"cache {path} is damaged: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no metadata "
+                f"(zarr.json); run `refseg-cache verify {path} --repair` to rebuild it from the store's recorded "
+                "layout", array=missing[0])
+        self.index: dict[str, np.ndarray] = {name: self._read_whole(f"index/{name}") for name in INDEX_FIELDS}
         self.n_samples = len(self.index["sent_id"])
         self._latent = root["images/latent"]
         self.n_images = self._latent.shape[0]
@@ -136,5 +158,120 @@ class Store:
         # a noise group gets its attributes after its arrays (CacheWriter._finish_noise_level)
         return group if "noise_t" in group.attrs else None
 
+    # ---- data, named alike for the reader and the writer -------------------------------------------
+    def latents(self, image_rows) -> np.ndarray:
+        """VAE latents of image rows (int, slice or sequence)."""
+        return self._take(self._latent, image_rows)
+
+    def embeddings(self, rows) -> np.ndarray:
+        return self._take(self._embedding, rows)
+
+    def pooled(self, rows) -> np.ndarray | None:
+        """The pooled text embeddings of `rows` (SDXL, SD3, FLUX); None for a store without them."""
+        return None if self._pooled is None else self._take(self._pooled, rows)
+
+    def attention_mask(self, rows) -> np.ndarray:
+        return self._take(self._attention_mask, rows)
+
+    def input_ids(self, rows) -> np.ndarray:
+        return self._take(self._input_ids, rows)
+
+    def gt(self, rows) -> np.ndarray:
+        return self._take(self._gt, rows)
+
+    def flags(self, key: str) -> np.ndarray:
+        """A done/skipped flag array ("text/done", "t0005/skipped"), read now. An absent flag file reads
+        as False (not done: computed again, never trusted); one that fails its checksum is damage."""
+        try:
+            array = self._root[key]
+        except KeyError:
+            raise DamagedCacheError(f"cache {self.path} is damaged: {key} has no metadata (zarr.json); run "
+                                    f"`refseg-cache verify {self.path} --repair`", array=key) from None
+        try:
+            return array[:]
+        except ValueError as exc:
+            if "checksum" not in str(exc):
+                raise
+            raise DamagedCacheError(f"cache {self.path} is damaged: the flags {key} fail their checksum; run "
+                                    f"`refseg-cache verify {self.path} --repair`", array=key) from None
+
     def _take(self, array: zarr.Array, rows) -> np.ndarray:
-        return take_rows(array, rows)
+        """Rows of one per-row array through the engine; damage is said with the samples' ids."""
+        key = array_key(array)
+        try:
+            return self._read_rows(array, key, rows)
+        except DamagedCacheError as exc:
+            if not exc.missing:
+                raise self.damage_error(exc.array or key, exc) from None
+            first = exc
+        # Some chunk is absent. Rows never written (not flagged finished) read as the fill value, as the
+        # docs say; a finished row's absent chunk is damage. Read row by row to tell which.
+        wanted = np.arange(array.shape[0])[rows]
+        finished = self._finished(key, wanted)
+        if finished.all():
+            raise self.damage_error(first.array or key, first) from None
+        out = np.zeros((*np.shape(wanted), *array.shape[1:]), dtype=array.dtype)
+        for i in np.flatnonzero(np.atleast_1d(finished)):
+            r = int(np.atleast_1d(wanted)[i])
+            try:
+                out.reshape(-1, *array.shape[1:])[i] = self._read_rows(array, key, r)
+            except DamagedCacheError as exc:
+                raise self.damage_error(exc.array or key, exc) from None
+        return out
+
+    def _finished(self, key: str, rows) -> np.ndarray:
+        """Whether each of `rows` of array `key` is flagged finished (so its chunk must exist)."""
+        group = key.split("/")[0]
+        if group == "index":
+            return np.ones(np.shape(np.arange(self.n_samples)[rows]), dtype=bool)  # written when created
+        flags = {"images": ["images/done"], "text": ["text/done"], "masks": ["text/done"]}.get(
+            group, [f"{group}/done", f"{group}/skipped"])
+        finished = np.logical_or.reduce([self.flags(f) for f in flags])
+        return np.atleast_1d(finished[rows])
+
+    def _read_rows(self, array: zarr.Array, key: str, rows) -> np.ndarray:
+        return self.engine.read_rows(key, rows)
+
+    def _read_whole(self, key: str) -> np.ndarray:
+        try:
+            return self.engine.read(key, 0, self.engine.shape(key)[0])
+        except DamagedCacheError as exc:
+            raise self.damage_error(key, exc, rows_known=False) from None
+
+    def damage_error(self, key: str, exc: DamagedCacheError, rows_known: bool = True) -> DamagedCacheError:
+        """`exc` said in the user's terms: the store, the array, the samples, what to run."""
+        rows = exc.rows
+        if rows_known and len(rows) > 1:  # a read of several rows failed: find the damaged ones
+            found = self.engine.damaged_rows(key, min(rows), max(rows) + 1)
+            rows = sorted(found) or rows
+        which = f" {self.describe_rows(key, rows)}" if rows_known and rows else ""
+        return DamagedCacheError(
+            f"cache {self.path} is damaged: {key}{which}: {exc.detail}; run `refseg-cache verify {self.path} "
+            "--repair`, then the refseg-extract command that made the store, to recompute what is damaged",
+            array=key, rows=rows, detail=exc.detail)
+
+    def describe_rows(self, key: str, rows) -> str:
+        """"sent_id 12, 15" / "image_id 3" for rows of array `key` (at most 10 ids named)."""
+        rows = sorted(int(r) for r in rows)
+        per_image = key.startswith("images/")
+        ids = (self._image_ids() if per_image else self.index["sent_id"])[rows]
+        shown = ", ".join(str(int(i)) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+        noun = "image_id" if per_image else "sent_id"
+        return f"{'row' if len(rows) == 1 else 'rows'} {rows[0] if len(rows) == 1 else f'{rows[0]}..{rows[-1]}'} ({noun} {shown})"
+
+    def _image_ids(self) -> np.ndarray:
+        if not hasattr(self, "_image_id_column"):
+            self._image_id_column = self._read_whole("images/image_id")
+        return self._image_id_column
+
+
+def array_key(array: zarr.Array) -> str:
+    """An opened array's path inside its store ("t0005/s8")."""
+    return array.store_path.path
+
+
+def _has_array(root: zarr.Group, key: str) -> bool:
+    try:
+        return isinstance(root[key], zarr.Array)
+    except KeyError:
+        return False

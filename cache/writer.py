@@ -22,6 +22,7 @@ import re
 import numpy as np
 import zarr
 
+from refseg.cache.engine import LOCK_DEBRIS_SUFFIX, open_engine
 from refseg.cache.fingerprint import (
     compute_fingerprint,
     dataset_changed,
@@ -38,6 +39,7 @@ from refseg.cache.layout import (
     FORMAT_ATTR,
     FORMAT_VERSION,
     INDEX_FIELDS,
+    TEXT_LAYOUT_ATTR,
     ImageTable,
     SampleTable,
     base_arrays,
@@ -82,7 +84,8 @@ def shard_slices(n: int, shard_size: int, part: tuple[int, int] = (0, 1)) -> lis
             for j, start in enumerate(range(0, n, shard_size)) if j % count == i]
 
 
-_PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes here, then renames
+# zarr's LocalStore writes `<file>.<uuid hex>.partial`, tensorstore `<file>.__lock`, then each renames into place
+_PARTIAL_FILE = re.compile(r"(\.[0-9a-f]{32}\.partial|" + re.escape(LOCK_DEBRIS_SUFFIX) + ")$")
 
 
 def remove_stale_partial_files(path: str) -> int:
@@ -118,10 +121,9 @@ class CacheWriter(Store):
     def __init__(self, path: str, root: zarr.Group, lock: StoreLock | None = None):
         super().__init__(path, root)
         self._lock = lock  # None for a remote (fsspec) store: no inter-process locks there
-        self.image_ids = root["images/image_id"][:]
-        self._images_done = root["images/done"]
-        self._text_done = root["text/done"]
-        self._levels: dict[int, dict[str, zarr.Array]] = {}  # noise levels' arrays, opened on first use
+        self.image_ids = self._read_whole("images/image_id")
+        self._writes = open_engine(path, root, self.checksums)  # tensorstore for a local store
+        self._levels: dict[int, str] = {}  # noise level -> its group's name, once known to exist
         # True when resumed although the dataset's files changed since the store was made: allowed only
         # once stage 1 is complete, since stage 2 reads the store's own latents and embeddings alone
         self.dataset_changed = False
@@ -169,8 +171,9 @@ class CacheWriter(Store):
                 alone = lock.join() if lock else True
                 root = cls._open_or_replace(path, payload, fingerprint, overwrite, alone, dataset_sha256)
                 if root is None:
-                    extra = {DATASET_DIGEST_ATTR: dataset_sha256} if dataset_sha256 else {}
                     text = {"text_shape": text_shape, "pooled_dim": pooled_dim}
+                    extra = {DATASET_DIGEST_ATTR: dataset_sha256} if dataset_sha256 else {}
+                    extra[TEXT_LAYOUT_ATTR] = {k: list(v) if isinstance(v, tuple) else v for k, v in text.items()}
                     cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec, extra, text)
                     root = open_root(path, mode="r+")
                 elif alone and lock:
@@ -275,9 +278,25 @@ class CacheWriter(Store):
             raise NonFiniteError(f"non-finite values (NaN/inf in {next(iter(arrays.values())).dtype}) {where}: {listed}; "
                                  f"nothing of this shard was written to {self.path}")
 
+    def _write_shard(self, rows: slice, data: dict[str, np.ndarray], flags: dict[str, np.ndarray]) -> None:
+        """Write one shard: the data of every array (`data`: array path -> the shard's rows) in flight at
+        once through the engine, then, once every write has completed, the `flags` ("text/done", ...)."""
+        pending = [self._writes.write(key, rows.start, array) for key, array in data.items()]
+        errors = []
+        for write in pending:  # wait for all, even after a failure: nothing of this shard is still in flight
+            try:
+                write.result()
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        # invariant: a flag says "done" only for data that is completely on disk (a reader trusts it)
+        for key, value in flags.items():
+            self._root[key][rows] = value
+
     # ---- stage 1: per image --------------------------------------------------------------------
     def image_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
-        done = self._images_done[:]
+        done = self.flags("images/done")
         return [s for s in shard_slices(self.n_images, self.shard_size, part) if not done[s].all()]
 
     def write_latents(self, rows: slice, latent: np.ndarray) -> None:
@@ -285,15 +304,11 @@ class CacheWriter(Store):
         spec = self.spec
         latent = self._as(latent, self.float_dtype, (n, spec.latent_channels, spec.latent_size, spec.latent_size), "latent")
         self._check_finite({"latent": latent}, self.image_ids[rows], "image_id", "in the VAE latent")
-        self._latent[rows] = latent
-        self._images_done[rows] = np.ones(n, dtype=bool)
-
-    def read_latents(self, rows) -> np.ndarray:
-        return self._take(self._latent, rows)
+        self._write_shard(rows, {"images/latent": latent}, {"images/done": np.ones(n, dtype=bool)})
 
     # ---- stage 1: per sentence -----------------------------------------------------------------
     def text_shards_todo(self, part: tuple[int, int] = (0, 1)) -> list[slice]:
-        done = self._text_done[:]
+        done = self.flags("text/done")
         return [s for s in shard_slices(self.n_samples, self.shard_size, part) if not done[s].all()]
 
     def write_text(self, rows: slice, input_ids, attention_mask, embedding, gt, pooled=None) -> None:
@@ -313,23 +328,9 @@ class CacheWriter(Store):
         gt = self._as(gt, np.uint8, (n, S, S), "gt")
         text = {"embedding": embedding} if pooled is None else {"embedding": embedding, "pooled": pooled}
         self._check_finite(text, self.index["sent_id"][rows], "sent_id", "in the text embedding")
-        self._input_ids[rows] = input_ids
-        self._attention_mask[rows] = attention_mask
-        self._embedding[rows] = embedding
-        if pooled is not None:
-            self._pooled[rows] = pooled
-        self._gt[rows] = gt
-        self._text_done[rows] = np.ones(n, dtype=bool)
-
-    def read_embeddings(self, rows) -> np.ndarray:
-        return self._take(self._embedding, rows)
-
-    def read_pooled(self, rows) -> np.ndarray | None:
-        """The pooled text embeddings of `rows`; None for a store without them."""
-        return None if self._pooled is None else self._take(self._pooled, rows)
-
-    def read_attention_mask(self, rows) -> np.ndarray:
-        return self._take(self._attention_mask, rows)
+        data = {"text/input_ids": input_ids, "text/attention_mask": attention_mask, "text/embedding": embedding,
+                "masks/gt": gt, **({} if pooled is None else {"text/pooled": pooled})}
+        self._write_shard(rows, data, {"text/done": np.ones(n, dtype=bool)})
 
     # ---- stage 2: per noise level ---------------------------------------------------------------
     def add_noise_level(self, t: int, timestep=None, noise=None) -> None:
@@ -365,48 +366,52 @@ class CacheWriter(Store):
         # arrays first, attributes last: a group without attributes is an unfinished one, finished here
         members = set(group.array_keys())
         for layout in noise_arrays(self.spec, self.n_samples, self.float_dtype.name):
-            if layout.path not in members:
-                create_array(group, layout, layout.path, self.shard_size, self.codec)
+            if layout.path not in members:  # in the store's own format: a format-1 store stays format 1
+                create_array(group, layout, layout.path, self.shard_size, self.codec, self.checksums)
         for flag in ("done", "skipped"):
             if flag not in members:
-                create_flags(group, flag, self.n_samples, self.shard_size)
+                create_flags(group, flag, self.n_samples, self.shard_size, checksums=self.checksums)
         if not attrs:
             group.attrs.put(sorted_json(noise.to_attrs() if noise is not None else {"noise_t": t, "timestep": timestep}))
 
-    def _level(self, t: int) -> dict[str, zarr.Array]:
+    def _level(self, t: int) -> str:
+        """The group name of noise level `t`, which must have been added."""
         t = int(t)
         if t not in self._levels:
-            group = self._noise_group(t)
-            if group is None:
+            if self._noise_group(t) is None:
                 raise CacheError(f"noise level T={t} was not added to cache {self.path} (call add_noise_level)")
-            self._levels[t] = {key: group[key] for key in (*self.spec.names, "done", "skipped")}
+            self._levels[t] = noise_group_name(t)
         return self._levels[t]
 
     def done(self, t: int) -> np.ndarray:
-        return self._level(t)["done"][:]
+        return self.flags(f"{self._level(t)}/done")
 
     def feature_shards_todo(self, t: int, part: tuple[int, int] = (0, 1)) -> list[slice]:
-        level = self._level(t)
-        finished = level["done"][:] | level["skipped"][:]
+        group = self._level(t)
+        finished = self.flags(f"{group}/done") | self.flags(f"{group}/skipped")
         return [s for s in shard_slices(self.n_samples, self.shard_size, part) if not finished[s].all()]
 
-    def write_features(self, t: int, rows: slice, arrays: dict[str, np.ndarray], skipped: np.ndarray | None = None):
-        """Write one shard of features for noise level `t`; rows marked `skipped` are stored as zeros."""
-        level = self._level(t)
+    def write_features(self, t: int, rows: slice, arrays: dict[str, np.ndarray], skipped: np.ndarray | None = None,
+                       checked: bool = False):
+        """Write one shard of features for noise level `t`; rows marked `skipped` are stored as zeros.
+
+        `checked`: the caller has already refused non-finite values (the pipeline does, on the device:
+        extract/checks.py `check_features`), so the host need not read every value again.
+        """
+        group = self._level(t)
         n = self._check_shard(rows, self.n_samples, "write_features")
         names = set(arrays)
         if names != set(self.spec.names):
             raise ValueError(f"write_features: expected tensors {sorted(self.spec.names)}, got {sorted(names)}")
         skipped = np.zeros(n, dtype=bool) if skipped is None else self._as(skipped, bool, (n,), "skipped")
         data = {t_.name: self._as(arrays[t_.name], self.float_dtype, (n, *t_.shape), t_.name) for t_ in self.spec.tensors}
-        self._check_finite(data, self.index["sent_id"][rows], "sent_id", f"in features at T={int(t)}", ignore=skipped)
+        if not checked:
+            self._check_finite(data, self.index["sent_id"][rows], "sent_id", f"in features at T={int(t)}", ignore=skipped)
         if skipped.any():  # whatever a skipped row held (often the NaN that got it skipped), store zeros
             keep = ~skipped.reshape(-1, 1, 1, 1)
             data = {name: np.where(keep, array, array.dtype.type(0)) for name, array in data.items()}
-        for name, array in data.items():
-            level[name][rows] = array
-        level["skipped"][rows] = skipped
-        level["done"][rows] = ~skipped
+        self._write_shard(rows, {f"{group}/{name}": array for name, array in data.items()},
+                          {f"{group}/skipped": skipped, f"{group}/done": ~skipped})
 
     # ---- report ---------------------------------------------------------------------------------
     def record_bad(self, sent_ids, reason) -> None:
@@ -450,12 +455,10 @@ class CacheWriter(Store):
         return zarr.open_group(self._root.store_path, mode="r+")
 
     def _finished(self, stage) -> np.ndarray:
-        if stage == "images":
-            return self._images_done[:]
-        if stage == "text":
-            return self._text_done[:]
-        level = self._level(stage)
-        return level["done"][:] | level["skipped"][:]
+        if stage in ("images", "text"):
+            return self.flags(f"{stage}/done")
+        group = self._level(stage)
+        return self.flags(f"{group}/done") | self.flags(f"{group}/skipped")
 
     def claim_shards(self, stage, shards: list[slice]) -> tuple[list[slice], list[slice]]:
         """Claim `shards` of `stage` ("images", "text" or a noise level T) for this process.

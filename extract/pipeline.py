@@ -386,12 +386,12 @@ class Extraction:
         ε is seeded by the store group's T (`stage.t`), so a level's noise is the same whichever flag named it.
         """
         samples, t, noise = self.tables.samples, stage.t, stage.noise
-        z0 = torch.from_numpy(self.writer.read_latents(samples.image_row[batch])).float()
+        z0 = torch.from_numpy(self.writer.latents(samples.image_row[batch])).float()
         eps = torch.stack([make_noise(tuple(z0.shape[1:]), self.cfg.noise_seed, int(samples.image_id[r]), t)
                            for r in batch])
         zt = copies.to_device(noise_latents(z0, noise, eps), self.backbone.dtype)
-        emb = copies.to_device(torch.from_numpy(self.writer.read_embeddings(batch)), self.backbone.dtype)
-        stored_pooled = self.writer.read_pooled(batch)
+        emb = copies.to_device(torch.from_numpy(self.writer.embeddings(batch)), self.backbone.dtype)
+        stored_pooled = self.writer.pooled(batch)
         pooled = () if stored_pooled is None else (copies.to_device(torch.from_numpy(stored_pooled), self.backbone.dtype),)
 
         def run(zt, emb, *pooled):

@@ -76,7 +76,8 @@ class NoiseLevel:
         return f"{'unet' if self.noise is None or self.noise.kind == 'ddpm' else 'transformer'} {self._name}"
 
     def write(self, writer: CacheWriter, shard: slice, arrays: dict, skipped: np.ndarray) -> None:
-        writer.write_features(self.t, shard, arrays, skipped)
+        # checked: the pipeline refused non-finite features on the device (extract/checks.py), before this
+        writer.write_features(self.t, shard, arrays, skipped, checked=True)
 
 
 Stage = Latents | Text | NoiseLevel

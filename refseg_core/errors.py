@@ -43,6 +43,23 @@ class CacheMismatchError(CacheError):
     """A store exists with a different fingerprint (backbone, extraction settings or dataset)."""
 
 
+class DamagedCacheError(CacheError):
+    """Data a store says it holds cannot be read back as written: a chunk file that is missing, a
+    checksum that does not match, a core array without its metadata.
+
+    `array` is the array's path in the store ("t0005/s8"), `rows` the rows found damaged, `detail`
+    what is wrong with them; the store's reader rewrites the message with their sample ids.
+    """
+
+    def __init__(self, message: str, array: str | None = None, rows=(), detail: str | None = None,
+                 missing: bool = False):
+        super().__init__(message)
+        self.array = array
+        self.rows = [int(r) for r in rows]
+        self.detail = detail or message
+        self.missing = missing  # absent (never written, or lost) rather than corrupt
+
+
 class CacheWriteError(CacheError, OSError):
     """Writing the store failed (a full disk, an I/O error): one line that says what to do next.
 

@@ -9,8 +9,9 @@ environment (RANK/WORLD_SIZE ...) and its stdout/stderr in files.
 A `Fault` wraps one function, named "module:attr" or "module:Class.method", and acts on the n-th call
 whose arguments mention `match`:
     kill     SIGKILL the process, before the call (or after it returned, with after=True)
-    torn     for zarr's `_put(path, value)`: write half the bytes to zarr's temporary file, then SIGKILL,
-             i.e. die in the middle of writing one file of the store
+    torn     for zarr's `_put(path, value)` or the engine's `start_write(file, target, data)`: write half
+             the bytes to the writer's temporary file, then SIGKILL, i.e. die in the middle of writing
+             one file of the store
     enospc   raise OSError(ENOSPC) from that call on (a disk that is full stays full)
     eio      raise OSError(EIO) from that call on
 """
@@ -36,7 +37,7 @@ import pytest
 PRELOAD = [
     "_fault_util", "torch", "numpy", "zarr", "click", "safetensors.torch",
     "refseg.backbones.loading", "refseg.backbones.tiny", "refseg.core.refer", "refseg.core.transforms",
-    "refseg.cache", "refseg.cache.writer", "refseg.cache.reader", "refseg.cache.dataset", "refseg.extract.cli", "refseg.extract.pipeline", "refseg.extract.capture",
+    "refseg.cache", "refseg.cache.engine", "refseg.cache.writer", "refseg.cache.reader", "refseg.cache.dataset", "refseg.extract.cli", "refseg.extract.pipeline", "refseg.extract.capture",
     "diffusers.models.autoencoders.autoencoder_kl", "diffusers.models.unets.unet_2d_condition",
     "diffusers.schedulers.scheduling_ddpm", "transformers.models.clip.modeling_clip",
     "transformers.models.clip.tokenization_clip", "refseg.heads.train", "refseg.heads.cli_train", "refseg.heads.cli_eval",
@@ -96,11 +97,16 @@ def _kill_self() -> None:
 
 
 def _torn_put(path, value, *_, **__) -> None:
-    """What zarr's LocalStore `_put` leaves when its process dies half-way through writing a file."""
+    """What a process that dies half-way through writing a file of the store leaves: for zarr's
+    LocalStore `_put(path, buffer)` a `.<uuid>.partial` file, for the engine's
+    `start_write(file, target, data)` (cache/engine.py) tensorstore's `<file>.__lock`."""
     path = Path(path)
-    data = bytes(value.as_buffer_like())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(f".{uuid.uuid4().hex}.partial").write_bytes(data[: len(data) // 2])
+    if hasattr(value, "as_buffer_like"):
+        data, torn = bytes(value.as_buffer_like()), path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    else:
+        data, torn = _[0].tobytes(), Path(f"{path}.__lock")
+    torn.write_bytes(data[: len(data) // 2])
     _kill_self()
 
 
@@ -276,8 +282,8 @@ def run(command: str, argv: list[str], *, logs: Path, faults=(), env=None, warmu
 
 
 def partial_files(store) -> list[str]:
-    """Temporary files zarr left in a store (a write cut short)."""
-    return sorted(str(p.relative_to(store)) for p in Path(store).rglob("*.partial"))
+    """Temporary files a write cut short left in a store (zarr's `*.partial`, tensorstore's `*.__lock`)."""
+    return sorted(str(p.relative_to(store)) for pattern in ("*.partial", "*.__lock") for p in Path(store).rglob(pattern))
 
 
 # ---- the small extraction the fault tests share -----------------------------------------------------

@@ -174,9 +174,9 @@ def test_resume_skips_finished_shards(tmp_path):
     assert again.image_shards_todo() == [slice(4, 5)]
     assert again.text_shards_todo() == [slice(0, 4), slice(8, 9)]
     assert again.feature_shards_todo(0) == [slice(0, 4), slice(4, 8)]
-    assert np.array_equal(again.read_latents(slice(0, 4)), contents["latent"][0:4])
-    assert np.array_equal(again.read_embeddings([5, 4]), contents["embedding"][[5, 4]])
-    assert np.array_equal(again.read_attention_mask(slice(4, 8)), contents["attention_mask"][4:8])
+    assert np.array_equal(again.latents(slice(0, 4)), contents["latent"][0:4])
+    assert np.array_equal(again.embeddings([5, 4]), contents["embedding"][[5, 4]])
+    assert np.array_equal(again.attention_mask(slice(4, 8)), contents["attention_mask"][4:8])
     # adding the same level again is a no-op that keeps its data
     again.add_noise_level(0, timestep=1)
     assert again.feature_shards_todo(0) == [slice(0, 4), slice(4, 8)]

@@ -79,7 +79,7 @@ def test_kill_at_any_point_then_rerun_equals_an_uninterrupted_run(synth_root, ex
 
     # 2. mid-shard: half-way through writing the s16 file of the second shard at T=0
     killed = run("refseg-extract", args, logs=logs,
-                 faults=[Fault("zarr.storage._local:_put", "torn", match="t0000/s16/c/1/")])
+                 faults=[Fault("refseg.cache.engine:start_write", "torn", match="t0000/s16/c/1/")])
     assert killed.killed, killed.stderr
     assert any(p.startswith("t0000/s16/c/1/") for p in partial_files(store))  # it did die inside the write
     assert open_cache(store).done(0).tolist() == [True] * 2 + [False] * 8  # shard 0 whole, shard 1 not flagged
