@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from refseg.cache.cli import main
 from refseg.cache.h5export import export_h5
+from refseg.cache.layout import FORMAT_VERSION
 from refseg.core.errors import CacheError
 
 
@@ -49,7 +50,7 @@ def test_export_h5_round_trip(filled, tmp_path):
         assert f["t0500/s16"].chunks == (1, 16, 2, 2)
         assert f["t0500/done"].dtype == bool and f["t0500/done"][:].all()
         # attributes: scalars as they are, the rest as JSON strings
-        assert f.attrs["refseg_cache"] == 1 and f.attrs["shard_size"] == 4
+        assert f.attrs["refseg_cache"] == FORMAT_VERSION and f.attrs["shard_size"] == 4
         assert json.loads(f.attrs["extraction"]) == root.attrs["extraction"]
         assert json.loads(f.attrs["spec"]) == root.attrs["spec"]
         assert json.loads(f.attrs["bad"])[0]["reason"] == "test"
