@@ -20,6 +20,45 @@ def info(cache_path):
     click.echo(open_cache(cache_path).describe())
 
 
+@main.command()
+@click.argument("cache_path", metavar="CACHE")
+@click.option("--repair", is_flag=True,
+              help="Mend what is damaged so that rerunning the same refseg-extract recomputes exactly it.")
+@user_errors
+def verify(cache_path, repair):
+    """Read every finished row of CACHE and check each chunk's presence and checksum.
+
+    Prints one line per damaged array (rows and sent_ids) and exits 2 if anything is damaged; with
+    --repair it rebuilds lost metadata and clears the damaged rows' done flags, then says what to run.
+    """
+    from refseg.cache.verify import TABLES, describe, repair as repair_store, verify as verify_store
+    from refseg.core.errors import DamagedCacheError
+
+    damage = verify_store(cache_path)
+    if not damage:
+        click.echo(f"cache {cache_path}: every finished row is present and matches its checksum")
+        return
+    for line in describe(cache_path, damage):
+        click.echo(f"damaged: {line}")
+    if not repair:
+        raise DamagedCacheError(f"cache {cache_path} is damaged ({len(damage)} finding(s) above); run "
+                                f"`refseg-cache verify {cache_path} --repair`, then the refseg-extract command that "
+                                "made it, to recompute exactly what is damaged")
+    # twice: an array whose metadata is rebuilt is read only then, and may hold damaged rows itself
+    for _ in range(2):
+        for action in repair_store(cache_path, damage):
+            click.echo(f"repaired: {action}")
+        damage = [d for d in verify_store(cache_path) if not d.array.startswith(TABLES)]
+        for line in describe(cache_path, damage):
+            click.echo(f"damaged: {line}")
+        if not damage:
+            break
+    if damage:
+        raise DamagedCacheError(f"cache {cache_path} could not be repaired ({len(damage)} finding(s) above); "
+                                "extract it again with --overwrite")
+    click.echo(f"now rerun the refseg-extract command that made {cache_path}: it recomputes exactly what was damaged")
+
+
 @main.command("export-h5")
 @click.argument("cache_path", metavar="CACHE")
 @click.argument("out_path", metavar="OUT.h5")

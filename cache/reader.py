@@ -103,6 +103,10 @@ class Cache(Store):
         if key not in self._level_arrays:
             group = self._level(t)
             if name not in group:
+                if name in (*self.spec.names, "done", "skipped"):  # the store's own array lost its zarr.json
+                    key = f"{noise_group_name(t)}/{name}"
+                    raise DamagedCacheError(f"cache {self.path} is damaged: {key} has no metadata (zarr.json); run "
+                                            f"`refseg-cache verify {self.path} --repair`", array=key)
                 raise CacheError(f"tensor {name!r} is not in cache {self.path} (it has {', '.join(self.spec.names)})")
             self._level_arrays[key] = group[name]
         return self._level_arrays[key]
@@ -183,6 +187,9 @@ class Cache(Store):
             f"refseg cache {self.path}",
             f"  format {self.format_version}, fingerprint {self.fingerprint}, shard size {self.shard_size}, "
             f"codec {self.codec}",
+            "  checksums: " + ("CRC-32C on every chunk (format 2)" if self.checksums else
+                               "none on the data, only on shard indexes (format 1: a lost chunk reads as zeros; "
+                               "extract again to get checksums)"),
             f"  {self.n_samples} samples (sentences), {self.n_images} images; "
             f"latents done {int(self.images_done().sum())}/{self.n_images}, "
             f"text done {int(self.text_done().sum())}/{self.n_samples}",

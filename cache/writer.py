@@ -22,7 +22,7 @@ import re
 import numpy as np
 import zarr
 
-from refseg.cache.engine import LOCK_DEBRIS_SUFFIX, open_engine
+from refseg.cache.engine import LOCK_DEBRIS_SUFFIX, ZarrEngine, open_engine
 from refseg.cache.fingerprint import (
     compute_fingerprint,
     dataset_changed,
@@ -40,11 +40,13 @@ from refseg.cache.layout import (
     FORMAT_VERSION,
     INDEX_FIELDS,
     TEXT_LAYOUT_ATTR,
+    WRITE_EVERY_CHUNK,
     ImageTable,
     SampleTable,
     base_arrays,
     create_array,
     create_flags,
+    has_checksums,
     is_local,
     local_path,
     noise_arrays,
@@ -58,6 +60,7 @@ from refseg.core.errors import (
     CacheError,
     CacheMismatchError,
     CacheNotFoundError,
+    DamagedCacheError,
     IncompleteCacheError,
     NewerFormatError,
     NonFiniteError,
@@ -106,6 +109,29 @@ def remove_stale_partial_files(path: str) -> int:
 def _stage_one_done(root: zarr.Group) -> bool:
     """Whether every latent, sentence and mask is stored: stage 2 then reads the store alone."""
     return bool(root["images/done"][:].all() and root["text/done"][:].all())
+
+
+def _restore_tables(path: str, root: zarr.Group, samples: SampleTable, images: ImageTable) -> None:
+    """Rewrite the sample tables of a store being resumed where they no longer read back (a lost or
+    corrupt chunk: `refseg-cache verify --repair` leaves them to this). The fingerprint matched, so
+    `samples` and `images` are the store's own rows. Format 1 cannot tell a lost chunk from zeros."""
+    if not has_checksums(root.attrs[FORMAT_ATTR]):
+        return
+    engine = ZarrEngine(path, True, root)
+    columns = {**{f"index/{name}": getattr(samples, name) for name in INDEX_FIELDS},
+               "images/image_id": images.image_id, "images/orig_hw": images.orig_hw}
+    for key, values in columns.items():
+        try:
+            engine.read(key, 0, len(values))
+        except DamagedCacheError:
+            root[key].with_config(WRITE_EVERY_CHUNK)[:] = values
+    text = root["index/text"]
+    try:
+        intact = text.nchunks_initialized == text.nchunks and len(text[:]) == len(samples)
+    except ValueError:  # its checksum
+        intact = False
+    if not intact:
+        text.with_config(WRITE_EVERY_CHUNK)[:] = np.array(samples.text, dtype=object)
 
 
 def _refuse_what_is_not_a_cache(path: str) -> None:
@@ -176,8 +202,10 @@ class CacheWriter(Store):
                     extra[TEXT_LAYOUT_ATTR] = {k: list(v) if isinstance(v, tuple) else v for k, v in text.items()}
                     cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec, extra, text)
                     root = open_root(path, mode="r+")
-                elif alone and lock:
-                    remove_stale_partial_files(path)
+                else:
+                    _restore_tables(path, root, samples, images)
+                    if alone and lock:
+                        remove_stale_partial_files(path)
             writer = cls(path, root, lock)
             writer.dataset_changed = dataset_changed(root.attrs.asdict(), dataset_sha256)
             return writer
