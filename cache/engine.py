@@ -267,9 +267,14 @@ class ZarrEngine(Engine):
                                         detail=detail, missing=True)
 
 
-def open_engine(path: str, root, checksums: bool) -> Engine:
+ENGINES = ("tensorstore", "zarr-python")
+
+
+def open_engine(path: str, root, checksums: bool, engine: str = "tensorstore") -> Engine:
     """The writer's engine for the store at `path` (its opened zarr root group): tensorstore for a local
-    store, zarr-python for an fsspec URL."""
-    if is_local(path):
+    store unless `engine` says "zarr-python" (bench/write.py, tests); zarr-python for an fsspec URL."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if is_local(path) and engine == "tensorstore":
         return TensorstoreEngine(path, checksums)
     return ZarrEngine(path, checksums, root)

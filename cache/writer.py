@@ -144,11 +144,11 @@ def _refuse_what_is_not_a_cache(path: str) -> None:
 class CacheWriter(Store):
     """Writes one cache store. Use `CacheWriter.open(...)`; the constructor takes an opened root group."""
 
-    def __init__(self, path: str, root: zarr.Group, lock: StoreLock | None = None):
+    def __init__(self, path: str, root: zarr.Group, lock: StoreLock | None = None, engine: str = "tensorstore"):
         super().__init__(path, root)
         self._lock = lock  # None for a remote (fsspec) store: no inter-process locks there
         self.image_ids = self._read_whole("images/image_id")
-        self._writes = open_engine(path, root, self.checksums)  # tensorstore for a local store
+        self._writes = open_engine(path, root, self.checksums, engine)  # tensorstore for a local store
         self._levels: dict[int, str] = {}  # noise level -> its group's name, once known to exist
         # True when resumed although the dataset's files changed since the store was made: allowed only
         # once stage 1 is complete, since stage 2 reads the store's own latents and embeddings alone
@@ -170,6 +170,7 @@ class CacheWriter(Store):
         dataset_sha256: str | None = None,
         text_shape: tuple[int, int] | None = None,
         pooled_dim: int | None = None,
+        engine: str = "tensorstore",
     ) -> "CacheWriter":
         """Create the store at `path`, or resume the one there if it has the same fingerprint.
 
@@ -178,7 +179,8 @@ class CacheWriter(Store):
         in a new store; a store made from other versions of those files is refused while its stage 1
         (which reads the dataset) is unfinished, unless `overwrite` replaces it. `text_shape` and
         `pooled_dim`: the family's text context (`layout.base_arrays`); None: SD's (token_length, text_dim),
-        no pooled embedding.
+        no pooled embedding. `engine`: what writes the data of a local store, "tensorstore" (the default)
+        or "zarr-python" (the same bytes' values: tests/test_engine.py; bench/write.py compares speeds).
         """
         path = os.fspath(path)
         if codec not in CODECS:
@@ -206,7 +208,7 @@ class CacheWriter(Store):
                     _restore_tables(path, root, samples, images)
                     if alone and lock:
                         remove_stale_partial_files(path)
-            writer = cls(path, root, lock)
+            writer = cls(path, root, lock, engine)
             writer.dataset_changed = dataset_changed(root.attrs.asdict(), dataset_sha256)
             return writer
         except BaseException:
