@@ -173,8 +173,12 @@ class Extraction:
             rows = _rows_of(claimed.mine)
             self.report.rows_computed[stage] = self.report.rows_computed.get(stage, 0) + len(rows)
             if rows:
+                def write(shard: slice, arrays: dict, skipped: np.ndarray) -> None:  # on the writer thread
+                    stage.write(self.writer, shard, arrays, skipped)
+                    buffer.release(arrays)  # on disk now: the next shard's rows may go into these arrays
+
                 buffer = ShardBuffer(claimed.mine, lambda shard, arrays, skipped: claimed.io.submit(
-                    stage.write, self.writer, shard, arrays, skipped))
+                    write, shard, arrays, skipped))
                 bar = tqdm(total=len(rows), desc=stage.title, unit=stage.unit, disable=not self.cfg.progress)
 
                 def add(row: int, arrays: dict[str, np.ndarray], skipped: bool = False) -> None:

@@ -61,6 +61,11 @@ class ShardBuffer:
 
     def __init__(self, shards: list[slice], flush: Callable[[slice, dict, np.ndarray], None]):
         self._flush = flush
+        # shard-sized arrays whose shard is written, for the next shard to reuse: a fresh np.empty of a
+        # whole shard (78 MB for SD1.5) costs a page fault per 4 KiB on first touch, which was most of
+        # the host's copy time (bench/write.py)
+        self._free: list[dict[str, np.ndarray]] = []
+        self._free_lock = threading.Lock()
         self._shard_of: dict[int, slice] = {}
         for s in shards:
             for r in range(s.start, s.stop):
@@ -72,8 +77,7 @@ class ShardBuffer:
         shard = self._shard_of[row]
         n = shard.stop - shard.start
         if shard.start not in self._parts:
-            self._parts[shard.start] = ({k: np.empty((n, *a.shape), a.dtype) for k, a in arrays.items()},
-                                        np.zeros(n, dtype=bool), set())
+            self._parts[shard.start] = (self._arrays_for(n, arrays), np.zeros(n, dtype=bool), set())
         out, skipped_rows, rows_in = self._parts[shard.start]
         for k, a in arrays.items():
             out[k][row - shard.start] = a
@@ -82,6 +86,22 @@ class ShardBuffer:
         if len(rows_in) == n:
             del self._parts[shard.start]
             self._flush(shard, out, skipped_rows)
+
+    def _arrays_for(self, n: int, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Arrays for a shard of `n` rows like `row`: released ones of the same shapes, else new ones.
+        Every row of a shard is added before it is flushed, so no value of the shard they held survives."""
+        with self._free_lock:
+            for i, free in enumerate(self._free):
+                if free.keys() == row.keys() and all(free[k].shape == (n, *a.shape) and free[k].dtype == a.dtype
+                                                     for k, a in row.items()):
+                    return self._free.pop(i)
+        return {k: np.empty((n, *a.shape), a.dtype) for k, a in row.items()}
+
+    def release(self, arrays: dict[str, np.ndarray]) -> None:
+        """`arrays` (from a flush) are written and may take another shard's rows (any thread may call this)."""
+        with self._free_lock:
+            if len(self._free) < 2:  # what the writer thread's queue can hold in flight
+                self._free.append(arrays)
 
     @property
     def pending_rows(self) -> int:
