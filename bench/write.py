@@ -100,7 +100,7 @@ def store_run(path: str, spec, n: int, shard_size: int, engine: str, batch_size:
     run._unet = stand_in.unet
     stage = NoiseLevel(NOISE_T, timestep=NOISE_T)
     start = time.perf_counter()
-    run.run_stage(stage, writer.feature_shards_todo(NOISE_T), functools.partial(run.features, stage))
+    run.run_stage(stage, functools.partial(run.features, stage))
     seconds = time.perf_counter() - start
     assert writer.done(NOISE_T).all()
     writer.close()

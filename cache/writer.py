@@ -55,6 +55,7 @@ from refseg.cache.layout import (
     validate_tables,
 )
 from refseg.cache.lock import StoreLock
+from refseg.cache.stage_store import StageStore
 from refseg.cache.store import Store
 from refseg.core.errors import (
     CacheError,
@@ -470,6 +471,12 @@ class CacheWriter(Store):
         """The rows (sorted) of the samples recorded as bad."""
         bad_ids = np.array(sorted({e["sent_id"] for e in self.bad}), dtype=np.int64)
         return np.flatnonzero(np.isin(self.index["sent_id"], bad_ids))
+
+    def stage(self, key, finite_checked: bool = False) -> StageStore:
+        """The handle of stage `key` ("images", "text" or a noise level T, which must have been added)."""
+        if key not in ("images", "text"):
+            self._level(key)
+        return StageStore(self, key, finite_checked)
 
     # ---- several writers ------------------------------------------------------------------------
     @property

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from refseg.backbones.loading import Backbone, load_backbone
 from refseg.cache.fingerprint import dataset_sha256
 from refseg.cache.layout import DEFAULT_SHARD_SIZE
+from refseg.cache.stage_store import StageStore
 from refseg.cache.writer import CacheWriter
 from refseg.core.cli import describe_os_error, is_path_error
 from refseg.core.paths import check_output_path
@@ -97,15 +98,15 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
         with writer, ieee_float32(backbone.device, backbone.dtype):  # --dtype fp32 is fp32 on a GPU too
             run = Extraction(cfg, backbone, spec, writer, refer, tables, report)
             # 5. Stage 1: this process's part of the latents and sentences, then what no process holds
-            run.run_stage(LATENTS, writer.image_shards_todo(cfg.shard), run.latents)
-            run.run_stage(TEXT, writer.text_shards_todo(cfg.shard), run.text)
+            run.run_stage(LATENTS, run.latents, cfg.shard)
+            run.run_stage(TEXT, run.text, cfg.shard)
             run.finish_stage_one()
             # 6. Stage 2: the denoiser at each noise level
             for noise in levels:
                 run.noise_level(noise)
             # 7. What is left: other parts may still be running, or still to be started
             for noise in levels:
-                todo = len(writer.feature_shards_todo(noise.level))
+                todo = len(writer.stage(noise.level).todo())
                 if todo:
                     report.incomplete[noise.level] = todo
     except NonFiniteError as exc:
@@ -163,18 +164,21 @@ class Extraction:
     bad_samples: dict[int, str] = field(default_factory=dict)  # sample row -> reason
 
     @torch.inference_mode()
-    def run_stage(self, stage: Stage, shards: list[slice], compute: Callable) -> StageResult:
-        """Compute and store the rows of the shards in `shards` that no other process holds.
+    def run_stage(self, stage: Stage, compute: Callable, part: tuple[int, int] = (0, 1)) -> StageResult:
+        """Compute and store the unfinished shards of `part` (i, n) of `stage` that no other process holds.
 
-        Claims the shards, computes their rows, hands each shard to the writer thread as soon as its
-        last row is added (`ShardBuffer`), and releases the claims once everything handed over is written.
+        Asks the store for the stage's handle once: claims the shards, computes their rows, hands each
+        shard to the writer thread as soon as its last row is added (`ShardBuffer`), and releases the
+        claims once everything handed over is written.
         """
-        with _StageWrites(self.writer, stage.key, shards) as claimed:
+        # the pipeline refused non-finite features on the device already (extract/checks.py)
+        store = self.writer.stage(stage.key, finite_checked=isinstance(stage, NoiseLevel))
+        with _StageWrites(store, store.todo(part)) as claimed:
             rows = _rows_of(claimed.mine)
             self.report.rows_computed[stage] = self.report.rows_computed.get(stage, 0) + len(rows)
             if rows:
                 def write(shard: slice, arrays: dict, skipped: np.ndarray) -> None:  # on the writer thread
-                    stage.write(self.writer, shard, arrays, skipped)
+                    store.write(shard, arrays, skipped)
                     buffer.release(arrays)  # on disk now: the next shard's rows may go into these arrays
 
                 buffer = ShardBuffer(claimed.mine, lambda shard, arrays, skipped: claimed.io.submit(
@@ -200,12 +204,12 @@ class Extraction:
         deadline = time.monotonic() + self.cfg.wait_timeout
         said = False
         while True:
-            images, texts = self.writer.image_shards_todo(), self.writer.text_shards_todo()
+            images, texts = self.writer.stage(LATENTS.key).todo(), self.writer.stage(TEXT.key).todo()
             if not images and not texts:
                 return
             if self.writer.has_locks:
-                held = (self.run_stage(LATENTS, images, self.latents).held_by_others
-                        + self.run_stage(TEXT, texts, self.text).held_by_others)
+                held = (self.run_stage(LATENTS, self.latents).held_by_others
+                        + self.run_stage(TEXT, self.text).held_by_others)
                 if held < len(images) + len(texts):
                     continue  # something was computed here: look again
             if time.monotonic() > deadline:
@@ -232,8 +236,7 @@ class Extraction:
             noise = self.backbone.noise_input(t=int(noise), timestep=self.cfg.timestep)
         stage = NoiseLevel(noise.level, timestep=noise.model_timestep, noise=noise)
         self.writer.add_noise_level(stage.t, noise=noise)
-        result = self.run_stage(stage, self.writer.feature_shards_todo(stage.t, self.cfg.shard),
-                                functools.partial(self.features, stage))
+        result = self.run_stage(stage, functools.partial(self.features, stage), self.cfg.shard)
         if result.held_by_others:
             self.report.shards_left[stage] = result.held_by_others
 
@@ -481,9 +484,9 @@ class _StageWrites:
     claims are released: a claim is held until the shard is on disk or the process is gone.
     """
 
-    def __init__(self, writer: CacheWriter, key, shards: list[slice]):
-        self.writer, self.key = writer, key
-        self.mine, self.others = writer.claim_shards(key, shards)
+    def __init__(self, store: StageStore, shards: list[slice]):
+        self.store = store
+        self.mine, self.others = store.claim(shards)
         self.io = BackgroundWriter()
 
     def __enter__(self):
@@ -493,5 +496,5 @@ class _StageWrites:
         try:
             self.io.close()  # raises the first write error, if any
         finally:
-            self.writer.release_shards(self.key, self.mine)
+            self.store.release(self.mine)
         return False

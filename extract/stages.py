@@ -1,17 +1,16 @@
-"""The stages of extraction as small types: what the store calls each, and how a whole shard is stored.
+"""The stages of extraction as small types: what the store calls each.
 
 A stage names its rows' claims and done flags in the store (`key`: "images", "text" or the noise
-level T, as cache/writer.py spells them), writes a finished shard (`write`), and says what it is
-only when printed (`str(stage)` in the report, `title` on its progress bar).
+level T, as cache/writer.py spells them; `CacheWriter.stage(key)` is its handle there, which writes
+its shards), and says what it is only when printed (`str(stage)` in the report, `title` on its
+progress bar).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
-from refseg.cache.writer import CacheWriter
 from refseg.core.noise import NoiseInput
 
 
@@ -26,9 +25,6 @@ class Latents:
     def __str__(self) -> str:
         return "vae (images)"
 
-    def write(self, writer: CacheWriter, shard: slice, arrays: dict, skipped: np.ndarray) -> None:
-        writer.write_latents(shard, arrays["latent"])  # an unreadable image's is zeros: see record_bad
-
 
 @dataclass(frozen=True)
 class Text:
@@ -40,9 +36,6 @@ class Text:
 
     def __str__(self) -> str:
         return "text encoder (sentences)"
-
-    def write(self, writer: CacheWriter, shard: slice, arrays: dict, skipped: np.ndarray) -> None:
-        writer.write_text(shard, **arrays)  # input_ids, attention_mask, embedding, gt (+ pooled: SDXL, SD3, FLUX)
 
 
 @dataclass(frozen=True)
@@ -74,10 +67,6 @@ class NoiseLevel:
 
     def __str__(self) -> str:
         return f"{'unet' if self.noise is None or self.noise.kind == 'ddpm' else 'transformer'} {self._name}"
-
-    def write(self, writer: CacheWriter, shard: slice, arrays: dict, skipped: np.ndarray) -> None:
-        # checked: the pipeline refused non-finite features on the device (extract/checks.py), before this
-        writer.write_features(self.t, shard, arrays, skipped, checked=True)
 
 
 Stage = Latents | Text | NoiseLevel
