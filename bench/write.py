@@ -1,14 +1,15 @@
 """The store's write path against the raw-write floor (issue 28, item 4).
 
     python bench/write.py                          # SD1.5 shapes at 512², L=40; 96 samples per run; disk and tmpfs
-    python bench/write.py --samples 192 --shard-sizes 16,8 --engines tensorstore,zarr-python
+    python bench/write.py --samples 192 --shard-sizes 16,8 --engines tensorstore,zarr-python,zarrs
 
 What one run measures, with the variants interleaved and repeated (medians reported):
   - the real extraction pipeline's stage 2 (`Extraction.features` -> `ShardBuffer` -> the writer thread
     -> `CacheWriter.write_features` -> the engine), with a stand-in denoiser that returns SD1.5-shaped
     float16 features and their device stats at once, so all that is timed is host work and the store;
-  - per engine (tensorstore: the default; zarr-python: what wrote stores before) and shard size, on the
-    disk (--dir) and in RAM (/dev/shm);
+  - per engine (tensorstore: the default; zarr-python: what wrote stores before; zarrs: zarr-python
+    with the zarrs Rust codec pipeline, `pip install zarrs`, measured for the choice in DESIGN §6) and
+    shard size, on the disk (--dir) and in RAM (/dev/shm);
   - the floor: the same bytes written with `f.write`, one file per tensor per shard, in the same place.
 Reported: host samples/s, GB/s into the store, and the ratio to the floor of the same run.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import shutil
 import sys
@@ -49,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--token-length", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-sizes", default="16,8")
-    p.add_argument("--engines", default="tensorstore,zarr-python")
+    p.add_argument("--engines", default="tensorstore,zarr-python,zarrs",
+                   help="zarrs is left out when the package is not installed")
     p.add_argument("--dir", default=None, help="the disk to write on (default: the system temp dir)")
     p.add_argument("--no-tmpfs", action="store_true", help="leave out the runs in RAM (/dev/shm)")
     common.add_common_args(p)
@@ -89,6 +92,11 @@ class StandIn:
 def store_run(path: str, spec, n: int, shard_size: int, engine: str, batch_size: int) -> float:
     """Seconds for the pipeline's stage 2 to fill one noise level of a new store at `path`."""
     shutil.rmtree(path, ignore_errors=True)
+    if engine == "zarrs":  # zarr-python's own writes, through the Rust codec pipeline
+        import zarr
+
+        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+            return store_run(path, spec, n, shard_size, "zarr-python", batch_size)
     samples, images = tables(n)
     writer = CacheWriter.open(path, spec=spec, settings={"backbone": {}, "extraction": {}, "dataset": {}},
                               samples=samples, images=images, shard_size=shard_size, engine=engine)
@@ -131,7 +139,7 @@ def main(argv=None) -> None:
     places = [("disk", tempfile.mkdtemp(prefix="refseg-write-", dir=args.dir))]
     if not args.no_tmpfs and os.path.isdir("/dev/shm"):
         places.append(("tmpfs", tempfile.mkdtemp(prefix="refseg-write-", dir="/dev/shm")))
-    engines = args.engines.split(",")
+    engines = [e for e in args.engines.split(",") if e != "zarrs" or importlib.util.find_spec("zarrs")]
     shard_sizes = common.int_list(args.shard_sizes)
     times: dict[tuple, list[float]] = {}
     try:
