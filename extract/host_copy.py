@@ -20,8 +20,9 @@ import torch
 class HostCopies:
     """`pending = copies.start({key: tensor})` ... `copies.finish(pending)` -> {key: numpy array}.
 
-    The arrays `finish` returns may live in pinned memory that a later batch reuses: copy out of them
-    (ShardBuffer.add does) before the next `finish`.
+    The arrays `finish` returns are views of fresh host tensors (pinned on CUDA): torch's caching host
+    allocator gives a pinned block to a later batch only once its tensor is freed, and a view keeps it
+    alive, so `ShardBuffer.add_rows` may hand them to the writer without copying.
     """
 
     def __init__(self, device: torch.device, overlap: bool = True):

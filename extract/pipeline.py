@@ -185,9 +185,13 @@ class Extraction:
                     write, shard, arrays, skipped))
                 bar = tqdm(total=len(rows), desc=stage.title, unit=stage.unit, disable=not self.cfg.progress)
 
-                def add(row: int, arrays: dict[str, np.ndarray], skipped: bool = False) -> None:
-                    buffer.add(row, arrays, skipped)
-                    bar.update()
+                def add(row: int, arrays: dict[str, np.ndarray], skipped: bool = False, count: int | None = None) -> None:
+                    """One row, or with `count` that many consecutive rows, none skipped (arrays hold `count` rows)."""
+                    if count is None:
+                        buffer.add(row, arrays, skipped)
+                    else:
+                        buffer.add_rows(row, arrays, count)
+                    bar.update(1 if count is None else count)
 
                 compute(rows, add)
                 bar.close()
@@ -353,6 +357,10 @@ class Extraction:
             host = copies.finish(pending)
             check_features(names, host, computed, stage.t, self.tables.samples, skip,
                            limit=float(np.finfo(self.writer.float_dtype).max))
+            consecutive = np.array_equal(batch, np.arange(batch[0], batch[0] + len(batch)))
+            if consecutive and np.array_equal(source, np.arange(len(batch))) and not skip.intersection(batch.tolist()):
+                add(int(batch[0]), {name: host[name] for name in names}, count=len(batch))  # whole shards: no copy
+                return
             for j, row in enumerate(batch):
                 row = int(row)
                 if row in skip:

@@ -87,6 +87,25 @@ class ShardBuffer:
             del self._parts[shard.start]
             self._flush(shard, out, skipped_rows)
 
+    def add_rows(self, first: int, arrays: dict[str, np.ndarray], count: int) -> None:
+        """Add rows first..first+count-1 (consecutive, none skipped) at once: `arrays` hold `count` rows each.
+
+        A shard the rows cover whole is flushed as views of `arrays`, without a copy; the caller must
+        not write into `arrays` afterwards (the capture's results are fresh tensors per batch, and a
+        view keeps its memory alive until the shard is written). Other rows are copied as by `add`.
+        """
+        row = first
+        while row < first + count:
+            shard = self._shard_of[row]
+            stop = min(shard.stop, first + count)
+            if row == shard.start and stop == shard.stop and shard.start not in self._parts:
+                a, b = row - first, stop - first
+                self._flush(shard, {k: v[a:b] for k, v in arrays.items()}, np.zeros(b - a, dtype=bool))
+            else:
+                for r in range(row, stop):
+                    self.add(r, {k: v[r - first] for k, v in arrays.items()})
+            row = stop
+
     def _arrays_for(self, n: int, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Arrays for a shard of `n` rows like `row`: released ones of the same shapes, else new ones.
         Every row of a shard is added before it is flushed, so no value of the shard they held survives."""
@@ -98,7 +117,10 @@ class ShardBuffer:
         return {k: np.empty((n, *a.shape), a.dtype) for k, a in row.items()}
 
     def release(self, arrays: dict[str, np.ndarray]) -> None:
-        """`arrays` (from a flush) are written and may take another shard's rows (any thread may call this)."""
+        """`arrays` (from a flush) are written and may take another shard's rows (any thread may call this).
+        Views flushed by `add_rows` are not kept: their memory is the caller's."""
+        if not all(a.flags.owndata for a in arrays.values()):
+            return
         with self._free_lock:
             if len(self._free) < 2:  # what the writer thread's queue can hold in flight
                 self._free.append(arrays)

@@ -38,3 +38,20 @@ def test_rows_are_copied_when_added_so_the_caller_may_reuse_its_buffer():
         staging[:] = row + 1
         buf.add(row, {"x": staging[0]})
     assert flushed[0].tolist() == [[1, 1, 1], [2, 2, 2]]
+
+
+def test_rows_added_as_a_block_flush_whole_shards_without_a_copy():
+    flushed = []
+    buf = ShardBuffer([slice(0, 2), slice(2, 4), slice(4, 6)], lambda s, a, skipped: flushed.append((s, a)))
+    block = {"x": np.arange(10, 15, dtype=np.int32).reshape(5, 1)}
+    buf.add_rows(1, block, 5)  # rows 1..5: shard 0 in part, shards 1 and 2 whole (row 0 still missing)
+    assert [s for s, _ in flushed] == [slice(2, 4), slice(4, 6)]
+    assert all(np.shares_memory(a["x"], block["x"]) for _, a in flushed)  # views: no copy
+    assert flushed[0][1]["x"][:, 0].tolist() == [11, 12]
+    buf.add(0, {"x": np.array([9], np.int32)})
+    s, a = flushed[-1]
+    assert s == slice(0, 2) and a["x"][:, 0].tolist() == [9, 10] and not np.shares_memory(a["x"], block["x"])
+    # a view is never taken back as a buffer for another shard (its memory is the caller's); a copy is
+    buf.release(flushed[0][1])
+    buf.release(a)
+    assert len(buf._free) == 1 and buf._free[0] is a
