@@ -45,8 +45,18 @@ CODECS = ("none", "zstd", "blosc")
 # (reproducing VPD's masks without float16 rounding, README "Evaluate VPD's released checkpoint").
 # Recorded in the extraction settings as `cache_dtype` only when it is not float16, so the
 # fingerprints of float16 stores do not move.
-CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}
+CACHE_DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 DEFAULT_CACHE_DTYPE = "float16"
+# `int8` quantizes the features and maps only (cache/quantize.py): the latents and text embeddings the
+# UNet stage starts from stay float16, so a noise level added later gets the same inputs
+QUANTIZED_DTYPE = "int8"
+
+
+def storage_dtypes(cache_dtype: str) -> tuple[str, str]:
+    """(features' dtype, latents' and embeddings' dtype) of a store whose settings say `cache_dtype`."""
+    if cache_dtype == QUANTIZED_DTYPE:
+        return QUANTIZED_DTYPE, DEFAULT_CACHE_DTYPE
+    return cache_dtype, cache_dtype
 
 FORMAT_ATTR = "refseg_cache"
 # Set on the root while a store is being created and replaced by the real attributes at the end,
@@ -214,12 +224,18 @@ def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int,
 
 
 def noise_arrays(spec: FeatureSpec, n_samples: int, float_dtype: str = DEFAULT_CACHE_DTYPE) -> list[ArrayLayout]:
-    """The arrays of one noise group (paths relative to the group): every spec tensor, in `float_dtype`."""
+    """The arrays of one noise group (paths relative to the group): every spec tensor, in `float_dtype`;
+    for int8 each tensor's codes and its per-sample, per-channel float32 scales (`<name>_scale`)."""
+    from refseg.cache.quantize import scale_name
+
     out = []
     for t in spec.tensors:
         channel_dim = "token" if t.kind == "attention" else f"{t.name}_channel"
         out.append(ArrayLayout(t.name, (n_samples, *t.shape), float_dtype,
                                ("sample", channel_dim, f"{t.name}_y", f"{t.name}_x"), True, compressible=True))
+        if float_dtype == QUANTIZED_DTYPE:
+            out.append(ArrayLayout(scale_name(t.name), (n_samples, t.shape[0]), "float32", ("sample", channel_dim),
+                                   True))
     return out
 
 

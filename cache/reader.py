@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from refseg.cache.fastread import ShardFiles, ShardRowReader
+from refseg.cache.quantize import dequantize, scale_name
 from refseg.cache.layout import SETTINGS_KEYS, is_local, local_path, noise_group_name, open_root, store_nbytes
 from refseg.cache.store import Coverage, Store
 from refseg.core.errors import CacheError, DamagedCacheError
@@ -103,7 +104,8 @@ class Cache(Store):
         if key not in self._level_arrays:
             group = self._level(t)
             if name not in group:
-                if name in (*self.spec.names, "done", "skipped"):  # the store's own array lost its zarr.json
+                own = (*self.spec.names, *(scale_name(n) for n in self.spec.names if self.quantized), "done", "skipped")
+                if name in own:  # the store's own array lost its zarr.json
                     key = f"{noise_group_name(t)}/{name}"
                     raise DamagedCacheError(f"cache {self.path} is damaged: {key} has no metadata (zarr.json); run "
                                             f"`refseg-cache verify {self.path} --repair`", array=key)
@@ -164,11 +166,18 @@ class Cache(Store):
         if not 0 <= row < self.n_samples:
             raise IndexError(f"row {row} out of range for {self.n_samples} samples")
         names = self.spec.names if names is None else names
-        return {name: self._take(self._array(t, name), row) for name in names}
+        return {name: self._tensor(t, name, row) for name in names}
 
     def read_rows(self, t, rows, name: str) -> np.ndarray:
-        """One tensor for several rows: (n, C, H, W) float16."""
-        return self._take(self._array(t, name), rows)
+        """One tensor for several rows: (n, C, H, W) float16 (float32 in a --cache-dtype fp32 store)."""
+        return self._tensor(t, name, rows)
+
+    def _tensor(self, t, name: str, rows) -> np.ndarray:
+        values = self._take(self._array(t, name), rows)
+        if not self.quantized:
+            return values
+        # int8 codes times their per-channel scales, in float16 (cache/quantize.py)
+        return dequantize(values, self._take(self._array(t, scale_name(name)), rows), self.float_dtype)
 
     @property
     def bad(self) -> list[dict]:
@@ -197,8 +206,11 @@ class Cache(Store):
         for key in SETTINGS_KEYS:
             lines.append(f"{key}:")
             lines += [f"  {k}: {_show(v)}" for k, v in sorted(self.settings[key].items())] or ["  (empty)"]
-        per_sample = spec.bytes_per_sample(self.float_dtype.itemsize)
-        lines.append(f"tensors ({_size(per_sample)} per sample per noise level, {self.float_dtype.name}):")
+        per_sample = spec.bytes_per_sample(self.feature_dtype.itemsize)
+        if self.quantized:  # plus a float32 scale per channel
+            per_sample += sum(4 * t_.shape[0] for t_ in spec.tensors)
+        stored = f"{self.feature_dtype.name}, read as {self.float_dtype.name}" if self.quantized else self.float_dtype.name
+        lines.append(f"tensors ({_size(per_sample)} per sample per noise level, {stored}):")
         for t_ in spec.tensors:
             lines.append(f"  {t_.name:<10} {t_.kind:<9} {t_.channels}x{t_.size}x{t_.size}  stride {t_.stride}")
         levels = self.noise_levels

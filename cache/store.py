@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 
 from refseg.cache.engine import ZarrEngine
-from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, SETTINGS_KEYS, has_checksums,
-                                 noise_group_name, parse_noise_group)
+from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, QUANTIZED_DTYPE, SETTINGS_KEYS,
+                                 has_checksums, noise_group_name, parse_noise_group, storage_dtypes)
 from refseg.core.errors import CacheError, DamagedCacheError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -113,7 +113,10 @@ class Store:
         self.shard_size = int(self.attrs["shard_size"])
         self.codec: str = self.attrs["codec"]
         # latents, embeddings and features: float16 unless extracted with --cache-dtype fp32 (cache/layout.py)
-        self.float_dtype = np.dtype(self.settings["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))
+        feature_dtype, float_dtype = storage_dtypes(self.settings["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))
+        self.float_dtype = np.dtype(float_dtype)  # what every float array reads as (int8 features: float16)
+        self.feature_dtype = np.dtype(feature_dtype)  # what the features are stored as
+        self.quantized = feature_dtype == QUANTIZED_DTYPE  # int8 codes + per-channel scales (cache/quantize.py)
         # format 2: a CRC-32C on every chunk, every chunk written (an absent one is damage)
         self.checksums = has_checksums(self.format_version)
         # reads through zarr-python, never tensorstore: a reader's process may fork DataLoader workers

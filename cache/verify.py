@@ -27,7 +27,7 @@ import zarr
 from refseg.cache.engine import Engine, TensorstoreEngine, ZarrEngine
 from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, TEXT_LAYOUT_ATTR, ArrayLayout, base_arrays,
                                  create_array, create_flags, has_checksums, is_local, noise_arrays, open_root,
-                                 parse_noise_group)
+                                 parse_noise_group, storage_dtypes)
 from refseg.core.errors import CacheError, DamagedCacheError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -63,7 +63,7 @@ class Expected:
 def expected_arrays(root: zarr.Group) -> Expected:
     attrs = root.attrs.asdict()
     spec = FeatureSpec.from_dict(attrs["spec"])
-    float_dtype = attrs["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE)
+    feature_dtype, float_dtype = storage_dtypes(attrs["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))
     n = int(attrs["samples"]["n"])
     m = _image_count(root)
     text = {k: (tuple(v) if isinstance(v, list) else v) for k, v in attrs.get(TEXT_LAYOUT_ATTR, {}).items()}
@@ -71,7 +71,7 @@ def expected_arrays(root: zarr.Group) -> Expected:
     flags = {"images/done": (m, "image"), "text/done": (n, "sample")}
     for name, _ in sorted(root.groups()):
         if parse_noise_group(name) is not None:
-            for a in noise_arrays(spec, n, float_dtype):
+            for a in noise_arrays(spec, n, feature_dtype):
                 layouts[f"{name}/{a.path}"] = ArrayLayout(f"{name}/{a.path}", a.shape, a.dtype, a.dims, a.per_row,
                                                           a.compressible)
             flags[f"{name}/done"] = flags[f"{name}/skipped"] = (n, "sample")

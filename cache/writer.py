@@ -52,9 +52,11 @@ from refseg.cache.layout import (
     noise_arrays,
     noise_group_name,
     open_root,
+    storage_dtypes,
     validate_tables,
 )
 from refseg.cache.lock import StoreLock
+from refseg.cache.quantize import quantize, scale_name
 from refseg.cache.stage_store import StageStore
 from refseg.cache.store import Store
 from refseg.core.errors import (
@@ -260,7 +262,8 @@ class CacheWriter(Store):
         for name in ("index", "images", "text", "masks"):
             root.create_group(name)
         arrays = {}
-        float_dtype = payload["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE)  # as Store.float_dtype reads it
+        # the latents' and embeddings' type, as Store.float_dtype reads it (int8 stores: float16)
+        float_dtype = storage_dtypes(payload["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))[1]
         for layout in base_arrays(spec, len(samples), len(images), float_dtype, **(text or {})):
             group, name = layout.path.split("/")
             arrays[layout.path] = create_array(root[group], layout, name, shard_size, codec)
@@ -396,7 +399,7 @@ class CacheWriter(Store):
                 f"but this run asks for {now} (use --overwrite to replace it)")
         # arrays first, attributes last: a group without attributes is an unfinished one, finished here
         members = set(group.array_keys())
-        for layout in noise_arrays(self.spec, self.n_samples, self.float_dtype.name):
+        for layout in noise_arrays(self.spec, self.n_samples, self.feature_dtype.name):
             if layout.path not in members:  # in the store's own format: a format-1 store stays format 1
                 create_array(group, layout, layout.path, self.shard_size, self.codec, self.checksums)
         for flag in ("done", "skipped"):
@@ -441,6 +444,9 @@ class CacheWriter(Store):
         if skipped.any():  # whatever a skipped row held (often the NaN that got it skipped), store zeros
             keep = ~skipped.reshape(-1, 1, 1, 1)
             data = {name: np.where(keep, array, array.dtype.type(0)) for name, array in data.items()}
+        if self.quantized:  # int8 codes + per-channel scales (cache/quantize.py); a zero row keeps scale 0
+            data = {key: value for name, array in data.items()
+                    for key, value in zip((name, scale_name(name)), quantize(array))}
         self._write_shard(rows, {f"{group}/{name}": array for name, array in data.items()},
                           {f"{group}/skipped": skipped, f"{group}/done": ~skipped})
 

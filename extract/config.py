@@ -128,9 +128,11 @@ class ExtractionConfig:
     shard_size: int | None = field(default=None, metadata=cli(  # None: the cache's default
         "Samples per Zarr shard (the unit of writing).", show_default="16; a store keeps its own"))
     codec: str = field(default="none", metadata=cli(type=click.Choice(["none", "zstd", "blosc"])))
-    # fp32 doubles the disk; it keeps VPD's masks exact (README "Evaluate VPD's released checkpoint")
+    # fp32 doubles the disk; it keeps VPD's masks exact (README "Evaluate VPD's released checkpoint");
+    # int8 halves the features (cache/quantize.py), latents and embeddings stay fp16
     cache_dtype: str = field(default="fp16", metadata=cli(
-        "Storage type of latents, embeddings and features.", type=click.Choice(["fp16", "fp32"])))
+        "Storage type of latents, embeddings and features; int8: features as 8-bit codes with per-sample, "
+        "per-channel scales (0.5x the disk), latents and embeddings fp16.", type=click.Choice(["fp16", "fp32", "int8"])))
     workers: int = field(default=0, metadata=cli("DataLoader workers decoding images."))
     wait_timeout: float = field(default=3600.0, metadata=cli(  # see Extraction.finish_stage_one
         "Seconds to wait for other processes' latents/embeddings before the UNet stage."))

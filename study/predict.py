@@ -36,7 +36,9 @@ from refseg.heads.batches import autocast
 from refseg.heads.evaluate import load_head, logits_to_mask
 
 # what refseg-extract stores latents, embeddings and features as (--cache-dtype; cache/layout.py CACHE_DTYPES)
-STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# (an int8 store's latents and embeddings are float16; its features' 8-bit rounding is not replayed here:
+# heads take it as storage, like the float type, heads/caches.py STORAGE_KEYS)
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float16}
 
 
 @dataclass
