@@ -223,19 +223,26 @@ def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int,
     ]
 
 
-def noise_arrays(spec: FeatureSpec, n_samples: int, float_dtype: str = DEFAULT_CACHE_DTYPE) -> list[ArrayLayout]:
+# A noise group whose features are stored once per image (`--prompt empty`: every sentence of an image
+# has the same condition and ε, so the same features) has this attribute; its arrays and flags then have
+# one row per image, and a sample reads its image's row (`index/image_row`). Other groups: one per sample.
+ROWS_ATTR, PER_IMAGE = "rows", "image"
+
+
+def noise_arrays(spec: FeatureSpec, n_rows: int, float_dtype: str = DEFAULT_CACHE_DTYPE,
+                 dim: str = "sample") -> list[ArrayLayout]:
     """The arrays of one noise group (paths relative to the group): every spec tensor, in `float_dtype`;
-    for int8 each tensor's codes and its per-sample, per-channel float32 scales (`<name>_scale`)."""
+    for int8 each tensor's codes and its per-row, per-channel float32 scales (`<name>_scale`). `n_rows`
+    rows of `dim` ("sample", or "image" for a per-image group)."""
     from refseg.cache.quantize import scale_name
 
     out = []
     for t in spec.tensors:
         channel_dim = "token" if t.kind == "attention" else f"{t.name}_channel"
-        out.append(ArrayLayout(t.name, (n_samples, *t.shape), float_dtype,
-                               ("sample", channel_dim, f"{t.name}_y", f"{t.name}_x"), True, compressible=True))
+        out.append(ArrayLayout(t.name, (n_rows, *t.shape), float_dtype,
+                               (dim, channel_dim, f"{t.name}_y", f"{t.name}_x"), True, compressible=True))
         if float_dtype == QUANTIZED_DTYPE:
-            out.append(ArrayLayout(scale_name(t.name), (n_samples, t.shape[0]), "float32", ("sample", channel_dim),
-                                   True))
+            out.append(ArrayLayout(scale_name(t.name), (n_rows, t.shape[0]), "float32", (dim, channel_dim), True))
     return out
 
 

@@ -129,12 +129,28 @@ class Cache(Store):
     def done(self, t) -> np.ndarray:
         """Which samples have features at noise level `t` (read now: a running extraction adds more)."""
         self._level(t)  # a CacheError naming the levels there are, if `t` is not one of them
-        return self.flags(f"{noise_group_name(t)}/done")
+        done = self.flags(f"{noise_group_name(t)}/done")
+        if not self.per_image(t):
+            return done
+        return done[self.index["image_row"]] & ~self._bad_samples()  # a bad sentence of a good image: skipped
 
     def skipped(self, t) -> np.ndarray:
         """Samples recorded as bad at noise level `t` (stored as zeros, never done)."""
         self._level(t)
-        return self.flags(f"{noise_group_name(t)}/skipped")
+        skipped = self.flags(f"{noise_group_name(t)}/skipped")
+        if not self.per_image(t):
+            return skipped
+        return skipped[self.index["image_row"]] | self._bad_samples()
+
+    def _bad_samples(self) -> np.ndarray:
+        """Which samples were recorded as bad (root attribute `bad`)."""
+        return np.isin(self.index["sent_id"], [int(b["sent_id"]) for b in self.bad])
+
+    def _level_rows(self, t, rows):
+        """Sample rows as rows of noise level `t`'s arrays: their images' rows in a per-image level."""
+        if not self.per_image(t):
+            return rows
+        return self.index["image_row"][rows] if not isinstance(rows, (int, np.integer)) else int(self.index["image_row"][rows])
 
     def coverage(self, t) -> Coverage:
         """How much of noise level `t` is extracted (read now: a running extraction adds more)."""
@@ -173,6 +189,7 @@ class Cache(Store):
         return self._tensor(t, name, rows)
 
     def _tensor(self, t, name: str, rows) -> np.ndarray:
+        rows = self._level_rows(t, rows)
         values = self._take(self._array(t, name), rows)
         if not self.quantized:
             return values

@@ -19,8 +19,9 @@ import numpy as np
 import zarr
 
 from refseg.cache.engine import ZarrEngine
-from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, QUANTIZED_DTYPE, SETTINGS_KEYS,
-                                 has_checksums, noise_group_name, parse_noise_group, storage_dtypes)
+from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, INDEX_FIELDS, PER_IMAGE, QUANTIZED_DTYPE,
+                                 ROWS_ATTR, SETTINGS_KEYS, has_checksums, noise_group_name, parse_noise_group,
+                                 storage_dtypes)
 from refseg.core.errors import CacheError, DamagedCacheError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -149,6 +150,16 @@ class Store:
                 levels.append(t)
         return sorted(levels)
 
+    def per_image(self, t: int) -> bool:
+        """Whether noise level `t` stores its features once per image (a `--prompt empty` store)."""
+        known = self.__dict__.setdefault("_per_image_levels", {})
+        if int(t) not in known:
+            group = self._noise_group(t)
+            if group is None:  # not (yet) a finished level: look again next time
+                return False
+            known[int(t)] = group.attrs.get(ROWS_ATTR) == PER_IMAGE  # fixed once the group is finished
+        return known[int(t)]
+
     def _noise_group(self, t: int) -> zarr.Group | None:
         """The group of noise level `t`, or None while it does not exist or is unfinished."""
         try:
@@ -256,7 +267,8 @@ class Store:
     def describe_rows(self, key: str, rows) -> str:
         """"sent_id 12, 15" / "image_id 3" for rows of array `key` (at most 10 ids named)."""
         rows = sorted(int(r) for r in rows)
-        per_image = key.startswith("images/")
+        level = parse_noise_group(key.split("/")[0])
+        per_image = key.startswith("images/") or (level is not None and self.per_image(level))
         ids = (self._image_ids() if per_image else self.index["sent_id"])[rows]
         shown = ", ".join(str(int(i)) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
         noun = "image_id" if per_image else "sent_id"

@@ -27,7 +27,7 @@ import zarr
 from refseg.cache.engine import Engine, TensorstoreEngine, ZarrEngine
 from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, TEXT_LAYOUT_ATTR, ArrayLayout, base_arrays,
                                  create_array, create_flags, has_checksums, is_local, noise_arrays, open_root,
-                                 parse_noise_group, storage_dtypes)
+                                 parse_noise_group, storage_dtypes, PER_IMAGE, ROWS_ATTR)
 from refseg.core.errors import CacheError, DamagedCacheError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -69,12 +69,13 @@ def expected_arrays(root: zarr.Group) -> Expected:
     text = {k: (tuple(v) if isinstance(v, list) else v) for k, v in attrs.get(TEXT_LAYOUT_ATTR, {}).items()}
     layouts = {a.path: a for a in base_arrays(spec, n, m, float_dtype, **text)}
     flags = {"images/done": (m, "image"), "text/done": (n, "sample")}
-    for name, _ in sorted(root.groups()):
+    for name, group in sorted(root.groups()):
         if parse_noise_group(name) is not None:
-            for a in noise_arrays(spec, n, feature_dtype):
+            rows, dim = (m, "image") if group.attrs.get(ROWS_ATTR) == PER_IMAGE else (n, "sample")
+            for a in noise_arrays(spec, rows, feature_dtype, dim):
                 layouts[f"{name}/{a.path}"] = ArrayLayout(f"{name}/{a.path}", a.shape, a.dtype, a.dims, a.per_row,
                                                           a.compressible)
-            flags[f"{name}/done"] = flags[f"{name}/skipped"] = (n, "sample")
+            flags[f"{name}/done"] = flags[f"{name}/skipped"] = (rows, dim)
     return Expected(layouts, flags, int(attrs["shard_size"]), attrs["codec"], has_checksums(attrs[FORMAT_ATTR]))
 
 
@@ -212,12 +213,15 @@ def repair(path: str, damage: list[Damage]) -> list[str]:
 
 def describe(path: str, damage: list[Damage], root: zarr.Group | None = None) -> list[str]:
     """One line per damage, rows named by sent_id (image_id for per-image arrays) where the index reads."""
-    ids = _ids(root if root is not None else open_root(os.fspath(path), mode="r"))
+    root = root if root is not None else open_root(os.fspath(path), mode="r")
+    ids = _ids(root)
+    per_image = {name for name, group in root.groups() if group.attrs.get(ROWS_ATTR) == PER_IMAGE}
     lines = []
     for d in damage:
         where = ""
         if d.rows:
-            noun, column = ("image_id", ids[1]) if d.array.startswith("images/") else ("sent_id", ids[0])
+            by_image = d.array.startswith("images/") or d.array.split("/")[0] in per_image
+            noun, column = ("image_id", ids[1]) if by_image else ("sent_id", ids[0])
             rows = d.rows
             shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
             where = f" rows {shown}"

@@ -39,6 +39,8 @@ from refseg.cache.layout import (
     FORMAT_ATTR,
     FORMAT_VERSION,
     INDEX_FIELDS,
+    PER_IMAGE,
+    ROWS_ATTR,
     TEXT_LAYOUT_ATTR,
     WRITE_EVERY_CHUNK,
     ImageTable,
@@ -399,14 +401,27 @@ class CacheWriter(Store):
                 f"but this run asks for {now} (use --overwrite to replace it)")
         # arrays first, attributes last: a group without attributes is an unfinished one, finished here
         members = set(group.array_keys())
-        for layout in noise_arrays(self.spec, self.n_samples, self.feature_dtype.name):
+        per_image = attrs.get(ROWS_ATTR) == PER_IMAGE if attrs else self._features_per_image()
+        n_rows, dim = (self.n_images, "image") if per_image else (self.n_samples, "sample")
+        for layout in noise_arrays(self.spec, n_rows, self.feature_dtype.name, dim):
             if layout.path not in members:  # in the store's own format: a format-1 store stays format 1
                 create_array(group, layout, layout.path, self.shard_size, self.codec, self.checksums)
         for flag in ("done", "skipped"):
             if flag not in members:
-                create_flags(group, flag, self.n_samples, self.shard_size, checksums=self.checksums)
+                create_flags(group, flag, n_rows, self.shard_size, dim=dim, checksums=self.checksums)
         if not attrs:
-            group.attrs.put(sorted_json(noise.to_attrs() if noise is not None else {"noise_t": t, "timestep": timestep}))
+            level = noise.to_attrs() if noise is not None else {"noise_t": t, "timestep": timestep}
+            group.attrs.put(sorted_json({**level, **({ROWS_ATTR: PER_IMAGE} if per_image else {})}))
+
+    def _features_per_image(self) -> bool:
+        """Whether a new noise level stores its features once per image: with `--prompt empty` every
+        sentence of an image has the same condition and ε, so the same features (format 2 on; an older
+        store keeps a row per sample)."""
+        return self.checksums and self.settings["extraction"].get("prompt") == "empty"
+
+    def level_rows(self, t: int) -> int:
+        """Rows of noise level `t`'s arrays: one per image in a per-image group, else one per sample."""
+        return self.n_images if self.per_image(t) else self.n_samples
 
     def _level(self, t: int) -> str:
         """The group name of noise level `t`, which must have been added."""
@@ -423,24 +438,26 @@ class CacheWriter(Store):
     def feature_shards_todo(self, t: int, part: tuple[int, int] = (0, 1)) -> list[slice]:
         group = self._level(t)
         finished = self.flags(f"{group}/done") | self.flags(f"{group}/skipped")
-        return [s for s in shard_slices(self.n_samples, self.shard_size, part) if not finished[s].all()]
+        return [s for s in shard_slices(self.level_rows(t), self.shard_size, part) if not finished[s].all()]
 
     def write_features(self, t: int, rows: slice, arrays: dict[str, np.ndarray], skipped: np.ndarray | None = None,
                        checked: bool = False):
-        """Write one shard of features for noise level `t`; rows marked `skipped` are stored as zeros.
+        """Write one shard of features for noise level `t` (image rows in a per-image level); rows marked
+        `skipped` are stored as zeros.
 
         `checked`: the caller has already refused non-finite values (the pipeline does, on the device:
         extract/checks.py `check_features`), so the host need not read every value again.
         """
         group = self._level(t)
-        n = self._check_shard(rows, self.n_samples, "write_features")
+        n = self._check_shard(rows, self.level_rows(t), "write_features")
         names = set(arrays)
         if names != set(self.spec.names):
             raise ValueError(f"write_features: expected tensors {sorted(self.spec.names)}, got {sorted(names)}")
         skipped = np.zeros(n, dtype=bool) if skipped is None else self._as(skipped, bool, (n,), "skipped")
         data = {t_.name: self._as(arrays[t_.name], self.float_dtype, (n, *t_.shape), t_.name) for t_ in self.spec.tensors}
         if not checked:
-            self._check_finite(data, self.index["sent_id"][rows], "sent_id", f"in features at T={int(t)}", ignore=skipped)
+            ids, id_name = (self.image_ids, "image_id") if self.per_image(t) else (self.index["sent_id"], "sent_id")
+            self._check_finite(data, ids[rows], id_name, f"in features at T={int(t)}", ignore=skipped)
         if skipped.any():  # whatever a skipped row held (often the NaN that got it skipped), store zeros
             keep = ~skipped.reshape(-1, 1, 1, 1)
             data = {name: np.where(keep, array, array.dtype.type(0)) for name, array in data.items()}

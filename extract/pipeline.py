@@ -346,16 +346,31 @@ class Extraction:
     # ---- stage 2: UNet per (sentence, T) ----------------------------------------------------------
 
     def features(self, stage: NoiseLevel, rows: list[int], add: Callable) -> None:
-        """The UNet's features of each sample row at noise level `stage.t`, from its stored latent and
-        embedding; zeros, flagged skipped, for a sample found bad in stage 1 (by any process)."""
+        """The UNet's features of each row of noise level `stage.t`, from its stored latent and embedding;
+        zeros, flagged skipped, for a row found bad in stage 1 (by any process).
+
+        A row is a sample, or in a per-image level (`--prompt empty`, `CacheWriter.per_image`) an image,
+        computed from its first sentence (every sentence of it has the empty prompt and the image's ε).
+        """
         names = [ti.name for ti in self.spec.tensors]
         zeros = {ti.name: np.zeros(ti.shape, self.writer.float_dtype) for ti in self.spec.tensors}
-        skip = set(int(r) for r in self.writer.bad_rows())
+        skip = set(int(r) for r in self.writer.bad_rows())  # sample rows recorded as bad
+        sample_of = np.arange(self.writer.n_samples)  # level row -> the sample row it is computed from
+        if self.writer.per_image(stage.t):
+            samples = self.tables.samples
+            _, first = np.unique(samples.image_row, return_index=True)
+            sample_of = first
+            # an image is skipped when none of its sentences can be used (its image could not be read)
+            skip = {int(i) for i in range(self.writer.n_images)
+                    if all(int(r) in skip for r in np.flatnonzero(samples.image_row == i))}
+            skip_samples = {int(first[i]) for i in skip}
+        else:
+            skip_samples = skip
         copies = HostCopies(self.backbone.device, overlap=OVERLAP_HOST_COPIES)
 
         def store(batch, computed, source, pending):  # the host side of a batch: checks, then rows into shards
             host = copies.finish(pending)
-            check_features(names, host, computed, stage.t, self.tables.samples, skip,
+            check_features(names, host, computed, stage.t, self.tables.samples, skip_samples,
                            limit=float(np.finfo(self.writer.float_dtype).max))
             consecutive = np.array_equal(batch, np.arange(batch[0], batch[0] + len(batch)))
             if consecutive and np.array_equal(source, np.arange(len(batch))) and not skip.intersection(batch.tolist()):
@@ -374,7 +389,7 @@ class Extraction:
         with self.backbone.capture(self.spec) as capture:  # the family's (UNets: extract/capture.py)
             for batch in _batches(rows, self.cfg.batch_size):
                 batch = np.array(batch)
-                computed, source = self._rows_to_compute(batch)
+                computed, source = self._rows_to_compute(sample_of[batch])
                 pending = copies.start(self._unet(stage, capture, copies, computed, names))
                 if in_flight is not None:
                     store(*in_flight)

@@ -70,3 +70,55 @@ def test_the_prompt_is_recorded_only_when_empty_and_the_probe_refuses_such_a_cac
     assert stores["empty"].fingerprint != stores["sentence"].fingerprint
     with pytest.raises(CacheError, match="was extracted with --prompt empty: its attention maps follow no sentence"):
         probe_attention(stores["empty"])
+
+
+def test_the_no_sentence_store_holds_each_image_once(stores):
+    """Issue 24, item 2: one row per image in each noise level, read by every sentence of the image."""
+    empty, sentence = stores["empty"], stores["sentence"]
+    root = empty._root
+    n, m = empty.n_samples, empty.n_images
+    assert m < n and root["t0000/s8"].shape[0] == m and root["t0000/done"].shape[0] == m
+    assert root["t0000"].attrs["rows"] == "image" and "rows" not in sentence._root["t0000"].attrs
+    assert sentence._root["t0000/s8"].shape[0] == n
+    image_row = empty.index["image_row"]
+    for t in (0, 500):
+        assert empty.done(t).shape == (n,) and empty.done(t).all() and empty.coverage(t).complete
+        every = empty.read_rows(t, list(range(n)), "s16")
+        per_image = root[f"t{t:04d}/s16"][:]
+        assert np.array_equal(every, per_image[image_row])  # each sentence reads its image's row
+        assert np.array_equal(empty.read(t, n - 1)["s16"], per_image[image_row[n - 1]])
+    from refseg.cache.layout import store_nbytes
+
+    sizes = [store_nbytes(str(c.path) + "/t0000/s8") for c in (empty, sentence)]
+    assert sizes[0] * (n / m) == pytest.approx(sizes[1], rel=0.05)  # sentences-per-image times smaller
+
+
+def test_a_dataset_over_the_no_sentence_store_yields_every_sentence(stores):
+    from refseg.cache.dataset import FeatureDataset
+
+    empty = stores["empty"]
+    for preload in (False, True):
+        data = FeatureDataset(empty.path, 500, names=["s8"], preload=preload)
+        assert len(data) == empty.n_samples
+        a, b = _same_image_rows(empty)
+        assert np.array_equal(data[a]["features"]["s8"], data[b]["features"]["s8"])
+        assert not np.array_equal(data[a]["gt"], data[b]["gt"]) or empty.index["ref_id"][a] == empty.index["ref_id"][b]
+
+
+def test_damage_in_the_no_sentence_store_names_images_and_is_repaired(stores, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from refseg.cache.cli import main as cache_cli
+    from refseg.core.errors import DamagedCacheError
+
+    store = tmp_path / "empty.zarr"
+    shutil.copytree(stores["empty"].path, store)
+    (store / "t0500" / "s8" / "c" / "0" / "0" / "0" / "0").unlink()
+    with pytest.raises(DamagedCacheError, match=r"t0500/s8 rows? 0.*\(image_id "):
+        open_cache(store).read_rows(500, [0], "s8")
+    found = CliRunner().invoke(cache_cli, ["verify", str(store)])
+    assert found.exit_code == 2 and "damaged: t0500/s8: rows 0" in found.output and "(image_id " in found.output
+    assert CliRunner().invoke(cache_cli, ["verify", str(store), "--repair"]).exit_code == 0
+    assert not open_cache(store).done(500)[open_cache(store).index["image_row"] == 0].any()
