@@ -75,6 +75,9 @@ class DemoConfig:
     # 32: the decoders' convolutions are most of the sweep's time, and 32 channels train twice as fast as
     # 64 with the same val oIoU on this world (BENCHMARKS.md, demo rows); VPD uses 640
     hidden: int = field(default=32, metadata=cli("Head width (VPD: 640)."))
+    cache_dtype: str = field(default="fp16", metadata=cli(
+        "Storage type of the study's caches (refseg-extract --cache-dtype).",
+        type=click.Choice(["fp16", "fp32", "int8"])))
     loss: str = "ce+dice"  # issue 13: Dice helps the small objects of the synthetic world
     batch_size: int = 16
     lr: float = 1e-3
@@ -115,6 +118,7 @@ class DemoConfig:
         out = Path(self.out)
         name = split if prompt == "sentence" else f"{split}-no-sentence"
         return ExtractionConfig(data_root=str(out / "data"), dataset="refcoco-synth", split=split, prompt=prompt,
+                                cache_dtype=self.cache_dtype,
                                 out=str(out / "cache" / f"{name}.zarr"), model=model, noise_ts=self.noise_ts,
                                 image_size=self.image_size, token_length=self.token_length,
                                 batch_size=self.batch_size, device=self.device, progress=self.progress,
