@@ -233,11 +233,8 @@ class Extraction:
             f"{self.writer.n_samples} sentences, which this process's UNet stage needs; check that the other "
             "--shard parts are running (or raise --wait-timeout); what is written is kept, rerun to resume")
 
-    def noise_level(self, noise: NoiseInput | int) -> None:
-        """Stage 2 at one noise level (a `NoiseInput`, or a T) for this process's part; shards other
-        processes hold are left to them."""
-        if not isinstance(noise, NoiseInput):
-            noise = self.backbone.noise_input(t=int(noise), timestep=self.cfg.timestep)
+    def noise_level(self, noise: NoiseInput) -> None:
+        """Stage 2 at one noise level for this process's part; shards other processes hold are left to them."""
         stage = NoiseLevel(noise.level, timestep=noise.model_timestep, noise=noise)
         self.writer.add_noise_level(stage.t, noise=noise)
         result = self.run_stage(stage, functools.partial(self.features, stage), self.cfg.shard)

@@ -340,7 +340,7 @@ def runs_by_cell(runs_dir: Path) -> dict[tuple, list[Path]]:
     found: dict[tuple, list] = {}
     for run in sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists()):
         c = read_config(run)
-        blind = bool(c.get("text_blind", (c.get("settings") or {}).get("text_blind", False)))
+        blind = bool(c.get("text_blind", False))  # runs from before --text-blind lack the key
         found.setdefault((c["head"], int(c["noise_t"]), blind), []).append((int(c.get("seed", 0)), run))
     return {k: [run for _, run in sorted(v)] for k, v in found.items()}
 

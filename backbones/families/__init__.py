@@ -16,13 +16,7 @@ def _register_builtin() -> None:
     import importlib
 
     for module in ("sd", "sd2", "sdxl", "sd3", "flux"):
-        try:
-            mod = importlib.import_module(f"refseg.backbones.families.{module}")
-        except ModuleNotFoundError as exc:  # a family module not written yet (sd3/flux land separately)
-            if exc.name != f"refseg.backbones.families.{module}":
-                raise
-            continue
-        register(mod.FAMILY)
+        register(importlib.import_module(f"refseg.backbones.families.{module}").FAMILY)
 
 
 def tiny_names() -> dict[str, Family]:
