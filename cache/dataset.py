@@ -77,7 +77,8 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     # ---- preload ------------------------------------------------------------------------------
     @staticmethod
-    def _row_bytes(spec, names, text: bool, itemsize: int) -> int:
+    def row_bytes(spec, names, text: bool, itemsize: int) -> int:
+        """RAM bytes of one preloaded sample: the tensors `names` (+ text) at `itemsize` bytes a value, GT as uint8."""
         n = sum(spec[name].nbytes(itemsize) for name in names) + spec.image_size**2  # features + gt u8
         if text:
             n += spec.token_length * spec.text_dim * itemsize + spec.token_length  # embedding + mask bool
@@ -89,11 +90,11 @@ class FeatureDataset(torch.utils.data.Dataset):
         cache = open_cache(os.fspath(path))
         names = cls._check_names(cache, names)
         n = len(cls._select_rows(cache, int(noise_t), rows))
-        return n * cls._row_bytes(cache.spec, names, text, cache.float_dtype.itemsize)
+        return n * cls.row_bytes(cache.spec, names, text, cache.float_dtype.itemsize)
 
     def nbytes(self) -> int:
         """Bytes of RAM this dataset's preloaded arrays take (or would take)."""
-        return len(self.rows) * self._row_bytes(self.spec, self.names, self.text, self.itemsize)
+        return len(self.rows) * self.row_bytes(self.spec, self.names, self.text, self.itemsize)
 
     def _preload(self, cache: Cache) -> dict[str, np.ndarray]:
         need = self.nbytes()
@@ -112,7 +113,7 @@ class FeatureDataset(torch.utils.data.Dataset):
             sources["text_mask"], shapes["text_mask"] = cache.attention_mask, (L,)
         dtypes = {"gt": np.uint8, "text_mask": bool}
         data = {}
-        block = max(cache.shard_size, _PRELOAD_BLOCK_BYTES // max(1, self._row_bytes(self.spec, self.names, self.text,
+        block = max(cache.shard_size, _PRELOAD_BLOCK_BYTES // max(1, self.row_bytes(self.spec, self.names, self.text,
                                                                                        self.itemsize)))
         for key, read in sources.items():
             out = np.empty((n, *shapes[key]), dtype=dtypes.get(key, cache.float_dtype))

@@ -203,8 +203,7 @@ def _start(s: TrainSettings, built: list, train: Samples, val: Samples | None, r
 
     def dataset(part: Samples, copies: int = 1) -> FeatureDataset:
         return FeatureDataset(part.path, s.noise_t, names=names, rows=part.rows, text=text,
-                              preload=_preload_ok(s.preload, train.cache.spec, names, text, len(part.rows), part.path,
-                                                  progress, copies))
+                              preload=_preload_ok(s.preload, part.cache, names, text, len(part.rows), progress, copies))
 
     train_set = dataset(train, ranks.local_world)
     val_set = dataset(val) if val is not None and ranks.main else None
@@ -418,7 +417,7 @@ def _resume(state: TrainState, head: HeadState) -> None:
     state.say(f"resuming {out} after epoch {head.epoch}/{s.epochs}")
 
 
-def _preload_ok(preload, spec, names: list[str], text: bool, n: int, path, progress: bool, copies: int = 1) -> bool:
+def _preload_ok(preload, cache, names: list[str], text: bool, n: int, progress: bool, copies: int = 1) -> bool:
     """Whether to load the samples into RAM first; says how much it needs.
 
     preload=True: always (FeatureDataset refuses, with one line, what does not fit). preload=None or
@@ -430,14 +429,12 @@ def _preload_ok(preload, spec, names: list[str], text: bool, n: int, path, progr
     auto = preload is None or preload == "auto"
     if not (preload or auto):
         return False
-    per_sample = sum(spec[name].nbytes(2) for name in names) + spec.image_size ** 2
-    if text:
-        per_sample += spec.token_length * (spec.text_dim * 2 + 1)
-    need = per_sample * n
+    # what FeatureDataset itself will allocate: the store's float type (4 bytes with --cache-dtype fp32)
+    need = FeatureDataset.row_bytes(cache.spec, names, text, cache.float_dtype.itemsize) * n
     avail = available_memory()
     if auto and (avail is None or need * copies > avail / 2):
         return False
-    say(progress, f"preload: {need / 1e9:.2f} GB for {n} samples of {path}"
+    say(progress, f"preload: {need / 1e9:.2f} GB for {n} samples of {cache.path}"
         + (f" ({avail / 1e9:.1f} GB available)" if avail else ""))
     return True
 
