@@ -39,8 +39,9 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",  # refseg-sweep's GRID.yaml (yaml.safe_load only)
+        "tensorstore>=0.1.86",  # the store's data engine (cache/engine.py; docs/DESIGN.md §6 says why)
     ],
-    extras_require={"test": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "refseg-data=refseg.core.data_cli:main",
