@@ -80,7 +80,7 @@ def parse_args(argv=None):
 # ---- FLOPs -------------------------------------------------------------------------------------
 def count_sample_flops(arch: str, image_size: int, token_length: int, spec) -> dict[str, int]:
     """FLOPs of one sample for each piece, counted on meta tensors (shapes only, no arithmetic)."""
-    from refseg.extract.capture import UNetCapture
+    from refseg.backbones.capture import UNetCapture
 
     m = models.build_modules(arch, device="meta")
     unet, vae, text = m["unet"], m["vae"], m["text_encoder"]
@@ -148,7 +148,7 @@ def capture_twin(unet, spec, exits: contextlib.ExitStack):
     plain variant free of hooks, and keeps each tree's hooks fixed, so a compiled UNet is not
     re-traced every time the capture would come and go.
     """
-    from refseg.extract.capture import UNetCapture
+    from refseg.backbones.capture import UNetCapture
 
     shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
     twin = copy.deepcopy(unet, memo=shared)

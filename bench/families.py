@@ -11,7 +11,7 @@ Per model, one captured forward (features and text-token maps at the default lay
 batch 1, and 2 when it fits: FLOPs per sample (torch.utils.flop_counter), samples/s (median of
 interleaved repeats, CUDA events) and peak device memory (max_memory_allocated, weights included).
 Prints one JSON line per model and batch; with `--device cuda` it fits in ~3 minutes on an H100.
-FLUX's analytic peak (`flux_capture_peak`, extract/joint_capture.py's `capture_peak_bytes` with the
+FLUX's analytic peak (`flux_capture_peak`, backbones/joint_capture.py's `capture_peak_bytes` with the
 text encoders left resident) is printed beside the measured one.
 """
 
@@ -86,7 +86,7 @@ def flux_capture_peak(image_size: int = 1024, token_length: int = 512, batch: in
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from refseg.extract.joint_capture import capture_peak_bytes
+    from refseg.backbones.joint_capture import capture_peak_bytes
 
     transformer = n_params(on_meta(lambda: FluxTransformer2DModel(**config)))
     resident = (n_params(on_meta(lambda: T5EncoderModel(T5Config(**FLUX_T5_CONFIG))))
@@ -105,7 +105,7 @@ def sdxl_case(tiny: bool, image: int, device, dtype):
 
     from refseg.backbones.families.sdxl import UNET_CONFIG as TINY_SDXL, time_ids
     from refseg.core.feature_spec import FeatureSpec
-    from refseg.extract.capture import UNetCapture
+    from refseg.backbones.capture import UNetCapture
 
     config = TINY_SDXL if tiny else SDXL_UNET_CONFIG
     unet = materialise(on_meta(lambda: UNet2DConditionModel(**config)), device, dtype)

@@ -164,7 +164,7 @@ def main(argv=None) -> None:
         return
 
     from refseg.cache import FeatureDataset, open_cache
-    from refseg.extract.capture import UNetCapture
+    from refseg.backbones.capture import UNetCapture
     from refseg.extract.pipeline import ExtractionConfig, run_extraction
     from refseg.heads import build_head
     from refseg.heads.batches import autocast, batch_to_device, make_loader

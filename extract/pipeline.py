@@ -383,7 +383,7 @@ class Extraction:
         # Software-pipelined: batch i+1 is queued on the device before batch i is stored on the host
         # (extract/host_copy.py); on the CPU this is the plain sequential loop.
         in_flight = None
-        with self.backbone.capture(self.spec) as capture:  # the family's (UNets: extract/capture.py)
+        with self.backbone.capture(self.spec) as capture:  # the family's (UNets: backbones/capture.py)
             for batch in _batches(rows, self.cfg.batch_size):
                 batch = np.array(batch)
                 computed, source = self._rows_to_compute(sample_of[batch])

@@ -29,7 +29,7 @@ from refseg.core.errors import DataError, ModelError
 from refseg.core.noise import add_noise, alphas_cumprod, make_noise
 from refseg.core.precision import ieee_float32
 from refseg.core.transforms import image_to_tensor, load_image
-from refseg.extract.capture import UNetCapture
+from refseg.backbones.capture import UNetCapture
 from refseg.extract.pipeline import batch_invariant
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast

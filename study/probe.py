@@ -23,7 +23,7 @@ conjunctions and a few pronouns). Sub-tokens are grouped into words by CLIP's en
 content word counts (its maps all enter the mean). A sentence with no content word falls back to
 all its non-special tokens; one with no token at all is left out (and counted in `skipped`).
 
-Per layer: the cache stores one map per stride (layers averaged at extraction, extract/capture.py),
+Per layer: the cache stores one map per stride (layers averaged at extraction, backbones/capture.py),
 so the probe works per stride. Per-layer figures would need per-layer maps in the cache; not built.
 """
 

@@ -37,7 +37,7 @@ import pytest
 PRELOAD = [
     "_fault_util", "torch", "numpy", "zarr", "click", "safetensors.torch",
     "refseg.backbones.loading", "refseg.backbones.tiny", "refseg.core.refer", "refseg.core.transforms",
-    "refseg.cache", "refseg.cache.engine", "refseg.cache.writer", "refseg.cache.reader", "refseg.cache.dataset", "refseg.extract.cli", "refseg.extract.pipeline", "refseg.extract.capture",
+    "refseg.cache", "refseg.cache.engine", "refseg.cache.writer", "refseg.cache.reader", "refseg.cache.dataset", "refseg.extract.cli", "refseg.extract.pipeline", "refseg.backbones.capture",
     "diffusers.models.autoencoders.autoencoder_kl", "diffusers.models.unets.unet_2d_condition",
     "diffusers.schedulers.scheduling_ddpm", "transformers.models.clip.modeling_clip",
     "transformers.models.clip.tokenization_clip", "refseg.heads.train", "refseg.heads.cli_train", "refseg.heads.cli_eval",

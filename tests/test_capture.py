@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from _capture_util import plain_unet_forward
-from refseg.extract.capture import UNetCapture
+from refseg.backbones.capture import UNetCapture
 from refseg.backbones.loading import load_backbone
 from refseg.core.feature_spec import FeatureSpec
 

@@ -13,7 +13,7 @@ import zarr
 from _cache_util import store_files
 from refseg.cache import open_cache
 from refseg.cache.writer import CacheWriter
-from refseg.extract.capture import UNetCapture
+from refseg.backbones.capture import UNetCapture
 from refseg.extract.pipeline import run_extraction
 from refseg.core.noise import add_noise, alphas_cumprod, make_noise
 

@@ -17,7 +17,7 @@ import zarr
 
 from refseg.backbones.loading import load_backbone
 from refseg.core.precision import ieee_float32
-from refseg.extract.capture import UNetCapture
+from refseg.backbones.capture import UNetCapture
 
 pytestmark = pytest.mark.gpu
 B, L, IMAGE = 2, 12, 64

@@ -1,4 +1,4 @@
-"""Joint-attention capture (extract/joint_capture.py) on tiny-sd3 and tiny-flux.
+"""Joint-attention capture (backbones/joint_capture.py) on tiny-sd3 and tiny-flux.
 
 The captured hidden states equal plain forward hooks; the maps equal the image->text block of the
 full softmax(QKᵀ) over the joint sequence, recomputed naively (materialised) from the layer's weights
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refseg.backbones.families import FAMILIES
-from refseg.extract.joint_capture import capture_peak_bytes, text_attention_probs
+from refseg.backbones.joint_capture import capture_peak_bytes, text_attention_probs
 
 IMAGE, TOKENS = 64, 6
 SENTENCES = ["the red circle left of the square", "a big blue star"]

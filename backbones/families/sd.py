@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from refseg.backbones.capture import UNetCapture
 from refseg.backbones.families.base import Family, TextConditioning
 from refseg.core.errors import ModelError
 from refseg.core.feature_spec import FeatureSpec
@@ -45,8 +46,6 @@ class UNetCaptureRun:
     """`Family.capture` for UNet families: `UNetCapture` run with a `NoiseInput` and `TextConditioning`."""
 
     def __init__(self, family: "UNetFamily", components: dict, spec: FeatureSpec, early_exit: bool | None = None):
-        from refseg.extract.capture import UNetCapture
-
         self.family, self.components = family, components
         self.inner = UNetCapture(components["unet"], spec, early_exit=early_exit)
 

@@ -4,7 +4,7 @@
 latents (VAE x8 with `shift_factor`: z = (x - shift) x scale), flow matching (model timestep from
 `NoiseInput`), several text encoders loaded by diffusers' subfolder names, the block-named
 `FeatureSpec` (`j12_s16`, `attn_j12_s16`; `FeatureSpec.from_transformer`) and `JointCapture`
-(extract/joint_capture.py: text-token maps renormalised over the text keys, without the full map).
+(backbones/joint_capture.py: text-token maps renormalised over the text keys, without the full map).
 
 SD3's text context, as `StableDiffusion3Pipeline.encode_prompt` builds it: CLIP-L and CLIP-G
 (`CLIPTextModelWithProjection`) each tokenized to CLIP's 77 positions, their penultimate hidden
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from refseg.backbones.joint_capture import DEFAULT_CHUNK, JointCapture
 from refseg.backbones.families.base import Family, TextConditioning
 from refseg.backbones.families.sd import first_line, jsonable
 from refseg.core.errors import ModelError
@@ -250,8 +251,6 @@ class TransformerFamily(Family):
             raise ModelError(str(exc)) from None
 
     def capture(self, components: dict, spec: FeatureSpec, early_exit: bool | None = None, chunk: int | None = None):
-        from refseg.extract.joint_capture import DEFAULT_CHUNK, JointCapture
-
         return JointCapture(components["transformer"], spec, partial(self.forward, components), early_exit,
                             chunk or DEFAULT_CHUNK)
 

@@ -18,7 +18,7 @@ positions first, then image). Scores in float32, averaged over heads.
 Memory: the full (text + image)^2 map is never formed. Image queries are taken `chunk` at a time,
 so the transient is O(B x heads x chunk x L_text) plus the layer's Q for the image tokens
 (O(N_img x D), what the layer holds anyway); `capture_peak_bytes` totals a whole captured forward.
-As in extract/capture.py, a recording processor wraps the layer's own processor, which computes
+As in backbones/capture.py, a recording processor wraps the layer's own processor, which computes
 the layer's output: the transformer's output is bit-identical with capture on.
 
     with JointCapture(transformer, spec, forward) as cap:
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from refseg.core.feature_spec import FeatureSpec
-from refseg.extract.capture_base import Capture, tokens_to_map
+from refseg.backbones.capture_base import Capture, tokens_to_map
 
 DEFAULT_CHUNK = 1024  # image queries per score block
 
@@ -115,7 +115,7 @@ class JointCapture(Capture):
 
     `forward(latents, noise, text)` runs the transformer as the family's pipeline calls it and returns
     its output (the velocity, in the latents' layout). `early_exit`: stop once everything is captured;
-    None (default) = unless the transformer was compiled with `.compile()` (extract/capture.py says why).
+    None (default) = unless the transformer was compiled with `.compile()` (backbones/capture.py says why).
     """
 
     model_name, layer_kind = "transformer", "joint-attention"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from refseg.extract.capture_base import Capture
+from refseg.backbones.capture_base import Capture
 
 
 def _first_tensor(output) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""What the UNet capture (extract/capture.py) and the joint-attention capture (extract/joint_capture.py)
+"""What the UNet capture (backbones/capture.py) and the joint-attention capture (backbones/joint_capture.py)
 share: installing forward hooks and recording processors on the modules a `FeatureSpec` lists, summing
 each attention tensor's maps over its layers, stopping the forward early once everything is captured,
 and checking that every listed tensor was produced. A subclass says how to turn a module's output into
@@ -32,7 +32,7 @@ class Capture:
     """Context manager that records `spec`'s tensors during one forward; the model is restored on exit.
 
     `early_exit`: stop the forward once everything is captured; None (default) = unless the model was
-    compiled with `.compile()` (extract/capture.py says why).
+    compiled with `.compile()` (backbones/capture.py says why).
     """
 
     model_name = "model"  # for messages: "UNet", "transformer"
