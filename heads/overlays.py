@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from refseg.core.transforms import load_image
+from refseg.core.transforms import load_image, to_rgb8
 
 GT_COLOUR = (255, 255, 255)  # outline, drawn over a black halo
 HALO_COLOUR = (0, 0, 0)
@@ -62,7 +62,7 @@ def wrap(text: str, width_px: int) -> list[str]:
 
 def paint(image: Image.Image, pred: np.ndarray, gt: np.ndarray) -> Image.Image:
     """The image with the prediction hatched and outlined in cyan and the GT outlined in white."""
-    image = image.convert("RGB")
+    image = to_rgb8(image)
     rgb = np.asarray(image, dtype=np.uint8).copy()
     g, p = _fit(gt, image.size), _fit(pred, image.size)
     h, w = p.shape
@@ -108,7 +108,7 @@ def overlay_image(image: Image.Image, pred: np.ndarray, gt: np.ndarray, caption:
                   key: bool = True) -> Image.Image:
     """The painted image (enlarged `scale` times, nearest), the colour key when `key`, and the caption
     wrapped to the image's width underneath."""
-    image = image.convert("RGB")
+    image = to_rgb8(image)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     body = paint(image, pred, gt)

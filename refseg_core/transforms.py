@@ -43,10 +43,33 @@ def load_image(path: str | Path, target_size: int | None = None) -> Image.Image:
     return img
 
 
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, by its real range.
+
+    PIL's `convert("RGB")` clips wider types to 0..255, which turns most of a 16-bit picture white.
+    So 16-bit grayscale (modes I;16*) is scaled from 0..65535 (÷257, rounded: the 8-bit file of the
+    same picture, within one level); 32-bit integer (mode I, which is also how Pillow opens some 16-bit
+    PNGs) likewise when a value exceeds 255, else taken as 8-bit; float (mode F) from 0..1 when its
+    values lie there, else clipped to 0..255. Everything else (L, P, RGBA, CMYK, 16-bit RGB, which
+    Pillow already reduces to 8 bits) is converted as PIL does.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = float(values.max()) if values.size else 0.0
+        if image.mode == "F":
+            scale = 255.0 if peak <= 1.0 else 1.0
+        else:
+            scale = 1.0 / 257.0 if (image.mode.startswith("I;16") or peak > 255) else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")  # uint8: mode L
+    return image.convert("RGB")  # L, P, CMYK, RGBA (alpha dropped), LA ...
+
+
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """PIL image (any mode) → float32 tensor (3, size, size) in [-1, 1], squashed bilinearly."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")  # L, P, CMYK, RGBA (alpha dropped), I;16 ...
+    image = to_rgb8(image)
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32)

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from refseg.core.metrics import TABLE_COLUMNS  # noqa: E402
+from refseg.core.transforms import to_rgb8  # noqa: E402
 from refseg.heads.run_dir import read_metrics  # noqa: E402
 
 
@@ -221,7 +222,7 @@ def feature_view(cache, t: int, row: int, tokens: list[str], path, image=None, m
     content = [i for i, tok in enumerate(tokens) if tok and not tok.startswith("<|") and tok not in stop][:max_tokens]
     att = attention[-1] if attention else None  # the finest attention stride
     size = cache.spec.image_size
-    rgb = (np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255 if image is not None
+    rgb = (np.asarray(to_rgb8(image).resize((size, size)), dtype=np.float32) / 255 if image is not None
            else np.full((size, size, 3), 0.5, dtype=np.float32))
     top = [("input", rgb)] + [(f"{info.name} ({info.channels} ch, PCA)", pca_rgb(sample[info.name].astype(np.float32)))
                               for info in features]
@@ -268,7 +269,7 @@ def overlay_grid(records: list[dict], cache, image_path_of, path, title: str, k:
     for r in best + worst:
         row = r["row"]
         gt = cache.gt([row])[0] != 0
-        image = load_image(image_path_of(int(cache.index["image_id"][row]))).convert("RGB").resize((size, size))
+        image = to_rgb8(load_image(image_path_of(int(cache.index["image_id"][row])))).resize((size, size))
         tiles.append(overlay_image(image, r["pred"], gt, f"{cache.texts[row]} (IoU {100 * r['iou']:.0f})",
                                    scale=scale, key=False))
     width = max(t.width for t in tiles) + 6  # a white gap between tiles
