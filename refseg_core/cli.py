@@ -1,7 +1,7 @@
 """Shared command-line plumbing: what every refseg command does the same way.
 
 - User errors become one line on stderr and exit 2 (`fail`, `user_errors`).
-- Ctrl-C prints what was kept and how to go on, and exits 130 (`user_errors`).
+- Ctrl-C prints what was kept and how to go on, and exits 130; SIGTERM the same, exit 143 (`user_errors`).
 - `--threads N` and `--quiet` exist on every command (`user_errors` adds them; `RuntimeSettings`).
 - Options are generated from a settings dataclass (`dataclass_options`, `cli`).
 """
@@ -15,7 +15,9 @@ import functools
 import inspect
 import os
 import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import click
@@ -24,6 +26,29 @@ from refseg.core.errors import RefsegError
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+TERMINATED_EXIT = 143  # 128 + SIGTERM, what SLURM and `kill` send to stop (or preempt) a job
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does: writes in flight
+    finish or are dropped whole, locks are released, and the command says what was kept."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the body runs, SIGTERM raises `Terminated` (only in the main thread, where Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str) -> None:
@@ -299,6 +324,7 @@ def user_errors(fn):
     - refseg's user errors (and bad paths, full disks) exit 2 with one line on stderr; programming
       errors still raise with a traceback: those are bugs to report, not user mistakes;
     - Ctrl-C says what was kept and how to resume, and exits 130 (not click's "Aborted!", exit 1);
+      SIGTERM (SLURM's preemption, `kill`) says the same and exits 143;
     - `--threads N` and `--quiet` are added to the command and applied while it runs; the body
       receives them only if it names them as parameters (or declares its own option of that name).
     """
@@ -317,13 +343,13 @@ def user_errors(fn):
             if name in kwargs and name not in own and name not in signature:
                 del kwargs[name]
         try:
-            with applied(runtime):
+            with applied(runtime), sigterm_as_interrupt():
                 return fn(*args, **kwargs)
         except RefsegError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a preempted job): the same line, its own status
             click.echo(interrupted_message(fn.__module__, kwargs, click.get_current_context(silent=True)), err=True)
-            sys.exit(INTERRUPTED_EXIT)
+            sys.exit(TERMINATED_EXIT if isinstance(exc, Terminated) else INTERRUPTED_EXIT)
         except FileNotFoundError as exc:
             fail(f"file not found: {exc.filename or exc}")
         except PermissionError as exc:

@@ -333,8 +333,10 @@ def test_ctrl_c_of_training_names_resume_and_others_keep_nothing():
                              "refseg-train-head --out runs/x --resume\n")
 
 
-def test_real_ctrl_c_exits_130_and_the_rerun_completes(extract_cli, synth_root, tmp_path):
-    """SIGINT to a real `refseg-extract` process while it writes; then the same command completes it."""
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_real_interrupt_says_what_was_kept_and_the_rerun_completes(extract_cli, synth_root, tmp_path, sig, status):
+    """SIGINT (Ctrl-C) or SIGTERM (SLURM preempting the job) to a real `refseg-extract` process while it
+    writes: one line saying what was kept and how to resume; then the same command completes it."""
     out = tmp_path / "C.zarr"
     args = [str(a) for a in extract_args(synth_root, out, "--noise-t", "5", "--noise-t", "50", "--noise-t", "500",
                                          "--shard-size", "1", "--batch-size", "1")]
@@ -345,11 +347,11 @@ def test_real_ctrl_c_exits_130_and_the_rerun_completes(extract_cli, synth_root, 
     while not (out / "t0000" / "done" / "c" / "0").exists() and process.poll() is None:
         assert time.monotonic() < deadline, "no shard written in time"
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     if process.returncode == 0:
         pytest.skip("the extraction finished before the signal arrived")
-    assert process.returncode == 130, stderr
+    assert process.returncode == status, stderr
     assert "Aborted!" not in stderr and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"interrupted: the shards written so far are kept in {out}")
     assert extract_cli(args).exit_code == 0
