@@ -209,6 +209,14 @@ class Store:
             raise DamagedCacheError(f"cache {self.path} is damaged: the flags {key} fail their checksum; run "
                                     f"`refseg-cache verify {self.path} --repair`", array=key) from None
 
+    def take(self, array: zarr.Array, rows) -> np.ndarray:
+        """Rows of any numeric array of this store, checked as every read is (what `export-h5` copies);
+        done/skipped flags are read as `flags` reads them (an absent flag file is "not done")."""
+        key = array_key(array)
+        if key.rsplit("/", 1)[-1] in ("done", "skipped"):
+            return self.flags(key)[rows]
+        return self._take(array, rows)
+
     def _take(self, array: zarr.Array, rows) -> np.ndarray:
         """Rows of one per-row array through the engine; damage is said with the samples' ids."""
         key = array_key(array)
@@ -217,20 +225,22 @@ class Store:
         except DamagedCacheError as exc:
             if not exc.missing:
                 raise self.damage_error(exc.array or key, exc) from None
-            first = exc
         # Some chunk is absent. Rows never written (not flagged finished) read as the fill value, as the
-        # docs say; a finished row's absent chunk is damage. Read row by row to tell which.
+        # docs say; a finished row's absent chunk is damage. Read row by row to tell which (and name them all).
         wanted = np.arange(array.shape[0])[rows]
         finished = self._finished(key, wanted)
-        if finished.all():
-            raise self.damage_error(first.array or key, first) from None
         out = np.zeros((*np.shape(wanted), *array.shape[1:]), dtype=array.dtype)
+        damaged, first_damage = [], None
         for i in np.flatnonzero(np.atleast_1d(finished)):
             r = int(np.atleast_1d(wanted)[i])
             try:
                 out.reshape(-1, *array.shape[1:])[i] = self._read_rows(array, key, r)
             except DamagedCacheError as exc:
-                raise self.damage_error(exc.array or key, exc) from None
+                damaged.append(r)
+                first_damage = first_damage or exc
+        if damaged:  # every damaged row read, named at once
+            raise self.damage_error(key, DamagedCacheError(first_damage.detail, array=key, rows=damaged,
+                                                           detail=first_damage.detail), rows_known=True) from None
         return out
 
     def _finished(self, key: str, rows) -> np.ndarray:

@@ -97,3 +97,54 @@ def test_cli_not_a_cache(tmp_path):
     result = CliRunner().invoke(main, ["info", str(tmp_path / "x.txt")])
     assert result.exit_code == 2 and "is not a refseg cache" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real, nearly full disk: a 256 KiB tmpfs with 12 KiB left (needs root, as the dev and CI machines run)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    (disk / "filler").write_bytes(b"\0" * (256 - 12) * 1024)
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full_disk):
+    """Refused before writing: exit 2, one line naming ENOSPC and the sizes (it was a segfault with 155
+    lines of h5py tracebacks, and a .partial left behind)."""
+    import subprocess
+    import sys
+
+    store, _, _ = filled_store(tmp_path / "c.zarr")
+    out = full_disk / "c.h5"
+    done = subprocess.run([sys.executable, "-m", "refseg.cache.cli", "export-h5", str(store), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith(f"error: writing {out} failed: No space left on device (ENOSPC) (the file needs about")
+    assert "nothing was kept" in lines[0]
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_a_disk_that_fills_during_the_export_is_said_in_one_line(tmp_path, full_disk):
+    """Past the space check (as when another job fills the disk meanwhile): HDF5 fails in the child, which
+    may crash; this process says ENOSPC and removes the partial file."""
+    store, _, _ = filled_store(tmp_path / "c.zarr")
+    out = full_disk / "c.h5"
+    with pytest.raises(CacheError, match=r"writing .*c\.h5 failed: No space left on device \(ENOSPC\); nothing"):
+        export_h5(store, out, space_check=False)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_export_refuses_a_damaged_store_instead_of_copying_zeros(tmp_path):
+    store, _, _ = filled_store(tmp_path / "c.zarr")
+    (store / "t0500" / "s8" / "c" / "1" / "0" / "0" / "0").unlink()
+    result = CliRunner().invoke(main, ["export-h5", str(store), str(tmp_path / "c.h5")])
+    assert result.exit_code == 2 and "is damaged: t0500/s8 rows 4..7" in result.stderr, result.output
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.partial").exists()
