@@ -19,6 +19,7 @@ Nothing here unpickles: weights and state are safetensors only. A trainer holds 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -32,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from refseg.core.errors import RunError
+from refseg.core.errors import RunError, RunWriteError
 from refseg.core.paths import PROBE_PREFIX
 
 CONFIG = "config.json"
@@ -125,10 +126,30 @@ class RunLock:
 
 # ---- atomic writes ------------------------------------------------------------------------------
 def _replace_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`: a failed write (a full disk) removes `tmp`, leaves `path` as it
+    was, and is a `RunWriteError` (one line: the run, the file, what to do)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600: give the mode open() would
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600: give the mode open() would
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise _write_error(path, exc) from None
+
+
+# safetensors reports an I/O error in words: "I/O error: No space left on device (os error 28)"
+# (older versions: "IoError(Os { code: 28, kind: StorageFull, ... })")
+_RUST_OS_CODE = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+
+
+def _write_error(path: Path, exc: Exception) -> RunWriteError:
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = _RUST_OS_CODE.search(str(exc))
+        code = int(found.group(1) or found.group(2)) if found else errno.EIO
+    return RunWriteError.from_os_error(path.parent, path, code)
 
 
 _umask_guard = threading.Lock()
@@ -216,17 +237,32 @@ def first_mismatch(exc: RuntimeError) -> str:
 
 # ---- metrics.jsonl ------------------------------------------------------------------------------
 def append_metrics(run: Path, record: dict) -> None:
-    with open(Path(run) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = Path(run) / METRICS
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # a line cut short is left out by read_metrics, and dropped on --resume
+        raise _write_error(path, exc) from None
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """The logged records; a last line cut short by a failed write (no newline yet) is left out."""
     path = Path(run) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    try:
+        return [json.loads(line) for line in lines]
+    except ValueError as exc:
+        raise RunError(f"{path} is not a metrics log (a line is not JSON: {exc})") from None
 
 
 def truncate_metrics(run: Path, last_epoch: int) -> None:

@@ -5,6 +5,7 @@ the message is printed as is, so it must read well on its own.
 """
 
 import errno
+import os
 
 
 class RefsegError(Exception):
@@ -84,3 +85,15 @@ class NonFiniteError(RefsegError):
 
 class RunError(RefsegError):
     """A head run directory is missing, malformed or from a different head."""
+
+
+class RunWriteError(RunError, OSError):
+    """Writing a head run directory failed (a full disk, an I/O error); what it held before is intact."""
+
+    @classmethod
+    def from_os_error(cls, run, path, code: int) -> "RunWriteError":
+        name = errno.errorcode.get(code, str(code))
+        err = cls(f"writing run {run} failed: {os.strerror(code)} ({name}) at {path}; the epochs completed before "
+                  "are kept: free space, then rerun the same command with --resume")
+        err.errno = code
+        return err
