@@ -22,7 +22,26 @@ def main(**options):
     if loaded.caveats:  # the table's header says what the numbers are not (stderr said it already)
         click.echo("Caveats: " + "; ".join(c.short for c in loaded.caveats))
     click.echo(format_table([(f"T={loaded.noise_t}", summary)], first_col="Noise"))
-    click.echo(f"{summary['n']} sentences, protocol {settings.protocol}, checkpoint {loaded.checkpoint}")
+    click.echo(f"{scored_line(summary['n'], loaded)}, protocol {settings.protocol}, checkpoint {loaded.checkpoint}")
+    for path in (settings.json_out, settings.per_sample, settings.overlays):
+        if path:
+            click.echo(f"wrote {path}")
+
+
+def scored_line(n: int, loaded) -> str:
+    """"335 sentences", or with samples skipped as bad at extraction (--skip-bad) how many of how many."""
+    skipped = loaded.coverage.skipped
+    if not skipped:
+        return f"{n} sentences"
+    ids = skipped_sent_ids(loaded)
+    shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+    return (f"scored {n} of {loaded.coverage.samples} sentences; {skipped} skipped as bad at extraction "
+            f"(sent_ids {shown}) count in no metric")
+
+
+def skipped_sent_ids(loaded) -> list[int]:
+    cache = loaded.cache
+    return [int(s) for s in cache.index["sent_id"][cache.skipped(loaded.noise_t)]]
 
 
 if __name__ == "__main__":

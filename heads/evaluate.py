@@ -332,6 +332,8 @@ def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
         "cache": str(loaded.cache_path), "cache_fingerprint": loaded.cache.fingerprint,
         "cache_settings": loaded.cache.settings, "run_cache_fingerprint": cfg["cache"]["fingerprint"],
         "checkpoint_requested": s.checkpoint, "coverage": loaded.coverage.to_dict(),
+        # samples extracted with --skip-bad: flagged skipped, never scored (coverage counts them too)
+        "skipped_as_bad": [int(x) for x in loaded.cache.index["sent_id"][loaded.cache.skipped(loaded.noise_t)]],
         "on_training_samples": any(c.key == "training_samples" for c in loaded.caveats),
         "warnings": [c.message for c in loaded.caveats],
     }

@@ -385,3 +385,16 @@ def test_a_run_recorded_before_the_tiny_synth_kind_rename_still_matches_its_cach
     other = {"backbone": {"model": "tiny-synth", "kind": "file", "weights_sha256": "w"}, "extraction": {}}
     with pytest.raises(CacheMismatchError, match="backbone.kind is 'file' in the cache but 'folder' in the run"):
         check_compatible(old_run, other, "run", "cache")
+
+
+def test_eval_of_a_cache_with_samples_skipped_as_bad_says_how_many_it_scored(caches, tmp_path):
+    """Issue 23: 15 of 16 sentences scored, and which one was skipped, in the output and in --json."""
+    out = tmp_path / "e.json"
+    result = _eval(caches / "run", caches / "skipped.zarr", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    skipped_id = int(open_cache(caches / "skipped.zarr").index["sent_id"][5])
+    assert (f"scored 15 of 16 sentences; 1 skipped as bad at extraction (sent_ids {skipped_id}) count in no metric"
+            in result.stdout), result.stdout
+    assert f"wrote {out}" in result.stdout
+    info = json.loads(out.read_text())
+    assert info["summary"]["n"] == 15 and info["skipped_as_bad"] == [skipped_id]
