@@ -303,7 +303,7 @@ def _load_folder(path: str, dtype: torch.dtype) -> tuple[Family, dict]:
                          f"{', '.join(m + '/' for m in missing)}). {ACCEPTED_FORMS}")
     try:
         return family, family.load(path, dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (ModelError, OSError) as exc:  # a component that cannot be loaded (families/base.py load_component)
         raise ModelError(f"cannot load model {path!r}: {_first_line(exc)}") from None
 
 

@@ -52,6 +52,36 @@ def read_model_index(folder: str) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+def load_component(name: str, load):
+    """`load()` (one component's from_pretrained); whatever it raises on a malformed folder (diffusers and
+    transformers raise TypeError, ValueError, KeyError, RuntimeError, validation errors ...) becomes a
+    ModelError naming the component's subfolder and the first line that says what is wrong."""
+    try:
+        return load()
+    except OSError as exc:  # still an OSError: the hub path reads it as "not found" (backbones/loading.py)
+        raise ComponentNotReadable(f"its {name}/ cannot be loaded: {describe_load_error(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of a third-party loader on the user's files
+        raise ModelError(f"its {name}/ cannot be loaded: {describe_load_error(exc)}") from None
+
+
+class ComponentNotReadable(ModelError, OSError):
+    """A component's files are missing or unreadable (an OSError from the loader)."""
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line of `exc`: for torch's "Error(s) in loading state_dict for X:" the first weight it names
+    (a size mismatch, a missing or unexpected key), not the empty first line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        detail = lines[1]
+        return f"{lines[0]} {detail[:400]}{'...' if len(detail) > 400 else ''}"
+    if isinstance(exc, TypeError) or type(exc).__name__.endswith("ValidationError"):
+        return f"its config.json holds a value of the wrong type ({' '.join(lines)[:300]})"
+    return lines[0][:300]
+
+
 class Family:
     """One backbone family. Subclasses set the class attributes and implement the methods that raise.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from refseg.backbones.capture import UNetCapture
-from refseg.backbones.families.base import Family, TextConditioning
+from refseg.backbones.families.base import Family, TextConditioning, load_component
 from refseg.core.errors import ModelError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -85,14 +85,18 @@ class UNetFamily(Family):
 
         kw = dict(local_files_only=local_files_only)
         parts = dict(
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
+            unet=load_component("unet", lambda: UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", torch_dtype=dtype, **kw)),
+            vae=load_component("vae", lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype,
+                                                                          **kw)),
         )
         for name in self.text_encoders:
-            parts[name] = self.text_encoder_class(name).from_pretrained(source, subfolder=name, dtype=dtype, **kw)
+            parts[name] = load_component(name, lambda: self.text_encoder_class(name).from_pretrained(
+                source, subfolder=name, dtype=dtype, **kw))
         for name in self.tokenizer_names:
-            parts[name] = CLIPTokenizer.from_pretrained(source, subfolder=name, **kw)
-        parts["scheduler_config"] = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kw))
+            parts[name] = load_component(name, lambda: CLIPTokenizer.from_pretrained(source, subfolder=name, **kw))
+        parts["scheduler_config"] = load_component("scheduler", lambda: dict(DDPMScheduler.load_config(
+            source, subfolder="scheduler", **kw)))
         return parts
 
     @property

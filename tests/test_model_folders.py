@@ -1,0 +1,51 @@
+"""A model folder that cannot be loaded (issue 23): one line naming the folder, the component and what is
+wrong, never a traceback: wrong types in a config, invalid JSON, weights of other shapes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from refseg.backbones.loading import load_backbone, save_backbone
+from refseg.backbones.tiny import build_tiny
+from refseg.core.errors import ModelError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_backbone(build_tiny(), tmp_path_factory.mktemp("model") / "tiny")
+
+
+def edit_config(sub, **values):
+    def edit(path):
+        config = path / sub / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), **values}))
+    return edit
+
+
+CASES = {
+    "unet-wrong-type": (edit_config("unet", cross_attention_dim="big"), "its unet/ cannot be loaded: its config.json "
+                                                                        "holds a value of the wrong type"),
+    "vae-wrong-type": (edit_config("vae", latent_channels="four"), "its vae/ cannot be loaded: its config.json holds"),
+    "text-wrong-type": (edit_config("text_encoder", hidden_size="wide"),
+                        "its text_encoder/ cannot be loaded: its config.json holds a value of the wrong type "
+                        "(Validation error for field 'hidden_size': TypeError"),
+    "invalid-json": (lambda p: (p / "unet" / "config.json").write_text("{not json"), "is not a valid JSON file"),
+    "other-shapes": (edit_config("unet", cross_attention_dim=48), "Error(s) in loading state_dict for "
+                                                                   "UNet2DConditionModel: size mismatch for "),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_broken_model_folder_is_one_clear_error(folder, tmp_path, case):
+    edit, words = CASES[case]
+    broken = tmp_path / case
+    shutil.copytree(folder, broken)
+    edit(broken)
+    with pytest.raises(ModelError) as err:
+        load_backbone(str(broken))
+    message = str(err.value)
+    assert message.startswith(f"cannot load model {str(broken)!r}: ") and words in message, message
+    assert "\n" not in message and not message.rstrip().endswith(":")
