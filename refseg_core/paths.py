@@ -42,8 +42,8 @@ def check_output_path(path, what: str, flag: str = "--out") -> None:
     target = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
     anchor = str(nearest_existing(target))
     if not os.path.isdir(anchor):
-        where = "it is a file" if anchor == target else f"{anchor} is a file"
-        raise RefsegError(f"cannot write {what} {path}: {where}, not a folder; choose another {flag}")
+        raise RefsegError(f"cannot write {what} {path}: {_what_is_there(anchor, target)}, not a folder; "
+                          f"choose another {flag}")
     readonly = getattr(os, "ST_RDONLY", 1)
     with contextlib.suppress(OSError):
         if os.statvfs(anchor).f_flag & readonly:
@@ -52,6 +52,14 @@ def check_output_path(path, what: str, flag: str = "--out") -> None:
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise RefsegError(f"cannot write {what} {path}: no permission to write in {anchor}; choose another {flag} "
                           "or fix its permissions")
+
+
+def _what_is_there(anchor: str, target: str) -> str:
+    """"it is a file" / "X is a dangling symbolic link (to Y)": what stands where a folder should be."""
+    subject = "it" if anchor == target else anchor
+    if os.path.islink(anchor) and not os.path.exists(anchor):
+        return f"{subject} is a dangling symbolic link (to {os.readlink(anchor)})"
+    return f"{subject} is a file"
 
 
 def check_writable(path, what: str, *, directory: bool = False, error=RefsegError) -> None:
@@ -70,7 +78,7 @@ def check_writable(path, what: str, *, directory: bool = False, error=RefsegErro
             return
     base = nearest_existing(path)
     if not base.is_dir():
-        raise error(f"{what} {path} cannot be created: {base} is a file, not a folder")
+        raise error(f"{what} {path} cannot be created: {_what_is_there(str(base), '')}, not a folder")
     _probe_folder(base, path, what, error)
 
 

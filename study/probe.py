@@ -185,7 +185,7 @@ def probe_attention(cache, noise_ts=None, threshold: float | None = None, tokeni
     tensors = [t for t in cache.spec.tensors if t.kind == "attention"]
     if not tensors:
         raise CacheError(f"cache {cache.path} has no cross-attention tensors (it has "
-                         f"{', '.join(cache.spec.names)}): extract with --attn-stride to probe it")
+                         f"{', '.join(cache.spec.names)}): extract with --attn-strides to probe it")
     levels = list(cache.noise_levels) if noise_ts is None else [int(t) for t in noise_ts]
     if not levels:
         raise CacheError(f"cache {cache.path} has no finished noise level yet")
