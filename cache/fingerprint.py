@@ -72,13 +72,14 @@ def with_former_kind(backbone: dict) -> dict:
     return backbone
 
 
-def without_locations(payload: dict) -> dict:
-    """`payload` as the fingerprint sees it: without where files live, kinds under their former names."""
+def without_locations(payload: dict, former_kinds: bool = True) -> dict:
+    """`payload` as the fingerprint sees it: without where files live, kinds under their former names
+    (`former_kinds=False`: under their names today, as a message shows them)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in payload.items()}
     for group, key in LOCATION_KEYS:
         if isinstance(out.get(group), dict):
             out[group].pop(key, None)
-    if isinstance(out.get("backbone"), dict):
+    if former_kinds and isinstance(out.get("backbone"), dict):
         out["backbone"] = with_former_kind(out["backbone"])
     return out
 
@@ -163,6 +164,13 @@ def _show(value) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _show_value(key: str, value) -> str:
+    """A setting's value as a message shows it: SD1.x records no family (its identity predates them)."""
+    if key == "backbone.family" and (value is None or value is _ABSENT):
+        return "'sd' (SD1.x, recorded without a family)"
+    return _show(value)
+
+
 def mismatch_message(path: str, stored: dict, requested: dict, first: str | None = None) -> str:
     """One line naming each differing key path with both values (after `first`, the cause when known:
     a changed dataset).
@@ -170,9 +178,12 @@ def mismatch_message(path: str, stored: dict, requested: dict, first: str | None
     The spec follows from the backbone and extraction settings, so when those differ the spec's own
     differences are summarised instead of listed.
     """
-    found = diff(without_locations(stored), without_locations(requested))
+    differing = {key for key, _, _ in diff(without_locations(stored), without_locations(requested))}
+    # what differs is what the fingerprint sees; the values are shown as named today (kind tiny-synth, not folder)
+    found = [(key, a, b) for key, a, b in diff(without_locations(stored, False), without_locations(requested, False))
+             if key in differing]
     settings_differ = any(key.split(".")[0].split("[")[0] in SETTINGS_KEYS for key, _, _ in found)
-    parts = [f"{key} is {_show(a)} in the store but {_show(b)} now" for key, a, b in found
+    parts = [f"{key} is {_show_value(key, a)} in the store but {_show_value(key, b)} now" for key, a, b in found
              if not (settings_differ and key.startswith("spec"))]
     if settings_differ and any(key.startswith("spec") for key, _, _ in found):
         parts.append("the feature spec differs accordingly")

@@ -33,16 +33,20 @@ def check_compatible(run_settings: dict, cache_settings: dict, run_name: str, ca
     storage type (`cache_dtype`): the same features, kept with more or fewer digits.
     """
     for part in ("backbone", "extraction"):
+        run_part, cache_part = (dict(s.get(part) or {}) for s in (run_settings, cache_settings))
         # a run recorded before a backbone kind was renamed still matches a cache made after it
-        a, b = (with_former_kind(dict(s.get(part) or {})) for s in (run_settings, cache_settings))
+        a, b = with_former_kind(run_part), with_former_kind(cache_part)
         for key in sorted((set(a) | set(b)) - STORAGE_KEYS.get(part, set())):
-            if a.get(key) != b.get(key):
+            if a.get(key) != b.get(key):  # said with today's names: kind tiny-synth, SD1.x's family
                 raise CacheMismatchError(
                     f"cache {cache_name} is incompatible with {run_name}: {part}.{key} is "
-                    f"{_short(b.get(key))} in the cache but {_short(a.get(key))} in {reference}")
+                    f"{_short(part, key, cache_part.get(key))} in the cache but {_short(part, key, run_part.get(key))} "
+                    f"in {reference}")
 
 
-def _short(value) -> str:
+def _short(part: str, key: str, value) -> str:
+    if (part, key) == ("backbone", "family") and value is None:
+        return "'sd' (SD1.x, recorded without a family)"
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
