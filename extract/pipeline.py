@@ -191,6 +191,9 @@ class Extraction:
                         buffer.add(row, arrays, skipped)
                     else:
                         buffer.add_rows(row, arrays, count)
+                    if skipped:  # bad input stored as zeros: not computed
+                        self.report.rows_computed[stage] -= 1
+                        self.report.rows_skipped[stage] = self.report.rows_skipped.get(stage, 0) + 1
                     bar.update(1 if count is None else count)
 
                 compute(rows, add)
@@ -273,7 +276,8 @@ class Extraction:
                 self.writer.record_bad([int(s) for s in samples.sent_id[samples.image_row == row]], reason)
             self.bad_images.update(unreadable)
             for row, z in zip(batch, z0):
-                add(row, {"latent": zeros if row in self.bad_images else z})
+                bad = row in self.bad_images  # stored as zeros, flagged in the root's "bad" list
+                add(row, {"latent": zeros if bad else z}, skipped=bad)
 
     def _unreadable(self, batch: list[int], errors: list[str]) -> dict[int, str]:
         """Image row -> reason for the images of `batch` that could not be read; an error without --skip-bad."""
@@ -309,7 +313,7 @@ class Extraction:
                 self.writer.record_bad([int(samples.sent_id[r]) for r in rows_bad], [bad[r] for r in rows_bad])
                 self.bad_samples.update(bad)
             for j, row in enumerate(batch):
-                add(row, {"input_ids": tok["input_ids"][j].numpy().astype(np.int32),
+                add(row, skipped=row in bad, arrays={"input_ids": tok["input_ids"][j].numpy().astype(np.int32),
                           "attention_mask": tok["attention_mask"][j].numpy().astype(np.uint8),
                           "embedding": emb[j],
                           "gt": masks[int(samples.ref_id[row])],

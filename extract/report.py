@@ -12,7 +12,8 @@ class ExtractionReport:
     n_samples: int
     n_images: int
     noise_ts: tuple[int, ...]
-    rows_computed: dict[Stage, int] = field(default_factory=dict)  # rows computed in this run
+    rows_computed: dict[Stage, int] = field(default_factory=dict)  # rows computed in this run (not skipped)
+    rows_skipped: dict[Stage, int] = field(default_factory=dict)  # rows stored as zeros: bad input (--skip-bad)
     truncated: int = 0  # sentences longer than --token-length (counted over all selected samples)
     bad: dict[int, str] = field(default_factory=dict)  # sent_id -> reason (with --skip-bad)
     shards_left: dict[Stage, int] = field(default_factory=dict)  # shards another process was writing
@@ -37,8 +38,10 @@ class ExtractionReport:
 
     def lines(self) -> list[str]:
         out = [f"cache: {self.n_samples} samples, {self.n_images} images, noise levels {list(self.noise_ts)}"]
-        for stage, n in self.computed.items():
+        for stage, n in self.rows_computed.items():
             out.append(f"  {stage}: {n} computed this run")
+            if self.rows_skipped.get(stage):
+                out.append(f"  {stage}: {self.rows_skipped[stage]} skipped as bad (stored as zeros, not computed)")
         for stage, n in self.left_to_others.items():
             out.append(f"  {stage}: {n} shards left to another process writing this store")
         if self.incomplete:

@@ -211,6 +211,9 @@ def test_truncated_image_names_the_image_then_skip_bad_records_it(cli, tiny_back
     code, stdout, stderr = cli(cli_args(root, out, "--skip-bad"))
     assert code == 0, stderr
     assert "skipped bad samples: 1" in stdout and "sent_id 30: cannot read image" in stdout
+    # the bad image and its sample are counted as skipped, not as computed (the first run did images 0-1)
+    assert "  vae (images): 1 computed this run\n  vae (images): 1 skipped as bad" in stdout, stdout
+    assert "  unet T=0: 3 computed this run\n  unet T=0: 1 skipped as bad (stored as zeros" in stdout, stdout
     cache = open_cache(out)
     assert cache.done(0).tolist() == [True, True, False, True] and cache.skipped(0).tolist() == [False] * 2 + [True, False]
     assert [b["sent_id"] for b in cache.bad] == [30]
@@ -231,6 +234,7 @@ def test_empty_long_and_non_ascii_sentences(cli, tmp_path):
     assert code == 0, stderr
     assert "sentences truncated to the token length: 1" in stdout
     assert "skipped bad samples: 1" in stdout and "sent_id 20: empty sentence" in stdout
+    assert "  text encoder (sentences): 3 computed this run\n  text encoder (sentences): 1 skipped as bad" in stdout
     cache = open_cache(out)
     assert cache.texts == ["the square", "", long, non_ascii]  # stored exactly, whatever the script
     assert cache.done(0).tolist() == [True, False, True, True] and cache.skipped(0).tolist() == [False, True, False, False]
