@@ -38,6 +38,8 @@ def main(cache, val_cache, grid_path, out, data_seed, processes):
     summary = Path(out) / SUMMARY_MD
     if rows and summary.is_file():
         click.echo(summary.read_text(), nl=False)
+        click.echo(f"wrote {summary}, {summary.with_suffix('.csv')} and a run directory per head under "
+                   f"{Path(out) / 'runs'} (refseg-eval --run reads each)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,12 @@ def main(**options):
         if incomplete:  # the table's header says what the numbers are not (--allow-incomplete)
             click.echo("Caveats: " + "; ".join(incomplete))
         click.echo(format_table([(f"T={settings.noise_t} (val, last epoch)", summary["val"])]))
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "val"}))
+    if summary.get("best_epoch") is not None:
+        click.echo(f"kept epoch {summary['best_epoch']} (val oIoU {summary['best_val_oIoU']:.2f}) as "
+                   f"{summary['run']}/best.safetensors; the last epoch's weights are head.safetensors")
+    else:
+        click.echo(f"wrote {summary['run']} (weights of the last epoch: head.safetensors)")
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "val"}))  # last: a script reads this line
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def end_epoch(state: TrainState, head: HeadState, record: dict, val: dict | None
     s, epoch = head.settings, record["epoch"]
     if not math.isfinite(record["loss"]):  # nothing of this epoch is saved: the run keeps the last good one
         raise RunError(f"training diverged in epoch {epoch}: the loss is {record['loss']}; {s.out} keeps what the "
-                       "epochs before it saved; try a lower --lr")
+                       "epochs before it saved; try a lower --lr, and if the loss was not finite from the start, "
+                       f"check the cache: `refseg-cache verify {s.cache}` (a store without checksums, format 1, "
+                       "can hold damaged values unnoticed)")
     where = f"{head.out.name}: " if len(state.heads) > 1 else ""
     if val is not None:
         record["val"] = val
@@ -230,6 +232,7 @@ def summary(state: TrainState, head: HeadState) -> dict:
     last = history[-1] if history else {}
     return {"run": str(head.out), "head": s.head, "noise_t": s.noise_t, "epochs": last.get("epoch", head.epoch),
             "loss": last.get("loss"), "val": last.get("val"), "best_val_oIoU": head.best_oiou,
+            "best_epoch": max((r["epoch"] for r in history if r.get("best")), default=None),
             "samples": int(state.n_samples), "parameters": head.parameters, "coverage": state.coverage}
 
 

@@ -398,3 +398,15 @@ def test_eval_of_a_cache_with_samples_skipped_as_bad_says_how_many_it_scored(cac
     assert f"wrote {out}" in result.stdout
     info = json.loads(out.read_text())
     assert info["summary"]["n"] == 15 and info["skipped_as_bad"] == [skipped_id]
+
+
+def test_training_names_the_epoch_it_kept_and_a_diverged_run_points_at_the_cache(caches, tmp_path):
+    result = _train(caches / "train.zarr", tmp_path / "run", "--val-cache", str(caches / "val.zarr"), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    best = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch = max(r["epoch"] for r in best if r.get("best"))
+    assert f"kept epoch {epoch} (val oIoU " in result.stdout and f"{tmp_path / 'run'}/best.safetensors" in result.stdout
+    assert json.loads(result.stdout.strip().splitlines()[-1])["best_epoch"] == epoch  # the JSON line stays last
+    diverged = _train(caches / "train.zarr", tmp_path / "nan", "--lr", "1e30")  # overflows to NaN at once
+    assert diverged.exit_code == 2 and "training diverged in epoch 1" in diverged.stderr, diverged.output
+    assert f"`refseg-cache verify {caches / 'train.zarr'}`" in diverged.stderr
