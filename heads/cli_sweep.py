@@ -21,10 +21,12 @@ from refseg.core.cli import current_runtime, user_errors
               help="Local CPU processes that split the heads, each with threads/P torch threads (for long "
                    "sweeps of small heads; BENCHMARKS.md, Sweep); each head equals its solo run with --threads "
                    "threads/P.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (heads, passes, memory per head and pass) and write nothing.")
 @user_errors
-def main(cache, val_cache, grid_path, out, data_seed, processes):
-    """Train every combination of GRID in one pass per noise level (one read of each batch feeds every
-    head of it); each head gets a run directory refseg-eval reads, and the sweep a summary of mean and
+def main(cache, val_cache, grid_path, out, data_seed, processes, dry_run):
+    """Train every combination of GRID in passes that fit in memory (one read of each batch feeds every
+    head of a pass); each head gets a run directory refseg-eval reads, and the sweep a summary of mean and
     std over seeds per cell."""
     from refseg.heads.settings import SEED_RANGE, require_int
     from refseg.heads.sweep import SUMMARY_MD, load_grid, run_sweep
@@ -32,7 +34,7 @@ def main(cache, val_cache, grid_path, out, data_seed, processes):
     require_int("--data-seed", data_seed, *SEED_RANGE)
     grid = load_grid(grid_path)
     rows = run_sweep(grid, cache, val_cache, out, data_seed=data_seed, progress=current_runtime().progress,
-                     processes=processes)
+                     processes=processes, dry_run=dry_run)
     from pathlib import Path
 
     summary = Path(out) / SUMMARY_MD

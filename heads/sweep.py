@@ -22,6 +22,11 @@ solo `refseg-train-head` run with the same settings (tests/test_sweep.py). Each 
 optimizer, schedule, seed and run directory, `DIR/runs/<name>/`, where `<name>` spells the swept
 values (`head=film,lr=0.001,noise_t=5,seed=1`): `refseg-eval --run DIR/runs/<name>` reads it.
 
+Passes and memory: before anything is written, the sweep plans its heads (heads/sweep_plan.py): the
+heads of one batch stream train together while they fit in half the available RAM, and in several
+passes of that stream otherwise, run folders made pass by pass; `refseg-sweep --dry-run` prints the
+plan and writes nothing. A head's bytes do not depend on the passes (tests/test_sweep_plan.py).
+
 Resuming: run the same command again. A head whose run holds all its epochs is skipped; a head
 stopped mid-way continues after its last completed epoch (the run directory's `--resume`), with
 the weights an uninterrupted sweep gives. A head that diverges stops alone and is reported.
@@ -67,6 +72,7 @@ from refseg.core.metrics import TABLE_COLUMNS
 from refseg.heads import run_dir
 from refseg.heads.registry import HEADS, head_names
 from refseg.heads.settings import TrainSettings
+from refseg.heads.sweep_plan import plan
 
 SWEEP_FILE = "sweep.json"  # the grid and data seed of the sweep in DIR (what `summarize` reads)
 RUNS = "runs"
@@ -222,11 +228,14 @@ def _hashable(value):
 
 # ---- running it ---------------------------------------------------------------------------------
 def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress: bool = True,
-              threads: int | None = None, processes: int = 1) -> list[dict]:
+              threads: int | None = None, processes: int = 1, dry_run: bool = False,
+              memory_budget: int | None = None) -> list[dict]:
     """Train every head of `grid` on `cache` (validating on `val_cache`) into `out`; -> the summary rows.
 
     Rerun it to resume. `threads`: torch CPU threads while it runs (default: as they are), shared out
-    among `processes` local CPU processes that split the heads (module docstring).
+    among `processes` local CPU processes that split the heads (module docstring). The heads train in
+    passes that fit `memory_budget` bytes (default: half the available RAM; heads/sweep_plan.py);
+    `dry_run` prints that plan and writes nothing.
     """
     from refseg.heads.distributed import Ranks
 
@@ -234,10 +243,15 @@ def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress
 
     jobs = expand(grid, cache, val_cache, out, data_seed=data_seed)
     check_writable(out, "--out", directory=True)
-    _check_data(jobs)
+    specs = _check_data(jobs)
     out = Path(out)
     ranks = Ranks.from_env()
     _check_processes(processes, ranks, jobs)
+    if dry_run:
+        done = {job.name for job in jobs if _finished(job)}
+        print("\n".join(plan(jobs, specs, done, memory_budget).lines()), flush=True)
+        return []
+    budget = memory_budget if memory_budget is not None else _budget(processes)
     restore = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -248,9 +262,10 @@ def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress
             run_dir.write_json(out / SWEEP_FILE, _record(grid, jobs, cache, val_cache, data_seed))
         ranks.barrier()
         if processes > 1:
-            failed = _train_in_processes(jobs, processes, max(1, torch.get_num_threads() // processes), progress)
+            failed = _train_in_processes(jobs, processes, max(1, torch.get_num_threads() // processes), progress,
+                                         specs, budget)
         else:
-            failed = _train(jobs[ranks.rank::ranks.world], ranks, progress)
+            failed = _train(jobs[ranks.rank::ranks.world], ranks, progress, specs, budget)
         ranks.barrier()
         rows = summarize(out) if ranks.main else []
         if ranks.main:
@@ -264,22 +279,41 @@ def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress
     return rows
 
 
-def _check_data(jobs: list[Job]) -> None:
-    """The caches open, hold the noise levels, and every head can be built on them: before anything is written."""
+def _check_data(jobs: list[Job]) -> dict:
+    """The caches open, hold the noise levels, and every kind of head can be built on them: before anything
+    is written (each distinct head once: a grid of thousands of seeds builds a few). -> cache path -> spec."""
     from refseg.heads.caches import as_cache
     from refseg.heads.train_setup import build_for_training
 
-    opened = {}
+    opened, built = {}, set()
     for job in jobs:
         for path in (job.settings.cache, job.settings.val_cache):
             key = str(path)
             if key not in opened:
                 opened[key] = as_cache(path)[0]
             opened[key].done(job.settings.noise_t)  # a missing noise level: the cache's CacheError
+        kind = json.dumps([job.settings.head, job.settings.text_blind, job.head_args, str(job.settings.cache)],
+                          sort_keys=True, default=str)
+        if kind in built:
+            continue
         try:
             build_for_training(job.settings, job.head_args, opened[str(job.settings.cache)].spec)
         except (ValueError, KeyError, TypeError) as exc:
             raise RefsegError(f"run {job.name}: cannot build head {job.settings.head!r}: {exc}") from None
+        built.add(kind)
+    return {key: cache.spec for key, cache in opened.items()}
+
+
+def _finished(job: Job) -> bool:
+    return run_dir.completed_epoch(job.settings.out) >= job.settings.epochs
+
+
+def _budget(processes: int) -> int | None:
+    """Bytes one process's passes may take: half the available RAM, shared among the local processes."""
+    from refseg.core.memory import available_memory
+
+    available = available_memory()
+    return None if available is None else available // 2 // max(1, processes)
 
 
 def _check_processes(processes: int, ranks, jobs: list[Job]) -> None:
@@ -298,22 +332,23 @@ def _check_processes(processes: int, ranks, jobs: list[Job]) -> None:
                           "(one process feeds a GPU)")
 
 
-def _train_in_processes(jobs: list[Job], processes: int, threads: int, progress: bool) -> list[str]:
+def _train_in_processes(jobs: list[Job], processes: int, threads: int, progress: bool, specs: dict,
+                        budget: int | None) -> list[str]:
     """Train jobs[i::processes] in local process i, each with `threads` torch threads; -> diverged heads.
     Process 0 alone shows progress. An error in one is raised here once they have all stopped."""
     from refseg.core.processes import run_in_processes
 
     shares = [jobs[i::processes] for i in range(processes)]
-    calls = [(share, threads, progress and i == 0) for i, share in enumerate(shares) if share]
+    calls = [(share, threads, progress and i == 0, specs, budget) for i, share in enumerate(shares) if share]
     return [name for names in run_in_processes(_train_share, calls) for name in names]
 
 
-def _train_share(jobs: list[Job], threads: int, progress: bool) -> list[str]:
+def _train_share(jobs: list[Job], threads: int, progress: bool, specs: dict, budget: int | None) -> list[str]:
     """One local process's part of a sweep (runs in a spawned process)."""
     from refseg.heads.distributed import Ranks
 
     torch.set_num_threads(threads)
-    return _train(jobs, Ranks(), progress)
+    return _train(jobs, Ranks(), progress, specs, budget)
 
 
 def _start_ranks(ranks) -> None:
@@ -323,24 +358,21 @@ def _start_ranks(ranks) -> None:
         ranks.owns_group = True
 
 
-def _train(jobs: list[Job], ranks, progress: bool) -> list[str]:
-    """Train this rank's jobs, one pass per batch stream; -> the names of heads that diverged."""
+def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | None) -> list[str]:
+    """Train this rank's jobs in the passes of their plan (heads/sweep_plan.py); -> the heads that diverged."""
     from refseg.core.device import resolve_device
     from refseg.heads.distributed import Ranks
     from refseg.heads.train import run_epochs
     from refseg.heads.train_setup import say, set_up_heads
 
-    streams: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        streams.setdefault(job.stream(), []).append(job)
-    failed = []
-    for k, stream in enumerate(streams.values(), 1):
-        todo = [job for job in stream if run_dir.completed_epoch(job.settings.out) < job.settings.epochs]
-        s = stream[0].settings
-        say(progress, f"sweep pass {k}/{len(streams)}: T={s.noise_t}, {len(stream)} heads"
-            + (f", {len(stream) - len(todo)} done already" if len(todo) < len(stream) else ""))
-        if not todo:
-            continue
+    the_plan = plan(jobs, specs, {job.name for job in jobs if _finished(job)}, budget)
+    say(progress, the_plan.lines()[0])
+    failed, trained = [], the_plan.done
+    for k, todo in enumerate(the_plan.passes, 1):
+        s = todo[0].settings
+        say(progress, f"sweep pass {k}/{len(the_plan.passes)}: T={s.noise_t}, {len(todo)} heads "
+            f"({trained} of {the_plan.jobs} heads done before it)")
+        trained += len(todo)
         device = s.device
         if ranks.active and resolve_device(device).type == "cuda":
             device = f"cuda:{ranks.local_rank}"  # each rank its own GPU
