@@ -34,7 +34,7 @@ from refseg.heads.batches import autocast, batch_to_device, make_loader
 from refseg.heads.evaluate import logits_to_mask, overlap
 from refseg.heads.losses import class_weight_total, segmentation_loss
 from refseg.heads.settings import TrainSettings
-from refseg.heads.train_setup import HeadState, TrainState, set_up
+from refseg.heads.train_setup import HeadState, TrainState, abandon_untrained, set_up
 
 
 def train(cache, noise_t, head, out, *, progress=True, **options) -> dict:
@@ -52,6 +52,9 @@ def run_training(settings: TrainSettings, head_args: dict | None = None, *, prog
     state = set_up(settings, head_args or {}, progress)
     try:
         run_epochs(state)
+    except Exception:  # (not Ctrl-C: its line says what was kept and how to resume)
+        abandon_untrained(state)  # a run that never completed an epoch leaves no folder behind
+        raise
     finally:  # however training ends, the run directory is free for the next trainer (or --resume)
         state.release()
     state.ranks.stop()

@@ -18,7 +18,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,9 @@ class TrainState:
     val_set: FeatureDataset | None  # rank 0 only
     progress: bool
     coverage: dict | None = None  # {"cache": ..., "val_cache": ...}: how much of the noise level each holds
+    # per head, the folders set-up made for its run and whether the run is new (not resumed): what a
+    # training that fails before its first epoch takes away again (`abandon_untrained`)
+    made: list = field(default_factory=list)
 
     @property
     def head(self) -> HeadState:
@@ -183,6 +186,7 @@ def set_up_heads(runs: list[tuple[TrainSettings, dict]], progress: bool = True, 
         raise
     config = built[0][2]
     state.coverage = {"cache": config["cache"]["coverage"], "val_cache": config["val_cache_coverage"]}
+    state.made = [(created, not settings.resume) for (settings, _), (_, created) in zip(runs, opened)]
     if ranks.main:  # once every check passed: an error stays one line
         _warn_incomplete(s, [("cache", train), ("val cache", val)])
     what = (f"{s.head} ({state.head.parameters / 1e6:.2f}M parameters)" if len(runs) == 1 else
@@ -345,6 +349,18 @@ def _open_run_dir(s: TrainSettings, config: dict, ranks: Ranks) -> tuple[run_dir
         _abandon(lock, created)
         raise
     return lock, created
+
+
+def abandon_untrained(state: TrainState) -> None:
+    """After a training that failed: the new runs that completed no epoch get back to what was there
+    before them (their config.json removed, the folders made for them removed if empty), so no folder
+    is left that looks like a run; a resumed run, or one with an epoch on disk, is kept."""
+    if not state.ranks.main:
+        return
+    for head, (created, new) in zip(state.heads, state.made):
+        if new and head.epoch == 0 and run_dir.completed_epoch(head.out) == 0:
+            (head.out / run_dir.CONFIG).unlink(missing_ok=True)
+            remove_empty(created)
 
 
 def _abandon(lock: run_dir.RunLock | None, created: list[Path]) -> None:

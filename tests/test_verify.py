@@ -144,3 +144,21 @@ def test_lock_debris_of_a_killed_engine_write_is_removed_on_resume(synth_root, e
     assert again.exitcode == 0, again.stderr
     assert not debris.exists() and store_files(store) == store_files(extraction_reference)
     assert not any(name.endswith(".__lock") for name in os.listdir(debris.parent))
+
+
+def test_training_that_meets_damage_before_its_first_epoch_leaves_no_run_folder(extraction_reference, tmp_path):
+    """Issue 23: with --no-preload the damage is met in the first epoch; the run folder it had made (holding
+    only config.json) is taken away again, and a folder that existed before is left as it was."""
+    from refseg.heads.cli_train import main as train_main
+
+    store = tmp_path / "C.zarr"
+    shutil.copytree(extraction_reference, store)
+    path = first_file(store, "t0005/s8")
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a truncated shard
+    for out in (tmp_path / "new" / "run", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        result = CliRunner().invoke(train_main, ["--cache", str(store), "--noise-t", "5", "--head", "linear",
+                                                 "--epochs", "1", "--no-preload", "--out", str(out), "--quiet"])
+        assert result.exit_code == 2 and "t0005/s8" in result.stderr, result.output
+        assert not (tmp_path / "new").exists() if out.name == "run" else sorted(out.iterdir()) == []
