@@ -75,10 +75,10 @@ def paint(image: Image.Image, pred: np.ndarray, gt: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb)
 
 
-def legend(width: int) -> Image.Image:
-    """The colour key, `width` pixels wide: a white-on-black outline for the GT, a cyan hatch for the
-    prediction (one entry per line when both do not fit on one)."""
-    entries = (("ground truth", "gt"), ("prediction", "pred"))
+def legend(width: int, with_gt: bool = True) -> Image.Image:
+    """The colour key, `width` pixels wide: a white-on-black outline for the GT (when there is one), a
+    cyan hatch for the prediction (one entry per line when both do not fit on one)."""
+    entries = (("ground truth", "gt"), ("prediction", "pred")) if with_gt else (("prediction", "pred"),)
     sizes = [LINE_H + 4 + int(font().getlength(label)) for label, _ in entries]
     one_row = PAD + sum(sizes) + 10 <= width
     rows = 1 if one_row else len(entries)
@@ -104,16 +104,18 @@ def legend(width: int) -> Image.Image:
     return strip
 
 
-def overlay_image(image: Image.Image, pred: np.ndarray, gt: np.ndarray, caption: str, *, scale: int = 1,
+def overlay_image(image: Image.Image, pred: np.ndarray, gt: np.ndarray | None, caption: str, *, scale: int = 1,
                   key: bool = True) -> Image.Image:
     """The painted image (enlarged `scale` times, nearest), the colour key when `key`, and the caption
-    wrapped to the image's width underneath."""
+    wrapped to the image's width underneath. `gt` None: no ground truth (refseg-predict), none in the key."""
+    with_gt = gt is not None
+    gt = np.zeros_like(pred) if gt is None else gt
     image = to_rgb8(image)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     body = paint(image, pred, gt)
     lines = wrap(caption, body.width)
-    strip = legend(body.width) if key else None
+    strip = legend(body.width, with_gt) if key else None
     top = strip.height if strip is not None else 0
     out = Image.new("RGB", (body.width, top + body.height + LINE_H * len(lines) + 2 * PAD), "white")
     if strip is not None:
@@ -128,7 +130,7 @@ def overlay_image(image: Image.Image, pred: np.ndarray, gt: np.ndarray, caption:
 def draw_overlay(image_path, pred: np.ndarray, gt: np.ndarray, caption: str, out_path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    overlay_image(load_image(image_path), pred, gt, caption).save(out_path)
+    save_png(overlay_image(load_image(image_path), pred, gt, caption), out_path)
     return out_path
 
 
@@ -172,3 +174,25 @@ class OverlayPicker:
         if self.pick == "first":
             return list(self._kept)
         return [entry[1:] for entry in sorted(self._kept, key=lambda e: e[0], reverse=True)]
+
+
+def save_png(image: Image.Image, path) -> None:
+    """Write `image` as PNG at `path` atomically: a full disk leaves no 0-byte or half file, and is one
+    line (the file, the cause)."""
+    import contextlib
+    import errno
+    import os
+
+    from refseg.core.errors import RefsegError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        code = exc.errno or errno.EIO
+        raise RefsegError(f"writing {path} failed: {os.strerror(code)} ({errno.errorcode.get(code, code)}); no part of "
+                          "it is left: free space or choose another output, then run the command again") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def read_pairs_csv(path) -> list[tuple[str, str]]:
             continue
         if len(row) < 2:
             raise DataError(f"{path}:{n}: expected 'image,text', got {','.join(row)!r}")
+        if not ",".join(row[1:]).strip():
+            raise DataError(f"{path}:{n}: the sentence for image {row[0].strip()!r} is empty")
         image = Path(row[0].strip())
         pairs.append((str(image if image.is_absolute() else path.parent / image), ",".join(row[1:]).strip()))
     if not pairs:
@@ -144,9 +147,10 @@ def predict_loaded(loaded: LoadedRun, pairs, *, batch_size: int = 4, store_dtype
     pairs = [(str(image), str(text)) for image, text in pairs]
     if not pairs:
         raise DataError("nothing to predict: give at least one image and sentence")
-    for image, text in pairs:
+    for n, (image, text) in enumerate(pairs, 1):
         if not text.strip():
-            raise DataError(f"empty sentence for image {image}")
+            raise DataError(f"pair {n} ({image}) has an empty sentence")
+    _warn_truncated(loaded, pairs)
     out = []
     bb = loaded.backbone
     with UNetCapture(bb.unet, loaded.spec) as capture, torch.inference_mode(), ieee_float32(bb.device, bb.dtype):
@@ -192,31 +196,67 @@ def _predict_batch(loaded: LoadedRun, capture: UNetCapture, pairs, first: int, s
     return out
 
 
+def _warn_truncated(loaded: LoadedRun, pairs) -> None:
+    """One warning line per sentence longer than the run's token length (it is cut, as extraction cuts it)."""
+    from refseg.core.cli import warn
+
+    length = int(loaded.extraction["token_length"])
+    for n, (image, text) in enumerate(pairs, 1):
+        count = len(loaded.backbone.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        if count > length:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            warn(f"pair {n} ({image}): the sentence {shown!r} has {count} tokens, cut to the run's token length "
+                 f"{length}")
+
+
 def _original_size(path) -> tuple[int, int]:
-    """(H, W) of the image file as stored (load_image may decode a huge JPEG at a reduced scale)."""
-    load_image(path)  # unreadable files: the DataError naming them
-    with Image.open(path) as image:
-        return image.height, image.width
+    """(H, W) of the image file as stored, read from its header: nothing is decoded here (a 10000² photo
+    is decoded once, at a reduced scale where its format allows, by load_image)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image says what is too big
+            with Image.open(path) as image:
+                return image.height, image.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        load_image(path)  # the DataError naming the file and what is wrong with it
+        raise
 
 
 # ---- files ----------------------------------------------------------------------------------------
 def write_predictions(predictions: list[Prediction], out, settings: dict) -> Path:
     """OUT/NNN_mask.png (0/255, original size), OUT/NNN_overlay.png, and OUT/predictions.json."""
-    from refseg.heads.overlays import overlay_image
+    from refseg.heads.overlays import overlay_image, save_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for n, p in enumerate(predictions):
         mask_file, overlay_file = f"{n:03d}_mask.png", f"{n:03d}_overlay.png"
-        Image.fromarray(p.mask_original.astype(np.uint8) * 255, mode="L").save(out / mask_file)
-        empty = np.zeros_like(p.mask_original)
-        overlay_image(load_image(p.image), p.mask_original, empty, p.text).save(out / overlay_file)
+        save_png(Image.fromarray(p.mask_original.astype(np.uint8) * 255), out / mask_file)
+        image, mask = _for_overlay(p.image, p.mask_original)
+        save_png(overlay_image(image, mask, None, p.text), out / overlay_file)  # no ground truth here
         records.append({"image": p.image, "text": p.text, "mask": mask_file, "overlay": overlay_file,
                         "height": int(p.mask_original.shape[0]), "width": int(p.mask_original.shape[1]),
                         "mask_area": int(p.mask_original.sum()), "mask_area_fraction": float(p.mask_original.mean())})
     run_dir.write_json(out / "predictions.json", {"settings": settings, "predictions": records})
     return out / "predictions.json"
+
+
+OVERLAY_MAX_SIDE = 1024  # an overlay is for looking at: a huge photo is drawn downscaled (the mask PNG is not)
+
+
+def _for_overlay(path, mask: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+    """The image (decoded at a reduced scale where its format allows) and the mask, at most
+    OVERLAY_MAX_SIDE pixels on the long side."""
+    image = load_image(path, target_size=OVERLAY_MAX_SIDE)
+    h, w = mask.shape
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    if (w, h) != size:
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST)).astype(bool)
+    return image, mask
 
 
 def settings_record(loaded: LoadedRun, model: str, run) -> dict:

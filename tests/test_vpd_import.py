@@ -268,3 +268,45 @@ def test_an_older_torch_is_refused_in_one_line_before_reading(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
     with pytest.raises(ModelError, match=r"needs torch >= 2\.6 \(this is 2\.5\.1\+cu121\)"):
         safe_checkpoint.read_checkpoint(FIXTURE / "vpd_refer.pth")
+
+
+def test_predict_says_what_it_changed_or_refused(imported, pairs, tmp_path, monkeypatch):
+    """Issue 23: an empty sentence in --pairs names its line; a sentence longer than the run's tokens is
+    cut with a warning; a 10000² image is predicted without a decompression warning, its overlay drawn
+    downscaled; a full disk leaves no 0-byte PNG; the overlay's key has no "ground truth" entry."""
+    from refseg.study.cli_predict import main
+
+    out = imported[0]
+    base = ["--model", str(out / "model"), "--run", str(out / "run"), "--device", "cpu"]
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text(f"image,text\n{pairs[0][0]},the cat\n{pairs[1][0]},  \n")
+    result = CliRunner().invoke(main, [*base, "--pairs", str(csv_file), "--out", str(tmp_path / "p0")])
+    assert result.exit_code == 2 and f"{csv_file}:3: the sentence for image" in result.stderr, result.output
+
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (10000, 10000), (90, 120, 40)).save(huge)  # one colour: a small file, 10^8 pixels
+    long = " ".join(["red"] * 300)
+    result = CliRunner().invoke(main, [*base, "--image", str(huge), "--text", long, "--out", str(tmp_path / "p1")])
+    assert result.exit_code == 0, result.output
+    assert "DecompressionBombWarning" not in result.output
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning: pair 1")]
+    assert warning and "cut to the run's token length" in warning[0] and "red red" in warning[0], result.stderr
+    record = json.loads((tmp_path / "p1" / "predictions.json").read_text())["predictions"][0]
+    assert (record["height"], record["width"]) == (10000, 10000)
+    assert Image.open(tmp_path / "p1" / record["overlay"]).size[0] == 1024  # drawn downscaled (+ key, caption)
+    assert "Token indices sequence length" not in result.output
+
+    from refseg.heads import overlays
+
+    key = np.asarray(overlays.legend(400, with_gt=False))
+    assert key.shape[0] == np.asarray(overlays.legend(400)).shape[0]  # one row either way here
+    assert not np.array_equal(key, np.asarray(overlays.legend(400)))  # the ground-truth entry is gone
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    result = CliRunner().invoke(main, [*base, "--image", pairs[0][0], "--text", pairs[0][1], "--out",
+                                       str(tmp_path / "p2")])
+    assert result.exit_code == 2 and "No space left on device (ENOSPC)" in result.stderr, result.output
+    assert not [p for p in (tmp_path / "p2").iterdir() if p.suffix == ".png" or p.name.endswith(".tmp")]
