@@ -50,7 +50,9 @@ class TrainSettings:
     epochs: int = 10
     batch_size: int = field(default=8, metadata=cli(
         "Samples per optimizer step (under torchrun: in all, split across the ranks)."))
-    lr: float | None = field(default=None, metadata=cli("Learning rate [default: 5e-5 adamw, 1e-4 adam]."))
+    lr: float | None = field(default=None, metadata=cli(
+        "Learning rate [default: 5e-5 adamw, 1e-4 adam: VPD's, for long runs; a short run (a few epochs, small "
+        "heads, as the demo's) learns with --optimizer adam --lr 1e-3]."))
     optimizer: str = field(default="adamw", metadata=cli(
         "adamw: wd 1e-2 + poly decay per iteration (VPD); adam: constant lr.", type=click.Choice(list(OPTIMIZERS))))
     loss: str = field(default="ce", metadata=cli(
