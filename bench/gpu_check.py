@@ -279,6 +279,13 @@ BENCHES = {  # name -> (mode -> arguments, step budget in s); run in this order 
         {"full": ["--arch", "sd15", "--workers", "4", "--repeats", "3", "--cached-readers", "direct,preload"],
          "tiny": ["--arch", "tiny", "--image-size", "64", "--images", "4", "--samples", "8", "--repeats", "1",
                   "--cached-readers", "direct", "--batch-size", "4"]}, 120),
+    "c. torch.compile, the capture alone at batch 32 and 64 (bench/extract.py --compile on)": (
+        {"full": ["--arch", "sd15", "--batch-sizes", "32,64", "--compile", "both", "--compile-scope", "unet",
+                  "--channels-last", "on", "--variants", "capture"]}, 150),
+    "c. store write path on the host, stand-in denoiser (bench/write.py)": (
+        {"full": ["--samples", "96", "--shard-sizes", "16,8", "--repeats", "2"],
+         "tiny": ["--image-size", "64", "--samples", "8", "--shard-sizes", "4", "--repeats", "1", "--no-tmpfs",
+                  "--engines", "tensorstore"]}, 90),
     "c. CUDA graphs (torch.compile mode reduce-overhead)": (
         {"full": ["--arch", "sd15", "--batch-sizes", "32", "--channels-last", "on", "--compile", "on",
                   "--compile-scope", "unet", "--compile-mode", "reduce-overhead", "--variants", "capture+host"]}, 240),
@@ -324,7 +331,7 @@ def step_bench(check: Check, name: str) -> None:
     if check.mode not in args_by_mode:
         check.results["steps"][name] = {"status": "skipped", "why": f"not run in {check.mode} mode"}
         return
-    script = "bench/train.py" if "train.py" in name else "bench/extract.py"
+    script = name[name.index("(bench/") + 1:].split(" ")[0].rstrip(")")  # the script the step names
     json_out = check.work / f"bench-{len(check.results['steps'])}.json"
     argv = [check.py, script, *args_by_mode[check.mode], "--device", check.size["device"], "--no-append",
             "--json", json_out]

@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 export OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 start=$(date +%s)
-if ! "$PY" -c "import refseg.extract, refseg.heads, diffusers, zarr, pycocotools" 2>/dev/null; then
+if ! "$PY" -c "import refseg.extract, refseg.heads, diffusers, zarr, pycocotools, tensorstore" 2>/dev/null; then
   if [ ! -d .whl ]; then
     echo "error: refseg's dependencies are missing and there is no .whl/ (run bench/gpu_wheels.sh first)" >&2
     exit 2

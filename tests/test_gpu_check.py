@@ -35,6 +35,7 @@ def test_every_step_runs_and_reports_figures(tiny_check):
     steps = results["steps"]
     assert [s for s, v in steps.items() if v["status"] != "ok"] == [
         "c. torch.compile, whole UNet (bench/extract.py --compile on)",
+        "c. torch.compile, the capture alone at batch 32 and 64 (bench/extract.py --compile on)",
         "c. CUDA graphs (torch.compile mode reduce-overhead)",  # GPU-only levers, skipped in tiny mode
         "d. VPD fixture in fp32 and bf16 (bench/vpd_fixture.py)"]  # its CPU variant is tests/test_vpd_import.py
     assert "7 skipped" in steps["a. correctness (pytest -m gpu)"]["summary"]  # no CUDA here
@@ -77,7 +78,7 @@ def test_a_spent_budget_skips_the_remaining_steps_and_still_writes_the_report(tm
     result = _check(tmp_path, "--budget", "1")
     assert result.returncode == 0, result.stderr
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert len(steps) == 11 and {s["status"] for s in steps.values()} == {"skipped"}
+    assert len(steps) == 13 and {s["status"] for s in steps.values()} == {"skipped"}
     assert "skipped (the check's time budget was spent)" in (tmp_path / "gpu_check.md").read_text()
 
 
