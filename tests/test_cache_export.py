@@ -101,17 +101,11 @@ def test_cli_not_a_cache(tmp_path):
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A real, nearly full disk: a 256 KiB tmpfs with 12 KiB left (needs root, as the dev and CI machines run)."""
-    import subprocess
+    """A real, nearly full disk: a 256 KiB tmpfs with 12 KiB left."""
+    from _disk_util import small_tmpfs
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    (disk / "filler").write_bytes(b"\0" * (256 - 12) * 1024)
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    with small_tmpfs(tmp_path, "256k", fill_to_kib=256 - 12) as mount:
+        yield mount
 
 
 def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full_disk):

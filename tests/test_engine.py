@@ -6,13 +6,12 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import subprocess
-import uuid
 
 import numpy as np
 import pytest
 import zarr
 from _cache_util import fill, random_contents, settings, store_files, tables, tiny_spec
+from _disk_util import small_tmpfs
 
 from refseg.cache import open_cache
 from refseg.cache import layout as layout_module
@@ -104,14 +103,8 @@ def test_a_flipped_byte_of_a_compressed_store_is_found(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 96 KiB tmpfs: a real full disk (needs root, as the dev and CI machines run)."""
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with small_tmpfs(tmp_path, "96k") as mount:
+        yield mount
 
 
 def test_a_full_disk_is_said_by_its_errno_and_file(small_disk):

@@ -4,11 +4,10 @@ nothing half-written is left; after space is freed, --resume ends with the bytes
 from __future__ import annotations
 
 import errno
-import subprocess
-import uuid
 
 import pytest
 import torch
+from _disk_util import small_tmpfs
 from click.testing import CliRunner
 
 from refseg.core.errors import RunWriteError
@@ -17,13 +16,8 @@ from refseg.heads import run_dir
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with small_tmpfs(tmp_path, "64k") as mount:
+        yield mount
 
 
 def test_weights_onto_a_full_disk_are_one_error_and_no_debris(small_disk):
