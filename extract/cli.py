@@ -70,4 +70,5 @@ def main(ctx, preset, shard, quiet, **settings):
         warn(report.DATASET_CHANGED_NOTE)
     for line in report.lines():
         click.echo(line)
-    click.echo(f"wrote {cfg.out}: `refseg-cache info {cfg.out}` says what it holds")
+    if not cfg.dry_run:
+        click.echo(f"wrote {cfg.out}: `refseg-cache info {cfg.out}` says what it holds")

@@ -146,6 +146,12 @@ class ExtractionConfig:
     prompt: str = field(default="sentence", metadata=cli(
         "What conditions the backbone: each sample's sentence, or the empty prompt (a no-sentence baseline; "
         "the index still holds the sentences, the GT their objects).", type=click.Choice(["sentence", "empty"])))
+    dry_run: bool = field(default=False, metadata=cli(
+        "Print what would be done (samples, images, noise levels and which are done, bytes per sample and per "
+        "level, the store's size, the free space at --out) and write nothing.", flag="--dry-run"))
+    no_space_check: bool = field(default=False, metadata=cli(
+        "Start even when --out's file system reports too little free space for the store (one that "
+        "misreports it).", flag="--no-space-check"))
     shard: tuple[int, int] = (0, 1)  # this process's part (i, n) of the shards
     progress: bool = True
 

@@ -52,6 +52,7 @@ from refseg.extract.config import ExtractionConfig
 from refseg.extract.host_copy import HostCopies
 from refseg.extract.inputs import (SelectedTables, cache_settings, count_truncated, for_backbone, noise_levels,
                                    select_samples, selected_tables)
+from refseg.extract.plan import ExtractionPlan, check_space, plan_extraction
 from refseg.extract.report import ExtractionReport
 from refseg.extract.shard_buffer import BackgroundWriter, ShardBuffer
 from refseg.extract.stages import LATENTS, TEXT, NoiseLevel, Stage, StageResult
@@ -62,7 +63,7 @@ WAIT_POLL_SECONDS = 1.0  # how often a process waiting for other processes' stag
 OVERLAP_HOST_COPIES = True
 
 
-def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> ExtractionReport:
+def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> "ExtractionReport | DryRun":
     """Extract features for every noise level in `cfg.noise_ts` into `cfg.out` (resumable).
 
     Several processes may run this on one store at once, each with its own `cfg.shard` part (or the
@@ -84,6 +85,12 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
     cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
     spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides, **cfg.layer_choices())
     levels = noise_levels(cfg, backbone)  # refused here when ambiguous, before any store is opened
+    # 3b. What the run will write, against the free space: a store that cannot fit is refused before any work
+    plan = plan_extraction(cfg, spec, tables, levels, _text_layout(backbone, spec))
+    if cfg.dry_run:
+        return DryRun(plan)
+    if not cfg.no_space_check:
+        check_space(plan)
     report = ExtractionReport(len(tables.samples), len(tables.image_paths), tuple(n.level for n in levels),
                               truncated=count_truncated(backbone.family.map_tokenizer(backbone.components),
                                                         tables.samples.text, cfg.token_length))
@@ -118,6 +125,17 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> E
     report.bad = run.bad_by_sent_id()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+@dataclass
+class DryRun:
+    """What `run_extraction` returns for `--dry-run`: the plan, and nothing written."""
+
+    plan: ExtractionPlan
+    dataset_changed = False
+
+    def lines(self) -> list[str]:
+        return self.plan.lines()
 
 
 def _text_layout(backbone: Backbone, spec: FeatureSpec) -> dict:

@@ -1,0 +1,113 @@
+"""What an extraction will do, before it does it: `refseg-extract --dry-run` prints it and writes
+nothing; a real run checks the disk against it and refuses, in one line, a store that cannot fit
+(`--no-space-check` for file systems that misreport their free space).
+
+The sizes come from the layout (cache/usage.py `planned_bytes`), not from a guess: the arrays' values
+at their storage type plus what each chunk carries; what a store already holds is subtracted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from refseg.cache.layout import CACHE_DTYPES, is_local, store_nbytes
+from refseg.cache.usage import planned_bytes
+from refseg.core.errors import CacheWriteError
+from refseg.core.paths import nearest_existing
+
+
+@dataclass
+class ExtractionPlan:
+    out: str
+    samples: int
+    images: int
+    levels: tuple  # the noise levels asked for
+    done_levels: dict  # level -> "complete" / "16 of 142 samples" for those the store holds already
+    per_level_bytes: int  # one noise level of this store
+    per_sample_bytes: int  # features and maps of one sample at one level (FeatureSpec at the storage type)
+    total_bytes: int  # the finished store
+    existing_bytes: int  # what the store at `out` holds now
+    free_bytes: int | None  # at `out`'s nearest existing folder; None for a remote store
+    to_write: int  # what is still to write: the levels' missing shares, and stage 1 unless it is done
+
+    def lines(self) -> list[str]:
+        done = ", ".join(f"T={t}: {what}" for t, what in sorted(self.done_levels.items())) or "none"
+        free = "not known (a remote store, or a file system that reports no size)" if self.free_bytes is None \
+            else _size(self.free_bytes)
+        return [f"plan for {self.out}: {self.samples} samples (sentences), {self.images} images, noise levels "
+                f"{list(self.levels)} (already in the store: {done})",
+                f"  {_size(self.per_sample_bytes)} per sample per noise level, {_size(self.per_level_bytes)} per noise "
+                f"level; the finished store {_size(self.total_bytes)}",
+                f"  to write: {_size(self.to_write)} (the store holds {_size(self.existing_bytes)} now); free at "
+                f"{self.out}: {free}",
+                "  nothing was written (--dry-run)"]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def plan_extraction(cfg, spec, tables, levels, text_layout: dict) -> ExtractionPlan:
+    """The plan of `cfg` for `spec` and the selected `tables` at noise `levels` (NoiseInputs)."""
+    n, m = len(tables.samples), len(tables.images)
+    sizes = planned_bytes(spec, n, m, [lv.level for lv in levels], cache_dtype=CACHE_DTYPES[cfg.cache_dtype],
+                          shard_size=cfg.shard_size or 16, per_image_levels=cfg.prompt == "empty",
+                          text_layout=text_layout, text_bytes=sum(len(t.encode()) for t in tables.samples.text))
+    asked = [lv.level for lv in levels]
+    done, missing, stage_one_done, existing = _existing(cfg.out, asked)
+    to_write = (0 if stage_one_done else sizes["store"]) + sum(
+        round(sizes["per_level"] * missing.get(t, 1.0)) for t in asked)
+    free = _free_bytes(cfg.out)
+    feature_bytes = spec.bytes_per_sample(1 if cfg.cache_dtype == "int8" else 4 if cfg.cache_dtype == "fp32" else 2)
+    return ExtractionPlan(cfg.out, n, m, tuple(asked), done, sizes["per_level"], feature_bytes, sizes["total"],
+                          existing, free, to_write)
+
+
+def _free_bytes(out: str) -> int | None:
+    """Free bytes where `out` will be; None when unknown: a remote store, or a file system that reports
+    no size at all (/proc, some FUSE mounts), where a write will say what is wrong by itself."""
+    if not is_local(out):
+        return None
+    usage = shutil.disk_usage(nearest_existing(out))
+    return None if usage.total == 0 else usage.free
+
+
+def _existing(out: str, levels: list[int]) -> tuple[dict, dict, bool, int]:
+    """Of a store already at `out`: (level -> coverage text, level -> share still missing, whether stage 1
+    is done, bytes on disk); ({}, {}, False, 0) when there is none."""
+    from refseg.cache.reader import open_cache
+    from refseg.core.errors import CacheError
+
+    if is_local(out) and not os.path.exists(out):
+        return {}, {}, False, 0
+    try:
+        cache = open_cache(out)
+    except CacheError:
+        return {}, {}, False, 0  # nothing there yet, or something the run itself will refuse in its own words
+    done, missing = {}, {}
+    for t in cache.noise_levels:
+        if t in levels:
+            coverage = cache.coverage(t)
+            done[t] = "complete" if coverage.complete else coverage.describe()
+            missing[t] = 1.0 - coverage.fraction
+    stage_one_done = bool(cache.images_done().all() and cache.text_done().all())
+    return done, missing, stage_one_done, store_nbytes(out)
+
+
+def check_space(plan: ExtractionPlan) -> None:
+    """A one-line error when the store cannot fit on its disk (before anything is computed or written)."""
+    if plan.free_bytes is None or plan.to_write <= plan.free_bytes:
+        return
+    err = CacheWriteError(f"cache {plan.out} needs {_size(plan.to_write)} more on disk "
+                          f"({_size(plan.per_level_bytes)} per noise level, {len(plan.levels)} levels) but "
+                          f"{_size(plan.free_bytes)} are free there: free space, choose another --out, or reduce "
+                          "it (--limit, --sentences first, --strides, --cache-dtype int8); --no-space-check if "
+                          "the file system misreports its free space")
+    err.errno = 28
+    raise err

@@ -1,0 +1,61 @@
+"""`refseg-extract --dry-run` and the space check (issue 24, item 3): the plan is printed and nothing is
+written; the planned size is within 10% of the finished store's; a store that cannot fit is refused in
+one line before any work, unless --no-space-check."""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+
+import pytest
+from click.testing import CliRunner
+
+from refseg.cache.layout import store_nbytes
+from refseg.extract.cli import main as extract_main
+
+
+def args(synth_root, out, *extra):
+    return ["--data-root", str(synth_root), "--dataset", "refcoco-synth", "--split", "train", "--model", "tiny",
+            "--noise-t", "0", "--noise-t", "5", "--noise-t", "500", "--image-size", "64", "--token-length", "16",
+            "--limit", "24", "--shard-size", "4", "--quiet", "--out", str(out), *extra]
+
+
+def planned_total(stdout: str) -> float:
+    line = next(line for line in stdout.splitlines() if "the finished store" in line)
+    number, unit = line.rsplit("the finished store ", 1)[1].split()
+    return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+@pytest.mark.parametrize("extra", [(), ("--cache-dtype", "int8"), ("--prompt", "empty")], ids=["fp16", "int8", "empty"])
+def test_a_dry_run_writes_nothing_and_plans_the_store_within_10_percent(synth_root, tmp_path, extra):
+    out = tmp_path / "C.zarr"
+    dry = CliRunner().invoke(extract_main, args(synth_root, out, "--dry-run", *extra))
+    assert dry.exit_code == 0, dry.output
+    assert f"plan for {out}: " in dry.stdout and "noise levels [0, 5, 500]" in dry.stdout
+    assert "nothing was written (--dry-run)" in dry.stdout and "free at" in dry.stdout
+    assert sorted(os.listdir(tmp_path)) == []  # no store, no lock file
+    done = CliRunner().invoke(extract_main, args(synth_root, out, *extra))
+    assert done.exit_code == 0, done.output
+    from refseg.cache import open_cache
+
+    cache = open_cache(out)
+    assert f"{cache.n_samples} samples (sentences), {cache.n_images} images" in dry.stdout
+    assert abs(planned_total(dry.stdout) - store_nbytes(str(out))) <= 0.10 * store_nbytes(str(out)), (
+        planned_total(dry.stdout), store_nbytes(str(out)))
+    again = CliRunner().invoke(extract_main, args(synth_root, out, "--dry-run", *extra))
+    assert "already in the store: T=0: complete, T=5: complete, T=500: complete" in again.stdout
+    assert "to write: 0 B" in again.stdout
+
+
+def test_a_store_that_cannot_fit_is_refused_before_any_work(synth_root, tmp_path, monkeypatch):
+    out = tmp_path / "C.zarr"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("refseg.extract.plan.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
+    refused = CliRunner().invoke(extract_main, args(synth_root, out))
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    line = refused.stderr.strip()
+    assert line.startswith(f"error: cache {out} needs ") and "but 20.0 KB are free there" in line, line
+    assert "--no-space-check" in line and "\n" not in line
+    assert sorted(os.listdir(tmp_path)) == []
+    forced = CliRunner().invoke(extract_main, args(synth_root, out, "--no-space-check"))
+    assert forced.exit_code == 0, forced.output
