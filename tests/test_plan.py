@@ -59,3 +59,20 @@ def test_a_store_that_cannot_fit_is_refused_before_any_work(synth_root, tmp_path
     assert sorted(os.listdir(tmp_path)) == []
     forced = CliRunner().invoke(extract_main, args(synth_root, out, "--no-space-check"))
     assert forced.exit_code == 0, forced.output
+
+
+def test_du_says_where_the_bytes_are(synth_root, tmp_path):
+    from refseg.cache.cli import main as cache_main
+    from refseg.cache.usage import disk_usage
+
+    out = tmp_path / "C.zarr"
+    assert CliRunner().invoke(extract_main, args(synth_root, out)).exit_code == 0
+    rows = disk_usage(str(out))
+    sizes = dict(rows[:-1])
+    assert rows[-1] == ("", store_nbytes(str(out))) and sum(sizes.values()) == rows[-1][1]
+    assert sizes["t0000/s8"] > sizes["t0000/s64"] > 0 and "masks/gt" in sizes and "images/latent" in sizes
+    assert rows[0][1] == max(sizes.values())  # largest first
+    shown = CliRunner().invoke(cache_main, ["du", str(out)])
+    assert shown.exit_code == 0 and "t0000/s8" in shown.stdout and f"total ({out})" in shown.stdout
+    bad = CliRunner().invoke(cache_main, ["du", str(tmp_path)])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: ")
