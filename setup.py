@@ -41,7 +41,9 @@ setup(
         "pyyaml",  # refseg-sweep's GRID.yaml (yaml.safe_load only)
         "tensorstore>=0.1.86",  # the store's data engine (cache/engine.py; docs/DESIGN.md §6 says why)
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "tensorboard"], "tensorboard": ["tensorboard"]},
+    # moto[server] + s3fs: the object-store tests run against moto's S3 server on 127.0.0.1 (tests/test_s3.py)
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "tensorboard", "moto[server]>=5", "s3fs"],
+                    "tensorboard": ["tensorboard"], "s3": ["s3fs"]},
     entry_points={
         "console_scripts": [
             "refseg-data=refseg.core.data_cli:main",

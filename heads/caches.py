@@ -15,10 +15,16 @@ from refseg.core.errors import CacheError, CacheMismatchError
 
 
 def as_cache(cache):
-    """An opened cache from a path (or an already opened one); -> (cache, path)."""
+    """An opened cache from a path or URL (or an already opened one); -> (cache, its location)."""
     if isinstance(cache, (str, Path)):
-        return open_cache(cache), Path(cache)
-    return cache, Path(cache.path)
+        return open_cache(cache), location(cache)
+    return cache, location(cache.path)
+
+
+def location(path):
+    """A store's location: a Path for a local store, the URL itself for an object store (a Path would
+    fold "s3://bucket" into "s3:/bucket")."""
+    return str(path) if "://" in str(path) else Path(path)
 
 
 # Settings that say how features are stored, not what they are (cache/layout.py CACHE_DTYPES)
