@@ -62,6 +62,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,11 +368,11 @@ def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | No
 
     the_plan = plan(jobs, specs, {job.name for job in jobs if _finished(job)}, budget)
     say(progress, the_plan.lines()[0])
-    failed, trained = [], the_plan.done
+    failed, trained, started = [], the_plan.done, time.monotonic()
     for k, todo in enumerate(the_plan.passes, 1):
         s = todo[0].settings
         say(progress, f"sweep pass {k}/{len(the_plan.passes)}: T={s.noise_t}, {len(todo)} heads "
-            f"({trained} of {the_plan.jobs} heads done before it)")
+            f"({trained} of {the_plan.jobs} heads done before it{_eta(started, trained - the_plan.done, the_plan)})")
         trained += len(todo)
         device = s.device
         if ranks.active and resolve_device(device).type == "cuda":
@@ -385,6 +386,14 @@ def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | No
             state.release()
         failed += [job.name for job, head in zip(todo, state.heads) if head.failed]
     return failed
+
+
+def _eta(started: float, trained_here: int, the_plan) -> str:
+    """", about 4 min left" from the heads trained so far in this process (nothing before the first pass)."""
+    if trained_here == 0:
+        return ""
+    left = (time.monotonic() - started) / trained_here * (the_plan.jobs - the_plan.done - trained_here)
+    return f", about {left / 60:.0f} min left" if left >= 60 else f", about {left:.0f} s left"
 
 
 def _record(grid: dict, jobs: list[Job], cache, val_cache, data_seed: int) -> dict:

@@ -48,7 +48,8 @@ def test_a_huge_grid_is_planned_quickly_and_a_dry_run_writes_nothing(caches, tmp
 def test_heads_trained_in_several_passes_are_the_bytes_of_one_pass(caches, tmp_path, capsys):
     one = run_sweep(GRID, *caches, tmp_path / "one", progress=False)
     several = run_sweep(GRID, *caches, tmp_path / "several", progress=True, memory_budget=1)  # a head a pass
-    assert "in 4 pass(es)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "in 4 pass(es)" in said and "sweep pass 4/4: T=5, 1 heads (3 of 4 heads done before it, about " in said
     assert one == several
     for run in (tmp_path / "one" / "runs").iterdir():
         assert _files(run) == _files(tmp_path / "several" / "runs" / run.name), run.name
