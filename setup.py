@@ -41,9 +41,11 @@ setup(
         "pyyaml",  # refseg-sweep's GRID.yaml (yaml.safe_load only)
         "tensorstore>=0.1.86",  # the store's data engine (cache/engine.py; docs/DESIGN.md §6 says why)
     ],
-    # moto[server] + s3fs: the object-store tests run against moto's S3 server on 127.0.0.1 (tests/test_s3.py)
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "tensorboard", "moto[server]>=5", "s3fs"],
-                    "tensorboard": ["tensorboard"], "s3": ["s3fs"]},
+    # moto[server] + s3fs: the object-store tests run against moto's S3 server on 127.0.0.1 (tests/test_s3.py).
+    # s3fs has a lower bound: without it pip settles moto's newest boto3 with a 2020 s3fs (0.4) that reads
+    # no zarr v3 store, rather than an older boto3 with today's s3fs
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "tensorboard", "moto[server]>=5", "s3fs>=2025.1"],
+                    "tensorboard": ["tensorboard"], "s3": ["s3fs>=2025.1"]},
     entry_points={
         "console_scripts": [
             "refseg-data=refseg.core.data_cli:main",
