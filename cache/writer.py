@@ -139,6 +139,18 @@ def _restore_tables(path: str, root: zarr.Group, samples: SampleTable, images: I
         text.with_config(WRITE_EVERY_CHUNK)[:] = np.array(samples.text, dtype=object)
 
 
+@contextlib.contextmanager
+def _made_by_another_process():
+    """Creating a group or array that another writer created meanwhile (on an object store, where there
+    are no locks): the same layout from the same settings, so theirs stands and this one goes on."""
+    from zarr.errors import ContainsArrayError, ContainsGroupError
+
+    try:
+        yield
+    except (ContainsArrayError, ContainsGroupError):
+        pass
+
+
 def _refuse_what_is_not_a_cache(path: str) -> None:
     try:
         open_root(path, mode="r")
@@ -386,7 +398,9 @@ class CacheWriter(Store):
         name = noise_group_name(t)
         with self._metadata():
             root = self._fresh_root()
-            group = root[name] if name in root else root.create_group(name)
+            with _made_by_another_process():  # an object store has no lock: another writer may create it first
+                group = root[name] if name in root else root.create_group(name)
+            group = root[name]
             self._finish_noise_level(group, t, timestep, noise)
         self._levels.pop(t, None)
 
@@ -405,10 +419,12 @@ class CacheWriter(Store):
         n_rows, dim = (self.n_images, "image") if per_image else (self.n_samples, "sample")
         for layout in noise_arrays(self.spec, n_rows, self.feature_dtype.name, dim):
             if layout.path not in members:  # in the store's own format: a format-1 store stays format 1
-                create_array(group, layout, layout.path, self.shard_size, self.codec, self.checksums)
+                with _made_by_another_process():
+                    create_array(group, layout, layout.path, self.shard_size, self.codec, self.checksums)
         for flag in ("done", "skipped"):
             if flag not in members:
-                create_flags(group, flag, n_rows, self.shard_size, dim=dim, checksums=self.checksums)
+                with _made_by_another_process():
+                    create_flags(group, flag, n_rows, self.shard_size, dim=dim, checksums=self.checksums)
         if not attrs:
             level = noise.to_attrs() if noise is not None else {"noise_t": t, "timestep": timestep}
             group.attrs.put(sorted_json({**level, **({ROWS_ATTR: PER_IMAGE} if per_image else {})}))
