@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -28,7 +28,7 @@ from refseg.cache.engine import Engine, TensorstoreEngine, ZarrEngine
 from refseg.cache.layout import (DEFAULT_CACHE_DTYPE, FORMAT_ATTR, TEXT_LAYOUT_ATTR, ArrayLayout, base_arrays,
                                  create_array, create_flags, has_checksums, is_local, noise_arrays, open_root,
                                  parse_noise_group, storage_dtypes, PER_IMAGE, ROWS_ATTR)
-from refseg.core.errors import CacheError, DamagedCacheError
+from refseg.core.errors import CacheError
 from refseg.core.feature_spec import FeatureSpec
 
 # the arrays whose rows a stage's flags say are finished; the rest are written when the store is made

@@ -20,7 +20,6 @@ from refseg.cache.cli import main as cache_cli
 from refseg.cache.layout import noise_arrays
 from refseg.cache.quantize import dequantize, quantize, scale_name
 from refseg.core.errors import DamagedCacheError
-from refseg.core.feature_spec import FeatureSpec
 from refseg.extract.pipeline import run_extraction
 
 
