@@ -7,8 +7,9 @@ not what limits it? Its first run, on an H100 (BENCHMARKS.md), predates the no-s
 
 It runs `refseg-report demo` itself (`study.demo.run_demo`) with the settings below, `film` only (the
 demo's best head) and its no-sentence baseline, and prints one JSON line: every cell's mean ± std over
-the seeds, the every-pixel and every-object references, the computed conclusions, the spreads and the
-wall time of each stage. Nothing else differs from `make demo`: the same tiny-synth backbone, data
+the seeds, the every-pixel and every-object references (the best cell and its no-sentence baseline
+against every object on oIoU and mIoU), the error split per cell (study/errors.py), the computed
+conclusions, the spreads and the wall time of each stage. Nothing else differs from `make demo`: the same tiny-synth backbone, data
 generator, noise levels, loss, optimizer and rule.
 """
 
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
             "settings": {**scale, "heads": list(cfg.heads), "noise_ts": list(cfg.noise_ts), "model": result["model"]},
             "cells": [{k: c.get(k) for k in keep} for c in result["cells"]],
             "chance": study["chance"], "every_object": study["every_object"],
+            "against_every_object": study["against_every_object"], "errors": study["errors"],
             "seed_std": study["seed_std"], "sampling_std": study["sampling_std"], "conclusions": study["lines"],
             "by_kind": study["by_kind"],
             "timings_s": cfg.timings, "wall_s": round(time.perf_counter() - start, 1)}, default=str), flush=True)

@@ -417,70 +417,6 @@ def paired_bootstrap_std(a: dict, b: dict, draws: int = BOOTSTRAP_DRAWS, seed: i
     return float((_oiou_draws(ia, ua, picks) - _oiou_draws(ib, ub, picks)).std(ddof=1))
 
 
-def chance_levels(val_cache: Path) -> dict:
-    """What knowing nothing gives on val: oIoU and mIoU (%) of predicting every pixel (the masks' area)."""
-    from refseg.cache import open_cache
-
-    cache = open_cache(val_cache)
-    n, fg, share = cache.n_samples, 0, []
-    for start in range(0, n, 256):
-        gt = cache.gt(list(range(start, min(n, start + 256)))) != 0
-        fg += int(gt.sum())
-        share += list(gt.reshape(len(gt), -1).mean(1))
-    pixels = n * cache.spec.image_size ** 2
-    return {"oIoU": 100 * fg / pixels, "mIoU": 100 * float(np.mean(share)), "n": n}
-
-
-def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[int, int]]:
-    """sent_id -> (intersection, union) on val of predicting the union of every annotated object of the
-    sentence's image (at the cache's mask size and rule), the sentence unread. A text-blind head can
-    learn that much; only the sentence can pick the one object out of the 2–5."""
-    from refseg.cache import open_cache
-    from refseg.core.refer import ReferDataset
-    from refseg.core.transforms import mask_to_size
-
-    cache = open_cache(val_cache)
-    rule = cache.settings["extraction"]["mask_rule"]
-    refer = ReferDataset(str(data_root), cache.settings["dataset"]["dataset"])
-    size = cache.spec.image_size
-    out, by_image = {}, {}  # an image's union, made once for all of its sentences
-    for row, (sent_id, image_id) in enumerate(zip(cache.index["sent_id"], cache.index["image_id"])):
-        if int(image_id) not in by_image:
-            every = np.zeros((size, size), bool)
-            for ann_id in refer.image_annotations(int(image_id)):
-                every |= mask_to_size(refer.annotation_mask(ann_id, rule), size) != 0
-            by_image[int(image_id)] = every
-        every = by_image[int(image_id)]
-        gt = cache.gt([row])[0] != 0
-        out[int(sent_id)] = (int((every & gt).sum()), int((every | gt).sum()))
-    return out
-
-
-def scores(samples: dict[int, tuple[int, int]]) -> dict:
-    """oIoU and mIoU (%) of {sent_id: (i, u)} (an empty union scores 0, as LAVT counts it)."""
-    i, u = (np.array(v, dtype=np.int64) for v in zip(*samples.values()))
-    return {"oIoU": 100 * float(i.sum()) / max(int(u.sum()), 1),
-            "mIoU": 100 * float(np.mean(np.where(u > 0, i / np.maximum(u, 1), 0.0))), "n": len(samples)}
-
-
-def by_sentence_kind(columns: dict[str, dict[int, tuple[int, int]]], val_cache: Path) -> str:
-    """Markdown: the val oIoU of each column ({name: {sent_id: (i, u)}}) per kind of sentence
-    (`synthetic.sentence_kind`: attribute, position among look-alikes, relation to an anchor)."""
-    from refseg.cache import open_cache
-    from refseg.core.synthetic import SENTENCE_KINDS, sentence_kind
-
-    cache = open_cache(val_cache)
-    kind_of = {int(sid): sentence_kind(text) for sid, text in zip(cache.index["sent_id"], cache.texts)}
-    lines = ["| sentence kind | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-    for kind in SENTENCE_KINDS + ("all",):
-        ids = [sid for sid, k in kind_of.items() if kind in (k, "all")]
-        if not ids:
-            continue
-        cells = [f"{scores({sid: col[sid] for sid in ids})['oIoU']:.1f}" for col in columns.values()]
-        lines.append(f"| {kind} | {len(ids)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) -> dict:
     """Every sentence of the study's text, computed from the cells: best cell, what the sentence adds,
     chance, noise levels per head, heads per T, and seed spread against sampling spread."""
@@ -488,6 +424,10 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
     blind = {(c["head"], c["noise_t"]): c for c in cells if c.get("text_blind")}
     best = best_cell(cells)
     name = lambda c: f"{c['head']} T={c['noise_t']}" + (" no sentence" if c.get("text_blind") else "")  # noqa: E731
+    from refseg.study.errors import error_split
+    from refseg.study.references import (by_sentence_kind, chance_levels, compare_with_every_object,
+                                         every_object_samples, scores, sentence as reference_sentence)
+
     chance = chance_levels(val_cache)
     every_object = every_object_samples(val_cache, out / "data")
     objects = scores(every_object)
@@ -541,13 +481,18 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
                      "rule counts it.")
     kinds = None  # the best cell (it reads the sentence), its no-sentence baseline and every object, per kind
     best_blind = blind.get((best["head"], best["noise_t"]))
+    against = {"best": compare_with_every_object(best, objects)}
+    if best_blind is not None:
+        against["no sentence"] = compare_with_every_object(best_blind, objects)
+    lines += [reference_sentence(name(best) if k == "best" else name(best_blind), v) for k, v in against.items()]
     if best_blind is not None and _key(best) in scored and _key(best_blind) in scored:
         kinds = by_sentence_kind({name(best): scored[_key(best)], "no sentence": scored[_key(best_blind)],
                                   "every object": every_object}, val_cache)
     return {"lines": lines, "by_kind": kinds, "best": {k: best[k] for k in ("head", "noise_t")},
             "best_run": str(run) if run else None,
             "best_csv": str(out / "per_sample" / csv_name(best)), "chance": chance, "every_object": objects,
-            "seed_std": seed_std,
+            "seed_std": seed_std, "against_every_object": against,
+            "errors": error_split(cells, val_cache, out / "data", cfg.device),
             "sampling_std": sampling, "paired_sampling_std": paired,
             "rule": f"|mean_a - mean_b| > {Z:g}·sqrt(std_a²/n_a + std_b²/n_b + paired_sampling_std²)"}
 
@@ -601,6 +546,7 @@ def write_report(out: Path, cells: list[dict], study: dict, probe: dict, val_cac
     from refseg.core.transforms import load_image
     from refseg.heads.evaluate import predict
     from refseg.study import figures
+    from refseg.study.errors import split_markdown
 
     cache = open_cache(val_cache_path)
     refer = ReferDataset(str(out / "data"), "refcoco-synth")
@@ -611,11 +557,12 @@ def write_report(out: Path, cells: list[dict], study: dict, probe: dict, val_cac
     probe_md = probe.get("markdown") or probe.get("missing", "")
     files["ablation.md"] = out / "ablation.md"
     kinds = f"### Val oIoU by kind of sentence (first seeds)\n\n{study['by_kind']}\n" if study.get("by_kind") else ""
+    errors = f"### Where the errors are (val, mean over seeds)\n\n{split_markdown(study['errors'])}\n"
     files["ablation.md"].write_text(
         f"# Noise ablation on refcoco-synth val (mean ± std over {cfg.seeds} seeds)\n\n"
         f"Measured on {where['cpu']} ({where['cores']} cores), {cfg.threads} torch threads, {where['date']}. "
         "Another machine or thread count gives other digits; the conclusions below are what should hold.\n\n"
-        f"{table}\n## Conclusions (computed from the table)\n\n{text}\n\n{kinds}"
+        f"{table}\n## Conclusions (computed from the table)\n\n{text}\n\n{kinds}{errors}"
         f"## Zero-shot attention probe (val, no training)\n\n{probe_md}\n")
     files["ablation.csv"] = figures.write_ablation_csv(cells, out / "ablation.csv")
     files["ablation.png"] = figures.plot_ablation(cells, out / "ablation.png", chance=study["chance"],
@@ -643,5 +590,5 @@ def write_report(out: Path, cells: list[dict], study: dict, probe: dict, val_cac
     tokens = [tok.replace("</w>", "") for tok in backbone.tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
     files["features.png"] = figures.feature_view(cache, best["noise_t"], row, tokens, out / "features.png",
                                                  image=load_image(image_path))
-    click.echo(f"{table}\n{text}\n\n{kinds}{probe_md}")
+    click.echo(f"{table}\n{text}\n\n{kinds}{errors}{probe_md}")
     return files

@@ -193,3 +193,63 @@ def test_demo_writes_the_ablation_table_and_figures(demo_on_one_thread):
     for run in runs:
         assert {"best.safetensors", "config.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_demo_splits_each_cell_s_errors_and_calls_every_object_on_both_metrics(demo_on_one_thread):
+    from refseg.cache import open_cache
+    from refseg.heads.evaluate import predict
+    from refseg.study.errors import KINDS
+
+    out, result = demo_on_one_thread
+    saved = json.loads((out / "results.json").read_text())
+    study, cells = saved["study"], saved["cells"]
+    # one row per cell of the table, in its order; the kinds share every prediction of each seed
+    assert [(r["head"], r["noise_t"], r["text_blind"]) for r in study["errors"]] == [
+        (c["head"], c["noise_t"], c["text_blind"]) for c in cells]
+    for row, cell in zip(study["errors"], cells):
+        assert sum(row[k] for k in KINDS) == pytest.approx(100.0)
+        assert row["n"] == study["chance"]["n"] and row["n_seeds"] == 2
+        assert row["right"] == pytest.approx(cell["P@0.5_mean"])  # "right" is P@0.5's hit, seed by seed
+    # "no object": predictions with no pixel on any object, recounted from instances.json (pycocotools)
+    cache = open_cache(out / "cache" / "val.zarr")
+    every = _every_object_masks(out, cache)
+    best = next(c for c in cells if not c["text_blind"])
+    first = [r for r in predict(best["runs"][0], cache, device="cpu")]
+    second = [r for r in predict(best["runs"][1], cache, device="cpu")]
+    touching_none = [100 * np.mean([not (r["pred"] & every[r["row"]]).any() for r in run]) for run in (first, second)]
+    assert study["errors"][0]["no object"] == pytest.approx(np.mean(touching_none))
+
+    table = (out / "ablation.md").read_text()
+    section = table.split("### Where the errors are (val, mean over seeds)")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # below the header
+    blind = result["study"]["best"]["head"] + " (no sentence)"
+    assert [line.split(" | ")[0][2:] for line in rows] == ["vpd"] * 3 + ["film"] * 3 + [blind] * 3
+    # the best cell and its no-sentence baseline against every object, on oIoU and on mIoU
+    against = study["against_every_object"]
+    best_cell = max((c for c in cells if not c["text_blind"]), key=lambda c: c["oIoU_mean"])
+    for metric in ("oIoU", "mIoU"):
+        assert against["best"][metric]["reference"] == study["every_object"][metric]
+        assert against["best"][metric]["cell"] == best_cell[f"{metric}_mean"]
+        assert against["best"][metric]["call"] in ("above", "below", "not clearly different")
+    b = against["best"]
+    line = (f"against every object (the sentence unread): oIoU {b['oIoU']['cell']:.1f} vs "
+            f"{b['oIoU']['reference']:.1f} ({b['oIoU']['difference']:+.1f}, {b['oIoU']['call']}), mIoU "
+            f"{b['mIoU']['cell']:.1f} vs {b['mIoU']['reference']:.1f}")
+    assert line in table and "no sentence against every object" in table
+
+
+def _every_object_masks(out, cache):
+    """row -> the union of every object of its image at the cache's size, from instances.json (pycocotools)."""
+    from pycocotools import mask as mask_utils
+
+    data = json.loads((out / "data" / "refcoco-synth" / "instances.json").read_text())
+    images = {img["id"]: img for img in data["images"]}
+    masks = {}
+    for row, image_id in enumerate(cache.index["image_id"]):
+        img = images[int(image_id)]
+        every = np.zeros((img["height"], img["width"]), bool)
+        for ann in (a for a in data["annotations"] if a["image_id"] == int(image_id)):
+            parts = mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], img["height"], img["width"]))
+            every |= parts.sum(axis=2) == 1
+        masks[row] = every
+    return masks
