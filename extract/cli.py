@@ -61,11 +61,22 @@ def shard_from_environment() -> tuple[int, int]:
 def main(ctx, preset, shard, quiet, **settings):
     # Imported here so that `--help` is instant and a bad flag fails before torch/diffusers load.
     from refseg.extract.pipeline import run_extraction
+    from refseg.extract.plan import check_space, plan_before_loading
 
     explicit = {name for name in settings if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     settings["noise_ts"] = tuple(dict.fromkeys(settings["noise_ts"]))  # --noise-t 5 --noise-t 5: once
     cfg = ExtractionConfig(**settings, shard=shard or shard_from_environment(), progress=not quiet)
-    report = run_extraction(with_preset(cfg, preset, explicit))
+    cfg = with_preset(cfg, preset, explicit)
+    # From the model's configs where they say its shapes: a store that cannot fit is refused, and a dry
+    # run answered, before the weights load (None: run_extraction plans once the model is loaded)
+    plan = plan_before_loading(cfg)
+    if plan is not None and cfg.dry_run:
+        for line in plan.lines():
+            click.echo(line)
+        return
+    if plan is not None and not cfg.no_space_check:
+        check_space(plan)
+    report = run_extraction(cfg)
     if report.dataset_changed:
         warn(report.DATASET_CHANGED_NOTE)
     for line in report.lines():

@@ -2,6 +2,10 @@
 nothing; a real run checks the disk against it and refuses, in one line, a store that cannot fit
 (`--no-space-check` for file systems that misreport their free space).
 
+Where the model's configs say its shapes (a diffusers folder, a cached hub id, a single file with
+`--model-config`: backbones/config_only.py), the plan and the check come before its weights are loaded
+(`plan_before_loading`, called by the command); otherwise right after loading it (`run_extraction`).
+
 The sizes come from the layout (cache/usage.py `planned_bytes`), not from a guess: the arrays' values
 at their storage type plus what each chunk carries; what a store already holds is subtracted.
 """
@@ -34,8 +38,9 @@ class ExtractionPlan:
 
     def lines(self) -> list[str]:
         done = ", ".join(f"T={t}: {what}" for t, what in sorted(self.done_levels.items())) or "none"
-        free = "not known (a remote store, or a file system that reports no size)" if self.free_bytes is None \
-            else _size(self.free_bytes)
+        free = _size(self.free_bytes) if self.free_bytes is not None else \
+            "not checked (an object store has no free space to ask for)" if not is_local(self.out) else \
+            "not known (the file system reports no size): not checked"
         return [f"plan for {self.out}: {self.samples} samples (sentences), {self.images} images, noise levels "
                 f"{list(self.levels)} (already in the store: {done})",
                 f"  {_size(self.per_sample_bytes)} per sample per noise level, {_size(self.per_level_bytes)} per noise "
@@ -51,6 +56,38 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+def plan_before_loading(cfg) -> ExtractionPlan | None:
+    """The plan of `cfg` from the model's configs alone, before its weights are loaded (seconds to
+    minutes for a real model) and before anything is written; None when only the loaded model can say
+    (a built-in tiny model, a model not on this machine, a folder whose configs cannot be read):
+    `run_extraction` then plans right after loading it. Settings that the model refuses are left to the
+    run after loading too, which says them in its own words."""
+    from refseg.backbones.config_only import backbone_shapes
+    from refseg.core.errors import RefsegError
+    from refseg.core.paths import check_output_path
+    from refseg.core.refer import ReferDataset
+    from refseg.extract.inputs import for_backbone, noise_levels, select_samples, selected_tables
+    from refseg.extract.pipeline import _text_layout  # the store's text arrays, as the run lays them out
+
+    cfg.check()
+    check_output_path(cfg.out, "cache")
+    backbone = backbone_shapes(cfg.model, cfg.model_config)
+    if backbone is None:
+        return None
+    # the data first, as the run reads it: a bad --data-root or --split is said before any model setting
+    refer = ReferDataset(cfg.data_root, cfg.dataset, split_by=cfg.split_by, image_root=cfg.image_root,
+                         text_field=cfg.text_field)
+    tables = selected_tables(refer, select_samples(refer, cfg.split, cfg.sentences, cfg.limit))
+    try:
+        cfg = for_backbone(cfg, backbone)
+        cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
+        spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides, **cfg.layer_choices())
+        levels = noise_levels(cfg, backbone)
+    except RefsegError:
+        return None
+    return plan_extraction(cfg, spec, tables, levels, _text_layout(backbone, spec))
 
 
 def plan_extraction(cfg, spec, tables, levels, text_layout: dict) -> ExtractionPlan:

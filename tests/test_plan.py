@@ -76,3 +76,54 @@ def test_du_says_where_the_bytes_are(synth_root, tmp_path):
     assert shown.exit_code == 0 and "t0000/s8" in shown.stdout and f"total ({out})" in shown.stdout
     bad = CliRunner().invoke(cache_main, ["du", str(tmp_path)])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: ")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """`--model tiny` written as a diffusers folder: a model whose configs say its shapes."""
+    from refseg.backbones.families import FAMILIES
+    from refseg.backbones.loading import save_backbone
+
+    return save_backbone(FAMILIES["sd"].build_tiny(), tmp_path_factory.mktemp("model") / "tiny-folder")
+
+
+def test_every_family_is_planned_from_its_configs_as_from_its_loaded_model(tmp_path):
+    from refseg.backbones.config_only import backbone_shapes
+    from refseg.backbones.families import FAMILIES
+    from refseg.backbones.loading import load_backbone, save_backbone
+
+    def shapes(backbone):
+        size = 2 * backbone.max_stride
+        return (backbone.family.name, backbone.default_image_size, backbone.max_stride, backbone.max_token_length,
+                backbone.schedule_steps, backbone.spec(size, 8), backbone.text_shape(8), backbone.pooled_dim,
+                backbone.noise_input(t=5), backbone.noise_input(t=500))
+
+    for name, family in FAMILIES.items():
+        folder = save_backbone(family.build_tiny(), tmp_path / name, family=family)
+        from_configs = backbone_shapes(str(folder))
+        assert from_configs is not None and next(from_configs.denoiser.parameters()).is_meta, name  # no weights
+        assert shapes(from_configs) == shapes(load_backbone(str(folder), device="cpu")), name
+    assert backbone_shapes("tiny") is None  # built in code: the run plans once it is built
+    assert backbone_shapes(str(tmp_path / "absent")) is None  # the full load says what is wrong
+
+
+def test_a_folder_model_is_planned_and_refused_before_its_weights_load(synth_root, tiny_folder, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "C.zarr"
+    planned_after_loading = CliRunner().invoke(extract_main, args(synth_root, out, "--dry-run"))  # --model tiny
+    assert planned_after_loading.exit_code == 0, planned_after_loading.output
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr("refseg.extract.pipeline.load_backbone", no_weights)
+    dry = CliRunner().invoke(extract_main, args(synth_root, out, "--dry-run", "--model", str(tiny_folder)))
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout == planned_after_loading.stdout  # the same plan, from the configs alone
+    assert sorted(os.listdir(tmp_path)) == []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("refseg.extract.plan.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
+    refused = CliRunner().invoke(extract_main, args(synth_root, out, "--model", str(tiny_folder)))
+    assert refused.exit_code == 2 and refused.stderr.startswith(f"error: cache {out} needs "), refused.output
+    assert "but 20.0 KB are free there" in refused.stderr and "the weights were loaded" not in refused.output
+    assert sorted(os.listdir(tmp_path)) == []
