@@ -145,3 +145,30 @@ def test_a_damaged_s3_store_is_said_not_read_as_zeros(s3, extraction_reference, 
 
     found = CliRunner().invoke(cache_main, ["verify", url])
     assert found.exit_code == 2 and "damaged: t0005/s8: rows 2, 3" in found.output, found.output
+
+
+def test_an_s3_dry_run_writes_nothing_and_du_counts_what_the_local_disk_does(s3, synth_root, extraction_reference,
+                                                                            monkeypatch):
+    import s3fs
+
+    from refseg.cache.cli import main as cache_main
+    from refseg.cache.usage import disk_usage
+    from refseg.extract.cli import main as extract_main
+
+    name = bucket(s3)
+    url = f"s3://{name}/c.zarr"
+    fs = s3fs.S3FileSystem()
+    # the free space of an object store is not asked for: the local disk reporting none changes nothing
+    monkeypatch.setattr("refseg.extract.plan.shutil.disk_usage", lambda path: pytest.fail("disk_usage asked"))
+    dry = CliRunner().invoke(extract_main, extract_args(synth_root, url, "--dry-run"))
+    assert dry.exit_code == 0, dry.output
+    assert f"free at {url}: not checked (an object store has no free space to ask for)" in dry.stdout
+    assert fs.ls(name, refresh=True) == []  # nothing written: no store, no lock object
+
+    fs.put(str(extraction_reference), url.removeprefix("s3://"), recursive=True)
+    remote, local = disk_usage(url), disk_usage(str(extraction_reference))
+    assert remote == local and remote[-1][1] > 0  # the same objects, the same bytes, the same rows
+    again = CliRunner().invoke(extract_main, extract_args(synth_root, url, "--dry-run"))
+    assert "already in the store: T=0: complete, T=5: complete" in again.stdout and "to write: 0 B" in again.stdout
+    shown = CliRunner().invoke(cache_main, ["du", url])
+    assert shown.exit_code == 0 and f"total ({url})" in shown.stdout and "t0005/s8" in shown.stdout, shown.output
