@@ -127,3 +127,30 @@ def test_a_folder_model_is_planned_and_refused_before_its_weights_load(synth_roo
     assert refused.exit_code == 2 and refused.stderr.startswith(f"error: cache {out} needs "), refused.output
     assert "but 20.0 KB are free there" in refused.stderr and "the weights were loaded" not in refused.output
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_the_readme_disk_table_of_full_refcoco_is_the_plan_of_its_spec():
+    """README's full-RefCOCO rows are planned_bytes of SD1.5's spec (512 px, L = 40), not typed in."""
+    from pathlib import Path
+
+    from bench.models import SD15_UNET_CONFIG
+    from refseg.cache.usage import planned_bytes
+    from refseg.core.feature_spec import FeatureSpec
+
+    def size(n: float) -> str:  # three significant digits, as the table shows them
+        unit = next(u for u, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)) if n >= scale)
+        return f"{n / {'TB': 1e12, 'GB': 1e9, 'MB': 1e6}[unit]:#.3g}".rstrip(".") + f" {unit}"
+
+    spec = FeatureSpec.from_unet_config(dict(SD15_UNET_CONFIG), 512, 40)
+    assert spec.bytes_per_sample() == 4_853_760  # the issue's 4.85 MB per sample per level
+    sentences, images = 120_624, 16_994  # RefCOCO unc train
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for store, options, rows, what in (("float16 (default)", {}, sentences, "sentences"),
+                                       ("`--cache-dtype int8`", {"cache_dtype": "int8"}, sentences, "sentences"),
+                                       ("no-sentence baseline", {"per_image_levels": True}, images, "images")):
+        one, three = (planned_bytes(spec, sentences, images, levels, **options) for levels in ([0], [0, 5, 500]))
+        row = (f"| {size(one['per_level'] / rows)} | {rows:,} {what} | {size(one['per_level'])} | "
+               f"{size(one['total'])} | {size(three['total'])} |")
+        line = next(line for line in readme.splitlines() if line.startswith(f"| {store}"))
+        assert line.endswith(row), (line, row)
+    assert f"adds, once, {size(one['store'])} of GT masks" in readme
