@@ -19,6 +19,10 @@ evicted from this machine's page cache (posix_fadvise DONTNEED after a sync) bef
 the reads go to the disk (a virtual disk may still be cached by its host).
 Data are random: N(0,1) features, softmax attention maps, blob masks. Random mantissas do not
 compress; real features may compress somewhat better (their exponents are as narrow or narrower).
+
+A store on S3 against the local disk, as a ratio measured in one run (FeatureDataset, and every request
+at once through zarr's async API; moto's S3 server on 127.0.0.1): bench/remote_read.py, which reuses
+this file's store writer and data.
 """
 
 from __future__ import annotations
