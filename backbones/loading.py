@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -262,7 +263,9 @@ def _quiet():
     levels = dlog.get_verbosity(), tlog.get_verbosity()
     bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
     for log in (dlog, tlog):
-        log.set_verbosity_error()
+        # critical only: what fails raises (and is said in one line); their error logs would add a second line
+        # ("An error occurred while trying to fetch ..." before the weights file that is missing)
+        log.set_verbosity(logging.CRITICAL)
         log.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -286,6 +289,9 @@ def _folder_family(path: str) -> Family:
     """The family a diffusers folder's model_index.json names; a folder without one is SD (as before)."""
     index = read_model_index(path)
     if index is None:
+        if os.path.isfile(os.path.join(path, "model_index.json")):  # there but unreadable: the family is unknown
+            raise ModelError(f"cannot load model {path!r}: its model_index.json is not a JSON object naming the "
+                             "pipeline (invalid JSON, or another value): restore it from the model's source")
         return FAMILIES["sd"]
     family = family_for_index(index)
     if family is None:

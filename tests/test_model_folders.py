@@ -33,8 +33,8 @@ CASES = {
                         "its text_encoder/ cannot be loaded: its config.json holds a value of the wrong type "
                         "(Validation error for field 'hidden_size': TypeError"),
     "invalid-json": (lambda p: (p / "unet" / "config.json").write_text("{not json"), "is not a valid JSON file"),
-    "other-shapes": (edit_config("unet", cross_attention_dim=48), "Error(s) in loading state_dict for "
-                                                                   "UNet2DConditionModel: size mismatch for "),
+    "other-shapes": (edit_config("unet", cross_attention_dim=48), "its unet/ cannot be loaded: its weights do not fit "
+                                                                   "its config.json: down_blocks."),
 }
 
 

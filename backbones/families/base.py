@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -52,33 +53,92 @@ def read_model_index(folder: str) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
-def load_component(name: str, load):
+def load_component(name: str, load, *, source: str | None = None, config: str = "config.json"):
     """`load()` (one component's from_pretrained); whatever it raises on a malformed folder (diffusers and
     transformers raise TypeError, ValueError, KeyError, RuntimeError, validation errors ...) becomes a
-    ModelError naming the component's subfolder and the first line that says what is wrong."""
+    ModelError naming the component's subfolder and the first line that says what is wrong.
+
+    `source`: the model's folder (or hub id), whose `name/config` is first checked to be a JSON object
+    when it is a local file (the loaders misread a JSON list as a path to download)."""
+    if source is not None:
+        check_config_file(source, name, config)
     try:
         return load()
     except OSError as exc:  # still an OSError: the hub path reads it as "not found" (backbones/loading.py)
-        raise ComponentNotReadable(f"its {name}/ cannot be loaded: {describe_load_error(exc)}") from None
+        raise ComponentNotReadable(f"its {name}/ cannot be loaded: {describe_load_error(exc, config)}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of a third-party loader on the user's files
-        raise ModelError(f"its {name}/ cannot be loaded: {describe_load_error(exc)}") from None
+        raise ModelError(f"its {name}/ cannot be loaded: {describe_load_error(exc, config)}") from None
+
+
+def load_weights(name: str, load, *, source: str | None = None):
+    """`load_component` for a module whose `load()` returns (module, loading info), as diffusers' and
+    transformers' `from_pretrained(..., output_loading_info=True)` do. Weights that the config describes
+    but the files lack are refused, not left uninitialised (diffusers) or random (transformers); so are
+    weights of other shapes (transformers reports them only with `ignore_mismatched_sizes=True`)."""
+    module, info = load_component(name, load, source=source)
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, found, expected = mismatched[0][:3]
+        raise ModelError(f"its {name}/ cannot be loaded: {shape_mismatch(key, found, expected, len(mismatched))}")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelError(f"its {name}/ cannot be loaded: its weights lack {len(missing)} tensor(s) that its "
+                         f"config.json describes ({shown}): the config and the weights are of different models")
+    return module
+
+
+def check_config_file(source: str, name: str, config: str = "config.json") -> None:
+    """Refuse a local `source/name/config` that is not valid JSON or not a JSON object (one line)."""
+    path = os.path.join(source, name, config)
+    if not os.path.isfile(path):
+        return  # a hub id, or a file that is missing: the loader says so
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"its {name}/ cannot be loaded: {name}/{config} is not a valid JSON file ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"its {name}/ cannot be loaded: {name}/{config} holds a JSON {type(value).__name__}, "
+                         "not the object of settings a config is")
 
 
 class ComponentNotReadable(ModelError, OSError):
     """A component's files are missing or unreadable (an OSError from the loader)."""
 
 
-def describe_load_error(exc: BaseException) -> str:
+# torch's load_state_dict line for one weight of another shape (diffusers raises it as it is)
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def shape_mismatch(key: str, found, expected, count: int) -> str:
+    """The clause naming the first weight of another shape: what the config expects, what the file holds."""
+    more = f" ({count} tensors differ)" if count > 1 else ""
+    return (f"its weights do not fit its config.json: {key} is {_shape(found)} in the weights but the config "
+            f"makes it {_shape(expected)}{more}; the config and the weights are of different models")
+
+
+def _shape(shape) -> str:
+    return str(list(shape)) if not isinstance(shape, str) else shape
+
+
+def describe_load_error(exc: BaseException, config: str = "config.json") -> str:
     """One line of `exc`: for torch's "Error(s) in loading state_dict for X:" the first weight it names
     (a size mismatch, a missing or unexpected key), not the empty first line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = str(exc)
+    sizes = _SIZE_MISMATCH.findall(text)
+    if sizes:
+        key, found, expected = sizes[0]
+        return shape_mismatch(key, found, expected, len(sizes))
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
     if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
         detail = lines[1]
         return f"{lines[0]} {detail[:400]}{'...' if len(detail) > 400 else ''}"
     if isinstance(exc, TypeError) or type(exc).__name__.endswith("ValidationError"):
-        return f"its config.json holds a value of the wrong type ({' '.join(lines)[:300]})"
+        return f"its {config} holds a value of the wrong type ({' '.join(lines)[:300]})"
     return lines[0][:300]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from refseg.backbones.capture import UNetCapture
-from refseg.backbones.families.base import Family, TextConditioning, load_component
+from refseg.backbones.families.base import Family, TextConditioning, load_component, load_weights
 from refseg.core.errors import ModelError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -40,6 +40,21 @@ def tokenizer_sha256(tokenizer) -> str:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def checked_schedule(config: dict) -> dict:
+    """A DDPM scheduler config whose noise schedule can be computed (refseg_core/noise.py), refused at load
+    in one line when a setting has the wrong type (`"num_train_timesteps": "many"`), rather than when the
+    first noise level is set. A schedule refseg does not run (another beta_schedule) is still said there."""
+    from refseg.core.noise import alphas_cumprod
+
+    try:
+        alphas_cumprod(config)
+    except ModelError:
+        pass
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"its scheduler_config.json holds a value of the wrong type ({first_line(exc)[:200]})") from None
+    return config
 
 
 class UNetCaptureRun:
@@ -84,19 +99,21 @@ class UNetFamily(Family):
         from transformers import CLIPTokenizer
 
         kw = dict(local_files_only=local_files_only)
+        weights = dict(output_loading_info=True, **kw)  # checked by load_weights: none missing, none of other shapes
         parts = dict(
-            unet=load_component("unet", lambda: UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=dtype, **kw)),
-            vae=load_component("vae", lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype,
-                                                                          **kw)),
+            unet=load_weights("unet", lambda: UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", torch_dtype=dtype, **weights), source=source),
+            vae=load_weights("vae", lambda: AutoencoderKL.from_pretrained(
+                source, subfolder="vae", torch_dtype=dtype, **weights), source=source),
         )
         for name in self.text_encoders:
-            parts[name] = load_component(name, lambda: self.text_encoder_class(name).from_pretrained(
-                source, subfolder=name, dtype=dtype, **kw))
+            parts[name] = load_weights(name, lambda: self.text_encoder_class(name).from_pretrained(
+                source, subfolder=name, dtype=dtype, ignore_mismatched_sizes=True, **weights), source=source)
         for name in self.tokenizer_names:
             parts[name] = load_component(name, lambda: CLIPTokenizer.from_pretrained(source, subfolder=name, **kw))
-        parts["scheduler_config"] = load_component("scheduler", lambda: dict(DDPMScheduler.load_config(
-            source, subfolder="scheduler", **kw)))
+        parts["scheduler_config"] = load_component("scheduler", lambda: checked_schedule(dict(
+            DDPMScheduler.load_config(source, subfolder="scheduler", **kw))), source=source,
+            config="scheduler_config.json")
         return parts
 
     @property

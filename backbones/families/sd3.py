@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from refseg.backbones.joint_capture import DEFAULT_CHUNK, JointCapture
-from refseg.backbones.families.base import Family, TextConditioning, load_component
+from refseg.backbones.families.base import Family, TextConditioning, load_component, load_weights
 from refseg.backbones.families.sd import first_line, jsonable
 from refseg.core.errors import ModelError
 from refseg.core.feature_spec import FeatureSpec
@@ -126,20 +126,21 @@ class TransformerFamily(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
         kw = dict(local_files_only=local_files_only)
+        weights = dict(output_loading_info=True, **kw)  # checked by load_weights: none missing, none of other shapes
         parts = dict(
-            transformer=load_component("transformer", lambda: getattr(diffusers, self.transformer_class).from_pretrained(
-                source, subfolder="transformer", torch_dtype=dtype, **kw)),
-            vae=load_component("vae", lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype,
-                                                                          **kw)),
+            transformer=load_weights("transformer", lambda: getattr(diffusers, self.transformer_class).from_pretrained(
+                source, subfolder="transformer", torch_dtype=dtype, **weights), source=source),
+            vae=load_weights("vae", lambda: AutoencoderKL.from_pretrained(
+                source, subfolder="vae", torch_dtype=dtype, **weights), source=source),
         )
         for name, cls in self.text_encoders.items():
-            parts[name] = load_component(name, lambda: getattr(transformers, cls).from_pretrained(
-                source, subfolder=name, dtype=dtype, **kw))
+            parts[name] = load_weights(name, lambda: getattr(transformers, cls).from_pretrained(
+                source, subfolder=name, dtype=dtype, ignore_mismatched_sizes=True, **weights), source=source)
         for name, kind in self.tokenizers.items():
             cls = transformers.CLIPTokenizer if kind == "clip" else transformers.T5TokenizerFast
             parts[name] = load_component(name, lambda: cls.from_pretrained(source, subfolder=name, **kw))
         scheduler = load_component("scheduler", lambda: FlowMatchEulerDiscreteScheduler.load_config(
-            source, subfolder="scheduler", **kw))
+            source, subfolder="scheduler", **kw), source=source, config="scheduler_config.json")
         parts["scheduler_config"] = dict(scheduler)
         return parts
 
