@@ -117,3 +117,95 @@ def test_the_untouched_folder_still_loads_to_the_same_weights(model_folder):
 
     a, b = load_backbone("tiny"), load_backbone(str(model_folder))
     assert a.identity["weights_sha256"] == b.identity["weights_sha256"]
+
+
+# ---- images wider than 8 bits: scaled by their real range, in every format Pillow opens them from ----
+ONE_LEVEL = 1 / 127.5 + 1e-6  # one 8-bit step in image_to_tensor's [-1, 1]
+
+
+def gradient16(h=24, w=32, top=65535) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x / (w - 1) * 0.7 + y / (h - 1) * 0.3) * top).astype(np.uint16)
+
+
+def write_png16(path, array: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (Pillow cannot save 16-bit RGB/RGBA/LA): grey 0, RGB 2, LA 4, RGBA 6."""
+    import struct
+    import zlib
+
+    h, w = array.shape[:2]
+    raw = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) +
+                     chunk(b"IEND", b""))
+
+
+def write_pgm16(path, array: np.ndarray, maxval: int = 65535) -> None:
+    """A 16-bit binary PGM (P5) or PPM (P6): Pillow opens the grey one as mode I."""
+    magic = b"P5" if array.ndim == 2 else b"P6"
+    path.write_bytes(magic + f"\n{array.shape[1]} {array.shape[0]}\n{maxval}\n".encode() + array.astype(">u2").tobytes())
+
+
+def eight_bit_input(array16: np.ndarray) -> torch.Tensor:
+    from refseg.core.transforms import image_to_tensor
+
+    eight = np.rint(array16 / 257).astype(np.uint8)
+    return image_to_tensor(Image.fromarray(eight if eight.ndim == 3 else np.stack([eight] * 3, -1)), 16)
+
+
+@pytest.mark.parametrize("kind", ["pgm", "pgm-dark", "ppm", "png-rgb", "png-rgba", "png-la", "png-grey-dark"])
+def test_a_16_bit_file_gives_its_8_bit_versions_input(tmp_path, kind):
+    """A dark 16-bit PGM (every value <= 255, opened as mode I) was read as 8-bit: up to 257 times too bright."""
+    from refseg.core.transforms import image_to_tensor, load_image
+
+    top = 250 if kind.endswith("dark") else 65535
+    grey = gradient16(top=top)
+    colour = kind in ("ppm", "png-rgb", "png-rgba")
+    rgb = np.stack([grey, 65535 - grey, grey // 2], -1) if colour else np.stack([grey] * 3, -1)
+    path = tmp_path / f"x.{kind.split('-')[0]}"
+    if kind.startswith("pgm"):
+        write_pgm16(path, grey)
+    elif kind == "ppm":
+        write_pgm16(path, rgb)
+    elif kind == "png-rgb":
+        write_png16(path, rgb, 2)
+    elif kind == "png-rgba":
+        write_png16(path, np.concatenate([rgb, np.full(grey.shape + (1,), 65535, np.uint16)], -1), 6)
+    elif kind == "png-la":
+        write_png16(path, np.stack([grey, np.full_like(grey, 65535)], -1), 4)
+    else:
+        write_png16(path, grey, 0)
+    x = image_to_tensor(load_image(path), 16)
+    assert torch.abs(x - eight_bit_input(rgb)).max() <= ONE_LEVEL, kind
+
+
+def test_float_images_with_nan_or_inf_and_premultiplied_modes_convert(recwarn):
+    from refseg.core.transforms import to_rgb8
+
+    values = np.array([[np.nan, 0.5, np.inf, -np.inf, -0.2, 1.0]], np.float32)
+    assert np.asarray(to_rgb8(Image.fromarray(values)))[0, :, 0].tolist() == [0, 128, 255, 0, 0, 255]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # "invalid value encountered in cast"
+    la = Image.new("LA", (3, 2), (90, 255)).convert("La")
+    assert np.asarray(to_rgb8(la)).tolist() == [[[90] * 3] * 3] * 2
+
+
+def test_a_large_16_bit_picture_converts_without_full_size_float_copies():
+    """to_rgb8 widened the whole picture to float64 (8 bytes a pixel, several copies): a 16-bit 10000²
+    PNG took 3 GB in refseg-predict. Strip by strip, the numpy memory is a few bytes a pixel."""
+    import tracemalloc
+
+    from refseg.core.transforms import to_rgb8
+
+    image = Image.fromarray(np.full((4000, 4000), 40000, np.uint16))
+    tracemalloc.start()
+    try:
+        rgb = to_rgb8(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(rgb)[0, 0].tolist() == [156, 156, 156]  # 40000 / 257 = 155.6
+    assert peak < 5 * 4000 * 4000, peak  # the uint16 array (2 B), the 8-bit result (1 B), one strip
