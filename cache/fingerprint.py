@@ -72,10 +72,21 @@ def with_former_kind(backbone: dict) -> dict:
     return backbone
 
 
+def with_current_kind(backbone: dict) -> dict:
+    """A backbone's settings with a kind recorded under its former name shown as named today (a store of
+    the shipped tiny-synth made when it was recorded as 'folder'), for messages."""
+    for now, former in FORMER_KIND.items():
+        if backbone.get("kind") == former and backbone.get("model") == now:
+            return {**backbone, "kind": now}
+    return backbone
+
+
 def without_locations(payload: dict, former_kinds: bool = True) -> dict:
     """`payload` as the fingerprint sees it: without where files live, kinds under their former names
     (`former_kinds=False`: under their names today, as a message shows them)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in payload.items()}
+    if not former_kinds and isinstance(out.get("backbone"), dict):
+        out["backbone"] = with_current_kind(out["backbone"])  # before the model's name is dropped
     for group, key in LOCATION_KEYS:
         if isinstance(out.get(group), dict):
             out[group].pop(key, None)

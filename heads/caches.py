@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from refseg.cache import open_cache
-from refseg.cache.fingerprint import with_former_kind
+from refseg.cache.fingerprint import with_current_kind, with_former_kind
 from refseg.core.errors import CacheError, CacheMismatchError
 
 
@@ -42,6 +42,8 @@ def check_compatible(run_settings: dict, cache_settings: dict, run_name: str, ca
         run_part, cache_part = (dict(s.get(part) or {}) for s in (run_settings, cache_settings))
         # a run recorded before a backbone kind was renamed still matches a cache made after it
         a, b = with_former_kind(run_part), with_former_kind(cache_part)
+        if part == "backbone":  # said with today's names: kind tiny-synth (also where recorded as 'folder')
+            run_part, cache_part = with_current_kind(run_part), with_current_kind(cache_part)
         for key in sorted((set(a) | set(b)) - STORAGE_KEYS.get(part, set())):
             if a.get(key) != b.get(key):  # said with today's names: kind tiny-synth, SD1.x's family
                 raise CacheMismatchError(

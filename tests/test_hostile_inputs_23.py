@@ -61,8 +61,8 @@ BROKEN = {
     # other shapes: the first weight named with both shapes (transformers said "look at the above report!")
     "text-other-shapes": (set_config("text_encoder", intermediate_size=100),
                           "its text_encoder/ cannot be loaded: its weights do not fit its config.json: "
-                          "encoder.layers.0.mlp.fc1.weight is [64, 32] in the weights but the config makes it "
-                          "[100, 32] (6 tensors differ)"),
+                          "encoder.layers.0.mlp.fc1.bias is [64] in the weights but the config makes it "
+                          "[100] (6 tensors differ)"),
     "unet-other-shapes": (set_config("unet", layers_per_block=3),
                           "its unet/ cannot be loaded: its weights do not fit its config.json: up_blocks.2.resnets.2."
                           "norm1.weight is [96] in the weights but the config makes it [128] (4 tensors differ)"),
@@ -209,3 +209,22 @@ def test_a_large_16_bit_picture_converts_without_full_size_float_copies():
         tracemalloc.stop()
     assert np.asarray(rgb)[0, 0].tolist() == [156, 156, 156]  # 40000 / 257 = 155.6
     assert peak < 5 * 4000 * 4000, peak  # the uint16 array (2 B), the 8-bit result (1 B), one strip
+
+
+# ---- incompatibility messages name a tiny-synth recorded as kind 'folder' by today's name ----------
+def test_a_tiny_synth_recorded_as_folder_is_named_tiny_synth():
+    from refseg.cache.fingerprint import mismatch_message
+    from refseg.core.errors import CacheMismatchError
+    from refseg.heads.caches import check_compatible
+
+    old = {"model": "tiny-synth", "kind": "folder", "weights_sha256": "a"}  # a store made before the rename
+    tiny = {"model": "tiny", "kind": "tiny", "weights_sha256": "b"}
+    line = mismatch_message("C.zarr", {"backbone": old}, {"backbone": tiny})
+    assert "backbone.kind is 'tiny-synth' in the store but 'tiny' now" in line and "folder" not in line, line
+    with pytest.raises(CacheMismatchError) as err:
+        check_compatible({"backbone": tiny, "extraction": {}}, {"backbone": old, "extraction": {}}, "run R", "C")
+    assert "backbone.kind is 'tiny-synth' in the cache but 'tiny' in the run" in str(err.value), str(err.value)
+    assert "folder" not in str(err.value)
+    # a user's own folder keeps its kind: only the shipped model's former name is translated
+    folder = {"model": "/models/mine", "kind": "folder", "weights_sha256": "c"}
+    assert "backbone.kind is 'folder' in the store" in mismatch_message("C", {"backbone": folder}, {"backbone": tiny})

@@ -76,7 +76,7 @@ def load_weights(name: str, load, *, source: str | None = None):
     but the files lack are refused, not left uninitialised (diffusers) or random (transformers); so are
     weights of other shapes (transformers reports them only with `ignore_mismatched_sizes=True`)."""
     module, info = load_component(name, load, source=source)
-    mismatched = list(info.get("mismatched_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])  # transformers' order varies
     if mismatched:
         key, found, expected = mismatched[0][:3]
         raise ModelError(f"its {name}/ cannot be loaded: {shape_mismatch(key, found, expected, len(mismatched))}")
