@@ -186,13 +186,16 @@ def save_png(image: Image.Image, path) -> None:
     from refseg.core.errors import RefsegError
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: two writers never share one
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # whatever stops the write (a full disk, Ctrl-C, an encoder error) leaves no part
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if not isinstance(exc, OSError):
+            raise
         code = exc.errno or errno.EIO
+        remedy = "free space" if code in (errno.ENOSPC, errno.EDQUOT) else "fix it"
         raise RefsegError(f"writing {path} failed: {os.strerror(code)} ({errno.errorcode.get(code, code)}); no part of "
-                          "it is left: free space or choose another output, then run the command again") from None
+                          f"it is left: {remedy} or choose another output, then run the command again") from None

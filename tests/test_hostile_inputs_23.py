@@ -228,3 +228,35 @@ def test_a_tiny_synth_recorded_as_folder_is_named_tiny_synth():
     # a user's own folder keeps its kind: only the shipped model's former name is translated
     folder = {"model": "/models/mine", "kind": "folder", "weights_sha256": "c"}
     assert "backbone.kind is 'folder' in the store" in mismatch_message("C", {"backbone": folder}, {"backbone": tiny})
+
+
+# ---- PNGs (refseg-predict, refseg-eval --overlays) are written whole or not at all ------------------
+@pytest.mark.parametrize("failure", ["enospc", "interrupt", "encoder"])
+def test_a_png_write_that_fails_leaves_no_part_and_the_previous_file_whole(tmp_path, monkeypatch, failure):
+    """The temporary file was removed only on an OSError: Ctrl-C or an encoder error left `.NAME.tmp`."""
+    import errno
+
+    from refseg.core.errors import RefsegError
+    from refseg.heads.overlays import save_png
+
+    target = tmp_path / "000_overlay.png"
+    save_png(Image.new("RGB", (4, 4), (1, 2, 3)), target)
+    before = target.read_bytes()
+    real_save = Image.Image.save
+
+    def half_then_fail(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")  # some bytes reached the disk
+        raise {"enospc": OSError(errno.ENOSPC, "No space left on device"), "interrupt": KeyboardInterrupt(),
+               "encoder": ValueError("encoder error -2")}[failure]
+
+    monkeypatch.setattr(Image.Image, "save", half_then_fail)
+    expected = {"enospc": RefsegError, "interrupt": KeyboardInterrupt, "encoder": ValueError}[failure]
+    with pytest.raises(expected) as err:
+        save_png(Image.new("RGB", (4, 4)), target)
+    if failure == "enospc":
+        assert str(err.value) == (f"writing {target} failed: No space left on device (ENOSPC); no part of it is left: "
+                                  "free space or choose another output, then run the command again")
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_overlay.png"]
+    assert target.read_bytes() == before
