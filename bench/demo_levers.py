@@ -14,6 +14,7 @@ std over seeds (oIoU, mIoU, P@0.5), every object's oIoU and mIoU, the error spli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,6 +28,9 @@ LEVERS = {
     "base": {},
     "film_up": {"head": ["film_up"]},
     "film_up_shuffle": {"head": ["film_up"], "upsample": "shuffle"},
+    "film_up_coords": {"head": ["film_up"], "coords": True},
+    "film_up_attn": {"head": ["film_up"], "attn_text": 8},
+    "film_up_both": {"head": ["film_up"], "coords": True, "attn_text": 8},
     "epochs12": {"epochs": 12},
     "lr3e-3": {"lr": 3e-3},
     "lr3e-4": {"lr": 3e-4},
@@ -47,17 +51,20 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sentences", choices=["all", "first"], default="all",
+                   help="first: one sentence per train ref, so the train samples come from more images (val whole)")
     return p.parse_args(argv)
 
 
-def prepare(cfg) -> tuple[dict, float]:
+def prepare(cfg, sentences: str = "all") -> tuple[dict, float]:
     """The data and the four caches at T = 0 (sentence and empty prompt, train and val), made once."""
     from refseg.core.synthetic import generate
     from refseg.study.demo import extract_in_processes, resolve_model
 
     out = Path(cfg.out)
     model = resolve_model(cfg.model)
-    extractions = {f"{split}{suffix}": cfg.extraction(split, model, prompt)
+    extractions = {f"{split}{suffix}": dataclasses.replace(cfg.extraction(split, model, prompt),
+                                                          sentences=sentences if split == "train" else "all")
                    for split in ("train", "val") for suffix, prompt in (("", "sentence"), ("-no-sentence", "empty"))}
     caches = {k: Path(e.out) for k, e in extractions.items()}
     if (out / "prepared").exists():
@@ -108,14 +115,15 @@ def main(argv=None) -> None:
     from refseg.study.demo import DemoConfig
 
     args = parse_args(argv)
-    work = Path(args.work) / f"images{args.images}-train{args.train_samples}-size{args.image_size}"
+    work = Path(args.work) / (f"images{args.images}-train{args.train_samples}-size{args.image_size}"
+                              + ("-first" if args.sentences == "first" else ""))
     cfg = DemoConfig(out=str(work / "demo"), images=args.images, train_samples=args.train_samples,
                      image_size=args.image_size, noise_ts=(0,), seeds=args.seeds, epochs=args.epochs,
                      threads=args.threads, progress=False, device="cpu")
-    caches, prepared_s = prepare(cfg)
+    caches, prepared_s = prepare(cfg, args.sentences)
     for lever in args.lever or ["base"]:
         result = measure(cfg, caches, lever, work)
-        result.update(images=args.images, train_samples=args.train_samples, image_size=args.image_size,
+        result.update(images=args.images, sentences=args.sentences, train_samples=args.train_samples, image_size=args.image_size,
                       seeds=args.seeds, epochs=cfg.epochs if "epochs" not in LEVERS[lever] else LEVERS[lever]["epochs"],
                       prepare_s=round(prepared_s, 1))
         line = json.dumps(result, default=str)

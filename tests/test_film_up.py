@@ -54,3 +54,25 @@ def test_film_up_draws_logits_at_the_image_size_and_starts_as_film_reads_the_sen
     assert head(features, text, mask).shape == (2, 2, 64, 64)
     with pytest.raises(ValueError, match="upsample takes convex or shuffle"):
         build_head("film_up", spec, hidden=8, upsample="bicubic")
+
+
+def test_made_maps_are_coordinates_and_attention_summed_over_the_sentence_s_tokens():
+    spec = _spec()
+    head = build_head("film_up", spec, hidden=8, coords=True, attn_text=2)
+    assert head.tensor_names == ["s16", "attn_s16", "s8"]  # the made maps are never read from the cache
+    linear = head.token_weights[1]
+    torch.nn.init.zeros_(linear.weight)
+    with torch.no_grad():
+        linear.bias.copy_(torch.tensor([1.0, 2.0]))  # every valid token weighs 1 in map 0, 2 in map 1
+    features = {t.name: torch.rand(2, t.channels, 64 // t.stride, 64 // t.stride) for t in spec.tensors}
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    made = head.made_maps(features, torch.randn(2, 4, 12), mask)
+    assert set(made) == {"+text_attn_s16", "+coords_s16", "+coords_s8"}
+    attn = features["attn_s16"]
+    assert torch.allclose(made["+text_attn_s16"][0, 0], attn[0, :2].sum(0), atol=1e-6)  # padding weighs 0
+    assert torch.allclose(made["+text_attn_s16"][1, 1], 2 * attn[1].sum(0), atol=1e-6)
+    coords = made["+coords_s8"]
+    assert coords.shape == (2, 2, 8, 8)
+    assert torch.equal(coords[0, 0, 3], torch.linspace(-1, 1, 8)) and torch.equal(coords[0, 1, :, 5], torch.linspace(-1, 1, 8))
+    out = head(features, torch.randn(2, 4, 12), mask)
+    assert out.shape == (2, 2, 64, 64) and torch.isfinite(out).all()
