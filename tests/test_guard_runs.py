@@ -328,9 +328,10 @@ def test_a_diverged_training_stops_before_saving_the_epoch(caches, tmp_path, mon
     train_module = sys.modules["refseg.heads.train"]  # the module: refseg.heads.train is also the function
     monkeypatch.setattr(train_module, "segmentation_loss",
                         lambda logits, *a, **k: logits.sum() * float("nan"))
-    with pytest.raises(RunError, match="training diverged in epoch 1: the loss is nan.*try a lower --lr"):
+    with pytest.raises(RunError, match=r"training diverged in epoch 1: the loss is nan \(the cache's inputs to the head "
+                                       r"are finite\); no epoch was saved; try a lower --lr$"):
         train(caches / "train.zarr", T, "vpd", tmp_path / "run", **FAST)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
+    assert not (tmp_path / "run").exists()  # no folder holding config.json alone, looking like a run
 
 
 def test_resuming_on_other_samples_is_refused(caches, tmp_path):
@@ -383,7 +384,8 @@ def test_a_run_recorded_before_the_tiny_synth_kind_rename_still_matches_its_cach
     check_compatible(old_run, new_cache, "run", "cache")
     check_compatible(new_cache, old_run, "run", "cache")
     other = {"backbone": {"model": "tiny-synth", "kind": "file", "weights_sha256": "w"}, "extraction": {}}
-    with pytest.raises(CacheMismatchError, match="backbone.kind is 'file' in the cache but 'folder' in the run"):
+    # named as today (issue 23): a run recorded under the former kind 'folder' is shown as tiny-synth
+    with pytest.raises(CacheMismatchError, match="backbone.kind is 'file' in the cache but 'tiny-synth' in the run"):
         check_compatible(old_run, other, "run", "cache")
 
 
@@ -395,12 +397,12 @@ def test_eval_of_a_cache_with_samples_skipped_as_bad_says_how_many_it_scored(cac
     skipped_id = int(open_cache(caches / "skipped.zarr").index["sent_id"][5])
     assert (f"scored 15 of 16 sentences; 1 skipped as bad at extraction (sent_ids {skipped_id}) count in no metric"
             in result.stdout), result.stdout
-    assert f"wrote {out}" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == f"wrote {out}"  # where it wrote: the last line, on stderr
     info = json.loads(out.read_text())
     assert info["summary"]["n"] == 15 and info["skipped_as_bad"] == [skipped_id]
 
 
-def test_training_names_the_epoch_it_kept_and_a_diverged_run_points_at_the_cache(caches, tmp_path):
+def test_training_names_the_epoch_it_kept_and_a_diverged_run_points_at_the_lr(caches, tmp_path):
     result = _train(caches / "train.zarr", tmp_path / "run", "--val-cache", str(caches / "val.zarr"), "--epochs", "2")
     assert result.exit_code == 0, result.output
     best = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -409,4 +411,4 @@ def test_training_names_the_epoch_it_kept_and_a_diverged_run_points_at_the_cache
     assert json.loads(result.stdout.strip().splitlines()[-1])["best_epoch"] == epoch  # the JSON line stays last
     diverged = _train(caches / "train.zarr", tmp_path / "nan", "--lr", "1e30")  # overflows to NaN at once
     assert diverged.exit_code == 2 and "training diverged in epoch 1" in diverged.stderr, diverged.output
-    assert f"`refseg-cache verify {caches / 'train.zarr'}`" in diverged.stderr
+    assert "try a lower --lr" in diverged.stderr and "refseg-cache verify" not in diverged.stderr  # the cache is sound

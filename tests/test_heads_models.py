@@ -131,5 +131,5 @@ def test_registry_adds_a_head_in_one_class():
         assert model.head_name == "test-constant" and model.head_args == {"value": 2.0}
     finally:
         HEADS.pop("test-constant")
-    with pytest.raises(ValueError, match="unknown head 'nope'.*film, linear, pyramid, vpd"):
+    with pytest.raises(ValueError, match="unknown head 'nope'.*film, film_up, linear, pyramid, vpd"):
         build_head("nope", SPECS["3 levels 32px"])
