@@ -6,7 +6,7 @@ import os
 
 import click
 
-from refseg.core.cli import dataclass_options, fail, user_errors, warn
+from refseg.core.cli import dataclass_options, fail, say_written, user_errors, warn
 from refseg.extract.config import PRESETS, ExtractionConfig, with_preset
 
 SIZE_NOTE = (
@@ -82,4 +82,4 @@ def main(ctx, preset, shard, quiet, **settings):
     for line in report.lines():
         click.echo(line)
     if not cfg.dry_run:
-        click.echo(f"wrote {cfg.out}: `refseg-cache info {cfg.out}` says what it holds")
+        say_written(f"wrote {cfg.out}: `refseg-cache info {cfg.out}` says what it holds")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from refseg.core.cli import current_runtime, dataclass_options, user_errors
+from refseg.core.cli import current_runtime, dataclass_options, say_written, user_errors
 from refseg.heads.settings import EvalSettings
 
 
@@ -23,9 +23,9 @@ def main(**options):
         click.echo("Caveats: " + "; ".join(c.short for c in loaded.caveats))
     click.echo(format_table([(f"T={loaded.noise_t}", summary)], first_col="Noise"))
     click.echo(f"{scored_line(summary['n'], loaded)}, protocol {settings.protocol}, checkpoint {loaded.checkpoint}")
-    for path in (settings.json_out, settings.per_sample, settings.overlays):
-        if path:
-            click.echo(f"wrote {path}")
+    written = [str(path) for path in (settings.json_out, settings.per_sample, settings.overlays) if path]
+    if written:
+        say_written(f"wrote {', '.join(written)}")
 
 
 def scored_line(n: int, loaded) -> str:

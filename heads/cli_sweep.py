@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from refseg.core.cli import current_runtime, user_errors
+from refseg.core.cli import current_runtime, say_written, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -40,8 +40,11 @@ def main(cache, val_cache, grid_path, out, data_seed, processes, dry_run):
     summary = Path(out) / SUMMARY_MD
     if rows and summary.is_file():
         click.echo(summary.read_text(), nl=False)
-        click.echo(f"wrote {summary}, {summary.with_suffix('.csv')} and a run directory per head under "
-                   f"{Path(out) / 'runs'} (refseg-eval --run reads each)")
+    from refseg.heads.distributed import Ranks
+
+    if not dry_run and Ranks.from_env().main:  # (under torchrun, rank 0 writes the summary)
+        say_written(f"wrote {summary}, {summary.with_suffix('.csv')} and a run directory per head under "
+                    f"{Path(out) / 'runs'} (refseg-eval --run reads each)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -41,6 +42,7 @@ HEAD = "head.safetensors"
 BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 STATE = "state.safetensors"
+TENSORBOARD = "tb"  # --tensorboard's event files
 CHECKPOINTS = {"last": HEAD, "best": BEST}
 
 
@@ -80,6 +82,17 @@ def _what_else(folder: Path) -> str:
     if (folder / CONFIG).exists():
         return f" ({CONFIG} is not a file)"
     return ""
+
+
+def remove_run_files(out: Path) -> None:
+    """Remove the files a run writes (and their temporary names) from `out`, nothing else: for a new run
+    that completed no epoch, so that what is left does not look like a run."""
+    out = Path(out)
+    for name in (CONFIG, HEAD, BEST, METRICS, STATE):
+        for path in (out / name, out / f".{name}.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    shutil.rmtree(out / TENSORBOARD, ignore_errors=True)
 
 
 # ---- one trainer per directory ------------------------------------------------------------------

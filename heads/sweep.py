@@ -364,14 +364,14 @@ def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | No
     from refseg.core.device import resolve_device
     from refseg.heads.distributed import Ranks
     from refseg.heads.train import run_epochs
-    from refseg.heads.train_setup import say, set_up_heads
+    from refseg.heads.train_setup import abandon_untrained, set_up_heads
 
     the_plan = plan(jobs, specs, {job.name for job in jobs if _finished(job)}, budget)
-    say(progress, the_plan.lines()[0])
+    _progress(progress, the_plan.lines()[0])
     failed, trained, started = [], the_plan.done, time.monotonic()
     for k, todo in enumerate(the_plan.passes, 1):
         s = todo[0].settings
-        say(progress, f"sweep pass {k}/{len(the_plan.passes)}: T={s.noise_t}, {len(todo)} heads "
+        _progress(progress, f"sweep pass {k}/{len(the_plan.passes)}: T={s.noise_t}, {len(todo)} heads "
             f"({trained} of {the_plan.jobs} heads done before it{_eta(started, trained - the_plan.done, the_plan)})")
         trained += len(todo)
         device = s.device
@@ -379,13 +379,23 @@ def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | No
             device = f"cuda:{ranks.local_rank}"  # each rank its own GPU
         runs = [(dataclasses.replace(job.settings, device=device, resume=run_dir.has_entries(job.settings.out)),
                  job.head_args) for job in todo]
-        state = set_up_heads(runs, progress, ranks=Ranks())
+        state = set_up_heads(runs, progress, ranks=Ranks(), labelled=True)
         try:
             run_epochs(state, keep_going=True)
+        except Exception:  # (not Ctrl-C: its line says the sweep resumes)
+            abandon_untrained(state)  # the pass's new runs that completed no epoch leave no folder behind
+            raise
         finally:
             state.release()
         failed += [job.name for job, head in zip(todo, state.heads) if head.failed]
     return failed
+
+
+def _progress(progress: bool, line: str) -> None:
+    """The sweep's own progress (its plan, each pass: heads done of all, the time left) on stderr, apart from
+    the heads' epoch lines, each labelled with its run's name."""
+    if progress:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _eta(started: float, trained_here: int, the_plan) -> str:

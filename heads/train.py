@@ -185,11 +185,8 @@ def end_epoch(state: TrainState, head: HeadState, record: dict, val: dict | None
     """Keep the best weights (by `val`, this epoch's val summary when validated), then write the epoch's files."""
     s, epoch = head.settings, record["epoch"]
     if not math.isfinite(record["loss"]):  # nothing of this epoch is saved: the run keeps the last good one
-        raise RunError(f"training diverged in epoch {epoch}: the loss is {record['loss']}; {s.out} keeps what the "
-                       "epochs before it saved; try a lower --lr, and if the loss was not finite from the start, "
-                       f"check the cache: `refseg-cache verify {s.cache}` (a store without checksums, format 1, "
-                       "can hold damaged values unnoticed)")
-    where = f"{head.out.name}: " if len(state.heads) > 1 else ""
+        raise diverged(state, head, record)
+    where = f"{head.out.name}: " if state.labelled else ""
     if val is not None:
         record["val"] = val
         if head.best_oiou is None or val["oIoU"] > head.best_oiou:
@@ -213,12 +210,27 @@ def end_epoch(state: TrainState, head: HeadState, record: dict, val: dict | None
     state.ranks.barrier()
 
 
+def diverged(state: TrainState, head: HeadState, record: dict) -> RunError:
+    """Why the loss of this epoch is not finite, in one line: a sample of the cache whose inputs to the head
+    are not finite (a damaged cache: --lr is not the cause), or else the optimization (try a lower --lr)."""
+    s, epoch = head.settings, record["epoch"]
+    kept = f"{s.out} keeps what the epochs before it saved" if epoch > 1 else "no epoch was saved"
+    found = state.non_finite_input(head)
+    if found is not None:
+        sent_id, name = found
+        return RunError(f"training diverged in epoch {epoch}: the loss is {record['loss']} because cache {s.cache} "
+                        f"holds non-finite values in sample sent_id {sent_id} (tensor {name} at T={s.noise_t}): run "
+                        f"`refseg-cache verify {s.cache}`; {kept}")
+    return RunError(f"training diverged in epoch {epoch}: the loss is {record['loss']} (the cache's inputs to the "
+                    f"head are finite); {kept}; try a lower --lr")
+
+
 def _log_tensorboard(head: HeadState, record: dict) -> None:
     """RUN/tb/: train loss and lr per epoch, and the val metrics when validated (--tensorboard)."""
     if head.tensorboard is None:
         from torch.utils.tensorboard import SummaryWriter  # checked to import at set-up
 
-        head.tensorboard = SummaryWriter(log_dir=str(head.out / "tb"))
+        head.tensorboard = SummaryWriter(log_dir=str(head.out / run_dir.TENSORBOARD))
     epoch, writer = record["epoch"], head.tensorboard
     writer.add_scalar("train/loss", record["loss"], epoch)
     writer.add_scalar("train/lr", record["lr"], epoch)

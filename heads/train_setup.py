@@ -114,11 +114,22 @@ class TrainState:
     # per head, the folders set-up made for its run and whether the run is new (not resumed): what a
     # training that fails before its first epoch takes away again (`abandon_untrained`)
     made: list = field(default_factory=list)
+    labelled: bool = False  # each head's lines start with its run's name (several heads, or a sweep's pass)
+    _non_finite: dict | None = None  # tensor -> (row, sent_id) of its first non-finite sample, once looked for
 
     @property
     def head(self) -> HeadState:
         """The head of a one-head state (`refseg-train-head`)."""
         return self.heads[0]
+
+    def non_finite_input(self, head: HeadState) -> tuple[int, str] | None:
+        """(sent_id, tensor) of the first training sample whose inputs to `head` are not finite, or None.
+        The training set is read once, at the first call: only a run whose loss is not finite asks."""
+        if self._non_finite is None:
+            self._non_finite = first_non_finite(self.loader.dataset)
+        names = list(head.model.tensor_names) + (["text/embedding"] if reads_text(head.settings, head.model) else [])
+        found = sorted((self._non_finite[name], name) for name in names if name in self._non_finite)
+        return None if not found else (found[0][0][1], found[0][1])
 
     def say(self, message: str) -> None:
         say(self.progress, message)
@@ -143,11 +154,12 @@ def set_up(s: TrainSettings, head_args: dict, progress: bool = True) -> TrainSta
     return set_up_heads([(s, head_args)], progress)
 
 
-def set_up_heads(runs: list[tuple[TrainSettings, dict]], progress: bool = True, ranks: Ranks | None = None
-                 ) -> TrainState:
+def set_up_heads(runs: list[tuple[TrainSettings, dict]], progress: bool = True, ranks: Ranks | None = None,
+                 labelled: bool = False) -> TrainState:
     """`set_up` for K heads on one batch stream: `runs` = [(settings, head args)], whose STREAM_KEYS
     agree. `ranks`: the processes (default: torchrun's, or one); a sweep passes `Ranks()` to train
-    its share of the heads in each process without DDP."""
+    its share of the heads in each process without DDP. `labelled`: each head's progress lines name
+    its run even when it trains alone (a sweep's pass of one head)."""
     # 1. settings, the run paths, processes (one unless launched by torchrun) and samples: refused
     #    before anything is written
     s = runs[0][0]
@@ -187,6 +199,7 @@ def set_up_heads(runs: list[tuple[TrainSettings, dict]], progress: bool = True, 
     config = built[0][2]
     state.coverage = {"cache": config["cache"]["coverage"], "val_cache": config["val_cache_coverage"]}
     state.made = [(created, not settings.resume) for (settings, _), (_, created) in zip(runs, opened)]
+    state.labelled = labelled or len(runs) > 1
     if ranks.main:  # once every check passed: an error stays one line
         _warn_incomplete(s, [("cache", train), ("val cache", val)])
     what = (f"{s.head} ({state.head.parameters / 1e6:.2f}M parameters)" if len(runs) == 1 else
@@ -221,6 +234,24 @@ def _start(s: TrainSettings, built: list, train: Samples, val: Samples | None, r
         if head.settings.resume:
             _resume(state, head)
     return state
+
+
+def first_non_finite(dataset: FeatureDataset) -> dict[str, tuple[int, int]]:
+    """Tensor name (the store's: `s8`, `text/embedding`) -> (row, sent_id) of the first sample whose
+    values are not all finite, for the tensors that have one. Reads every sample of `dataset` once."""
+    from refseg.cache import open_cache
+
+    sent_ids = open_cache(dataset.path).index["sent_id"]
+    found: dict[str, tuple[int, int]] = {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        tensors = dict(item["features"])
+        if "text_embedding" in item:
+            tensors["text/embedding"] = item["text_embedding"]
+        for name, tensor in tensors.items():
+            if name not in found and not bool(torch.isfinite(tensor).all()):
+                found[name] = (item["row"], int(sent_ids[item["row"]]))
+    return found
 
 
 def reads_text(s: TrainSettings, model) -> bool:
@@ -352,14 +383,17 @@ def _open_run_dir(s: TrainSettings, config: dict, ranks: Ranks) -> tuple[run_dir
 
 
 def abandon_untrained(state: TrainState) -> None:
-    """After a training that failed: the new runs that completed no epoch get back to what was there
-    before them (their config.json removed, the folders made for them removed if empty), so no folder
-    is left that looks like a run; a resumed run, or one with an epoch on disk, is kept."""
+    """After a training that failed: the new runs with no completed epoch on disk (it failed, diverged
+    or met a full disk before the first epoch's state was saved) get back to what was there before
+    them: the run's files removed (config.json, and weights or a log line of the unfinished epoch), the
+    folders made for them removed if empty, so no folder is left that looks like a run. A resumed run,
+    or one with an epoch on disk, is kept."""
     if not state.ranks.main:
         return
     for head, (created, new) in zip(state.heads, state.made):
-        if new and head.epoch == 0 and run_dir.completed_epoch(head.out) == 0:
-            (head.out / run_dir.CONFIG).unlink(missing_ok=True)
+        if new and run_dir.completed_epoch(head.out) == 0:
+            head.release()  # (its lock is on the folder: let go before the folder goes)
+            run_dir.remove_run_files(head.out)
             remove_empty(created)
 
 

@@ -63,6 +63,13 @@ def warn(message: str) -> None:
     click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
+def say_written(message: str) -> None:
+    """A command's last line, where it wrote (`wrote DIR: ...`): on stderr, so that stdout holds its results
+    alone, and left out with --quiet."""
+    if current_runtime().progress:
+        click.echo(" ".join(str(message).split()), err=True)
+
+
 # ---- OS errors, said in the user's terms ---------------------------------------------------------
 # A bad path or a missing permission is fixed by choosing another path; a full or failing disk by
 # freeing space or repairing it. The errno says which, and the advice must match it.

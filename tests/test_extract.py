@@ -124,7 +124,10 @@ def test_command_line_and_plain_zarr(synth_root, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "cache: 6 samples" in done.stdout
-    assert f"wrote {out}: `refseg-cache info {out}` says what it holds" in done.stdout
+    assert "wrote" not in done.stderr  # --quiet: no line saying where it wrote
+    again = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)  # all done: resumes at once
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines()[-1] == f"wrote {out}: `refseg-cache info {out}` says what it holds"
     root = zarr.open_group(str(out), mode="r")  # no refseg involved
     assert root["t0005/s16"].shape[0] == 6 and root["t0005/done"][:].all()
     assert root.attrs["refseg_cache"] == 2 and root["t0000"].attrs["noise_t"] == 0  # format 2: checksums
