@@ -11,6 +11,7 @@ same way, compared with the union of the ref's polygons at full resolution (read
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,13 +371,15 @@ CSV_COLUMNS = ["sent_id", "ref_id", "iou", "i", "u", "image_id", "sentence"]
 
 
 def _write_csv(path, records) -> None:
+    """Written whole or not at all (a temporary name renamed): a full disk leaves no CSV cut short."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)  # QUOTE_MINIMAL: a sentence with , or " is quoted
-        writer.writeheader()
-        for r in records:
-            writer.writerow(dict(r, iou=f"{r['iou']:.6f}"))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)  # QUOTE_MINIMAL: a sentence with , or " is quoted
+    writer.writeheader()
+    for r in records:
+        writer.writerow(dict(r, iou=f"{r['iou']:.6f}"))
+    run_dir.write_text(path, table.getvalue())
 
 
 def _refer_dataset(cache, data_root):

@@ -162,7 +162,28 @@ def _write_error(path: Path, exc: Exception) -> RunWriteError:
     if code is None:
         found = _RUST_OS_CODE.search(str(exc))
         code = int(found.group(1) or found.group(2)) if found else errno.EIO
-    return RunWriteError.from_os_error(path.parent, path, code)
+    return write_failed(path, code)
+
+
+RUN_FILES = (CONFIG, HEAD, BEST, METRICS, STATE)
+RESUME_ADVICE = "the epochs completed before are kept: {remedy}, then rerun the same command with --resume"
+
+
+def write_failed(path: Path, code: int, advice: str = RESUME_ADVICE) -> RunWriteError:
+    """A failed write of `path` (errno `code`) in one line. A run's own file names the run and how to resume
+    (`advice`, its remedy left as `{remedy}`: --resume for refseg-train-head; a sweep resumes by its own
+    command); any other file (an evaluation's JSON, a sweep's summary) says that nothing of it was kept.
+    `.written` is `path`, `.code` the errno (kept where the exception is pickled: a sweep's processes)."""
+    path = Path(path)
+    cause = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    remedy = "free space" if code in (errno.ENOSPC, errno.EDQUOT) else "fix the disk or choose another folder"
+    if path.name in RUN_FILES:
+        err = RunWriteError(f"writing run {path.parent} failed: {cause} at {path}; {advice.format(remedy=remedy)}")
+    else:
+        err = RunWriteError(f"writing {path} failed: {cause}; nothing of it was kept (a file there before is "
+                            f"whole): {remedy}, then run the command again")
+    err.errno, err.code, err.written = code, code, path
+    return err
 
 
 _umask_guard = threading.Lock()

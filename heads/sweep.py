@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from refseg.core.errors import RefsegError
+from refseg.core.errors import RefsegError, RunWriteError
 from refseg.core.metrics import TABLE_COLUMNS
 from refseg.heads import run_dir
 from refseg.heads.registry import HEADS, head_names
@@ -80,6 +80,8 @@ RUNS = "runs"
 SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
 OWN_KEYS = ("cache", "val_cache", "out", "resume")  # set by the sweep itself, not by the grid
 REQUIRED = ("head", "noise_t")
+RESUME_ADVICE = ("the heads' completed epochs are kept: {remedy}, then rerun the same refseg-sweep command (it "
+                 "resumes each head after its last completed epoch)")
 
 
 @dataclass
@@ -262,11 +264,17 @@ def run_sweep(grid: dict, cache, val_cache, out, *, data_seed: int = 0, progress
             (out / RUNS).mkdir(parents=True, exist_ok=True)
             run_dir.write_json(out / SWEEP_FILE, _record(grid, jobs, cache, val_cache, data_seed))
         ranks.barrier()
-        if processes > 1:
-            failed = _train_in_processes(jobs, processes, max(1, torch.get_num_threads() // processes), progress,
-                                         specs, budget)
-        else:
-            failed = _train(jobs[ranks.rank::ranks.world], ranks, progress, specs, budget)
+        try:
+            if processes > 1:
+                failed = _train_in_processes(jobs, processes, max(1, torch.get_num_threads() // processes), progress,
+                                             specs, budget)
+            else:
+                failed = _train(jobs[ranks.rank::ranks.world], ranks, progress, specs, budget)
+        except RunWriteError as exc:  # a run's file on a full disk: the sweep resumes by its own command
+            written = getattr(exc, "written", None)
+            if written is None or written.name not in run_dir.RUN_FILES:
+                raise
+            raise run_dir.write_failed(written, exc.code, RESUME_ADVICE) from None
         ranks.barrier()
         rows = summarize(out) if ranks.main else []
         if ranks.main:

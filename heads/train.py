@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from refseg.core.errors import RunError
+from refseg.core.errors import RunError, RunWriteError
 from refseg.core.metrics import RefSegMetrics
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast, batch_to_device, make_loader
@@ -65,7 +65,7 @@ def run_epochs(state: TrainState, keep_going: bool = False) -> None:
     """The loop: each epoch one pass over the shuffled batches for every head still training it, then
     validation and the run's files. Heads may stand at different epochs (a sweep resumed after a kill)
     or stop at different ones. `keep_going`: a head that diverges stops alone (a sweep), instead of
-    ending training with its error."""
+    ending training with its error; a write that fails (a full disk) ends it for all."""
     last = max(head.settings.epochs for head in state.heads)
     for epoch in range(min(head.epoch for head in state.heads) + 1, last + 1):
         active = [h for h in state.heads if h.failed is None and h.epoch < epoch <= h.settings.epochs]
@@ -79,7 +79,7 @@ def run_epochs(state: TrainState, keep_going: bool = False) -> None:
             try:
                 end_epoch(state, head, record, scores.get(id(head)))
             except RunError as exc:
-                if not keep_going:
+                if not keep_going or isinstance(exc, RunWriteError):  # a full disk stops every head, not one
                     raise
                 head.failed = str(exc)
                 head.release()

@@ -116,3 +116,50 @@ def test_sweep_and_eval_say_where_they_wrote_last_on_stderr_and_nothing_with_qui
     quiet = CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(caches[1]), "--json",
                                            str(tmp_path / "q.json"), "--quiet"])
     assert quiet.exit_code == 0 and "wrote" not in quiet.stderr and (tmp_path / "q.json").is_file(), quiet.output
+
+
+# ---- a full disk: each command's own advice ----------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real disk with no room left: a 16 KiB tmpfs holding a 16 KiB file."""
+    from _disk_util import small_tmpfs
+
+    with small_tmpfs(tmp_path, "16k", fill_to_kib=16) as mount:
+        yield mount
+
+
+def test_an_evaluation_json_onto_a_full_disk_says_so_without_resume_advice(caches, tmp_path, full_disk):
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(train_main, ["--cache", str(caches[0]), "--noise-t", str(T), "--head", "linear",
+                                              "--out", str(run), *FAST])
+    assert trained.exit_code == 0, trained.output
+    out = full_disk / "e.json"
+    result = CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(caches[1]), "--checkpoint", "last",
+                                            "--json", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: writing {out} failed: No space left on device (ENOSPC); nothing of it was kept (a file there before "
+        "is whole): free space, then run the command again"]
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+    csv = full_disk / "e.csv"  # written whole or not at all: no CSV cut short
+    result = CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(caches[1]), "--checkpoint", "last",
+                                            "--per-sample", str(csv), "--quiet"])
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: writing {csv} failed: No space left"), result.output
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_a_sweep_onto_a_full_disk_says_its_own_command_resumes(caches, tmp_path):
+    """A run's file fails in a sweep: the sweep resumes by its own command (it has no --resume)."""
+    from _disk_util import small_tmpfs
+
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(dict(GRID, head="vpd", hidden=64)))
+    with small_tmpfs(tmp_path, "64k", fill_to_kib=48) as disk:
+        out = disk / "s"
+        result = CliRunner().invoke(sweep_main, ["--cache", str(caches[0]), "--val-cache", str(caches[1]), "--grid",
+                                                 str(tmp_path / "grid.yaml"), "--out", str(out), "--quiet"])
+        assert result.exit_code == 2, result.output
+        line, = result.stderr.splitlines()
+        assert line.startswith(f"error: writing run {out / 'runs' / 'run'} failed: No space left on device (ENOSPC) at ")
+        assert line.endswith("the heads' completed epochs are kept: free space, then rerun the same refseg-sweep "
+                             "command (it resumes each head after its last completed epoch)"), line
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
