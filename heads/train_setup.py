@@ -205,7 +205,8 @@ def set_up_heads(runs: list[tuple[TrainSettings, dict]], progress: bool = True, 
     what = (f"{s.head} ({state.head.parameters / 1e6:.2f}M parameters)" if len(runs) == 1 else
             f"{len(runs)} heads ({sum(h.parameters for h in state.heads) / 1e6:.2f}M parameters)")
     epochs = max(settings.epochs for settings, _ in runs)
-    state.say(f"training {what} on {state.n_samples} samples at T={s.noise_t}, {device}, {epochs} epochs x "
+    label = f"{s.out.name}: " if labelled and len(runs) == 1 else ""  # a sweep's pass of one head
+    state.say(f"{label}training {what} on {state.n_samples} samples at T={s.noise_t}, {device}, {epochs} epochs x "
               f"{len(state.batches)} iterations" + (f", {ranks.world} ranks" if ranks.active else ""))
     return state
 

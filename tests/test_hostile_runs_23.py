@@ -91,6 +91,8 @@ def test_a_sweeps_heads_are_labelled_in_passes_of_one_and_its_progress_is_on_std
     said = capsys.readouterr()
     epochs = [line for line in said.out.splitlines() if ": epoch 1: loss " in line]
     assert [line.split(":")[0] for line in epochs] == ["head=vpd", "head=linear"], said.out
+    started = [line for line in said.out.splitlines() if " training " in line]
+    assert [line.split(": training ")[0] for line in started] == ["head=vpd", "head=linear"], said.out
     assert "sweep pass 1/2: T=5, 1 heads (0 of 2 heads done before it)" in said.err.splitlines()
     assert "sweep pass" not in said.out
 
