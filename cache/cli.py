@@ -64,23 +64,15 @@ def verify(cache_path, repair):
 @user_errors
 def du(cache_path):
     """Bytes on disk per group and array of CACHE, largest first, and the total."""
-    from refseg.cache.reader import open_cache
+    from refseg.cache.reader import human_bytes, open_cache
     from refseg.cache.usage import disk_usage
 
     open_cache(cache_path)  # a refseg cache, or the one line saying what is there instead
     rows = disk_usage(cache_path)
     total = rows[-1][1]
     for name, size in rows[:-1]:
-        click.echo(f"{_size(size):>10}  {100 * size / max(total, 1):5.1f}%  {name}")
-    click.echo(f"{_size(total):>10}  100.0%  total ({cache_path})")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
+        click.echo(f"{human_bytes(size):>10}  {100 * size / max(total, 1):5.1f}%  {name}")
+    click.echo(f"{human_bytes(total):>10}  100.0%  total ({cache_path})")
 
 
 @main.command("export-h5")

@@ -227,7 +227,7 @@ class Cache(Store):
         if self.quantized:  # plus a float32 scale per channel
             per_sample += sum(4 * t_.shape[0] for t_ in spec.tensors)
         stored = f"{self.feature_dtype.name}, read as {self.float_dtype.name}" if self.quantized else self.float_dtype.name
-        lines.append(f"tensors ({_size(per_sample)} per sample per noise level, {stored}):")
+        lines.append(f"tensors ({human_bytes(per_sample)} per sample per noise level, {stored}):")
         for t_ in spec.tensors:
             lines.append(f"  {t_.name:<10} {t_.kind:<9} {t_.channels}x{t_.size}x{t_.size}  stride {t_.stride}")
         levels = self.noise_levels
@@ -239,7 +239,7 @@ class Cache(Store):
         if bad_ids:
             lines.append(f"bad samples: {len(bad_ids)} (sent_ids {', '.join(map(str, bad_ids[:10]))}"
                          + (", ..." if len(bad_ids) > 10 else "") + ")")
-        lines.append(f"size on disk: {_size(self.nbytes())}")
+        lines.append(f"size on disk: {human_bytes(self.nbytes())}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -272,7 +272,8 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """"4.9 MB": decimal units, as `refseg-cache info`, `du` and the extraction plan print sizes."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

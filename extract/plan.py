@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 
 from refseg.cache.layout import CACHE_DTYPES, is_local, store_nbytes
+from refseg.cache.reader import human_bytes
 from refseg.cache.usage import planned_bytes
 from refseg.core.errors import CacheWriteError
 from refseg.core.paths import nearest_existing
@@ -38,24 +39,16 @@ class ExtractionPlan:
 
     def lines(self) -> list[str]:
         done = ", ".join(f"T={t}: {what}" for t, what in sorted(self.done_levels.items())) or "none"
-        free = _size(self.free_bytes) if self.free_bytes is not None else \
+        free = human_bytes(self.free_bytes) if self.free_bytes is not None else \
             "not checked (an object store has no free space to ask for)" if not is_local(self.out) else \
             "not known (the file system reports no size): not checked"
         return [f"plan for {self.out}: {self.samples} samples (sentences), {self.images} images, noise levels "
                 f"{list(self.levels)} (already in the store: {done})",
-                f"  {_size(self.per_sample_bytes)} per sample per noise level, {_size(self.per_level_bytes)} per noise "
-                f"level; the finished store {_size(self.total_bytes)}",
-                f"  to write: {_size(self.to_write)} (the store holds {_size(self.existing_bytes)} now); free at "
+                f"  {human_bytes(self.per_sample_bytes)} per sample per noise level, {human_bytes(self.per_level_bytes)} per noise "
+                f"level; the finished store {human_bytes(self.total_bytes)}",
+                f"  to write: {human_bytes(self.to_write)} (the store holds {human_bytes(self.existing_bytes)} now); free at "
                 f"{self.out}: {free}",
                 "  nothing was written (--dry-run)"]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def plan_before_loading(cfg) -> ExtractionPlan | None:
@@ -141,9 +134,9 @@ def check_space(plan: ExtractionPlan) -> None:
     """A one-line error when the store cannot fit on its disk (before anything is computed or written)."""
     if plan.free_bytes is None or plan.to_write <= plan.free_bytes:
         return
-    err = CacheWriteError(f"cache {plan.out} needs {_size(plan.to_write)} more on disk "
-                          f"({_size(plan.per_level_bytes)} per noise level, {len(plan.levels)} levels) but "
-                          f"{_size(plan.free_bytes)} are free there: free space, choose another --out, or reduce "
+    err = CacheWriteError(f"cache {plan.out} needs {human_bytes(plan.to_write)} more on disk "
+                          f"({human_bytes(plan.per_level_bytes)} per noise level, {len(plan.levels)} levels) but "
+                          f"{human_bytes(plan.free_bytes)} are free there: free space, choose another --out, or reduce "
                           "it (--limit, --sentences first, --strides, --cache-dtype int8); --no-space-check if "
                           "the file system misreports its free space")
     err.errno = 28

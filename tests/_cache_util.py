@@ -102,3 +102,20 @@ def store_files(path) -> dict[str, bytes]:
             with open(full, "rb") as fh:
                 out[os.path.relpath(full, path)] = fh.read()
     return out
+
+
+def all_arrays(path) -> dict:
+    """Every array of a store (local path or URL), read by plain zarr-python (no refseg)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+
+    def walk(group, prefix):
+        for name, array in group.arrays():
+            out[f"{prefix}{name}"] = array[:]
+        for name, sub in group.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(root, "")
+    return out

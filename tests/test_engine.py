@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import zarr
-from _cache_util import fill, random_contents, settings, store_files, tables, tiny_spec
+from _cache_util import all_arrays, fill, random_contents, settings, store_files, tables, tiny_spec
 from _disk_util import small_tmpfs
 
 from refseg.cache import open_cache
@@ -29,21 +29,6 @@ def write_store(path, engine: str, codec: str = "none", **extraction):
     fill(writer, contents)
     writer.close()
     return contents
-
-
-def all_arrays(path) -> dict[str, np.ndarray]:
-    """Every array of a store, read by plain zarr-python (no refseg)."""
-    root = zarr.open_group(str(path), mode="r")
-    out = {}
-
-    def walk(group, prefix):
-        for name, array in group.arrays():
-            out[f"{prefix}{name}"] = array[:]
-        for name, sub in group.groups():
-            walk(sub, f"{prefix}{name}/")
-
-    walk(root, "")
-    return out
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])

@@ -17,6 +17,7 @@ import uuid
 import numpy as np
 import pytest
 import zarr
+from _cache_util import all_arrays
 from _fault_util import Fault, extract_args, extraction_reference, run, start  # noqa: F401
 from click.testing import CliRunner
 
@@ -55,23 +56,8 @@ def bucket(s3) -> str:
     return name
 
 
-def arrays(url) -> dict:
-    """Every array of a store (local path or URL), read by plain zarr-python."""
-    root = zarr.open_group(str(url), mode="r")
-    out = {}
-
-    def walk(group, prefix):
-        for name, array in group.arrays():
-            out[f"{prefix}{name}"] = array[:]
-        for name, sub in group.groups():
-            walk(sub, f"{prefix}{name}/")
-
-    walk(root, "")
-    return out
-
-
 def same_arrays(a, b) -> None:
-    x, y = arrays(a), arrays(b)
+    x, y = all_arrays(a), all_arrays(b)
     assert sorted(x) == sorted(y)
     for key in x:
         assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), key
