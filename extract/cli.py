@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import click
-
-from refseg.core.cli import dataclass_options, fail, say_written, user_errors, warn
+from refseg.core.cli import dataclass_options, fail, say, user_errors, warn
 from refseg.extract.config import PRESETS, ExtractionConfig, with_preset
 
 SIZE_NOTE = (
@@ -82,4 +81,4 @@ def main(ctx, preset, shard, quiet, **settings):
     for line in report.lines():
         click.echo(line)
     if not cfg.dry_run:
-        say_written(f"wrote {cfg.out}: `refseg-cache info {cfg.out}` says what it holds")
+        say(f"wrote {cfg.out}: `refseg-cache info {cfg.out}` says what it holds")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from refseg.core.cli import current_runtime, dataclass_options, say_written, user_errors
+from refseg.core.cli import current_runtime, dataclass_options, say, user_errors
 from refseg.heads.settings import EvalSettings
 
 
@@ -25,7 +24,7 @@ def main(**options):
     click.echo(f"{scored_line(summary['n'], loaded)}, protocol {settings.protocol}, checkpoint {loaded.checkpoint}")
     written = [str(path) for path in (settings.json_out, settings.per_sample, settings.overlays) if path]
     if written:
-        say_written(f"wrote {', '.join(written)}")
+        say(f"wrote {', '.join(written)}")
 
 
 def scored_line(n: int, loaded) -> str:

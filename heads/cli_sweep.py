@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from refseg.core.cli import current_runtime, say_written, user_errors
+from refseg.core.cli import current_runtime, say, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -43,7 +42,7 @@ def main(cache, val_cache, grid_path, out, data_seed, processes, dry_run):
     from refseg.heads.distributed import Ranks
 
     if not dry_run and Ranks.from_env().main:  # (under torchrun, rank 0 writes the summary)
-        say_written(f"wrote {summary}, {summary.with_suffix('.csv')} and a run directory per head under "
+        say(f"wrote {summary}, {summary.with_suffix('.csv')} and a run directory per head under "
                     f"{Path(out) / 'runs'} (refseg-eval --run reads each)")
 
 

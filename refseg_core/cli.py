@@ -21,7 +21,6 @@ import threading
 from dataclasses import dataclass, field
 
 import click
-
 from refseg.core.errors import RefsegError
 
 USER_ERROR_EXIT = 2
@@ -63,10 +62,10 @@ def warn(message: str) -> None:
     click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
-def say_written(message: str) -> None:
-    """A command's last line, where it wrote (`wrote DIR: ...`): on stderr, so that stdout holds its results
-    alone, and left out with --quiet."""
-    if current_runtime().progress:
+def say(message: str, enabled: bool | None = None) -> None:
+    """A line of progress, or a command's last line naming what it wrote (`wrote DIR: ...`): on stderr, so
+    that stdout holds a command's results alone. `enabled` None: the running command's --quiet decides."""
+    if current_runtime().progress if enabled is None else enabled:
         click.echo(" ".join(str(message).split()), err=True)
 
 
@@ -104,7 +103,7 @@ def describe_os_error(exc: OSError) -> str:
 # are generated from them, so a default or a help text is written once (at the field).
 
 
-def cli(help: str = "", *, flag: str | None = None, type=None, multiple: bool = False,  # noqa: A002
+def cli(help: str = "", *, flag: str | None = None, type=None, multiple: bool = False,
         show_default=True) -> dict:
     """Field metadata saying how the field appears on the command line.
 
