@@ -68,8 +68,7 @@ def _from_folder(folder: str) -> Backbone:
     parts = {name: _component(folder, name) for name in family.components if name != SCHEDULER}
     parts["scheduler_config"] = _scheduler_config(folder)
     family = _refine(family, parts)
-    return Backbone(parts["vae"], parts.get("unet"), parts["text_encoder"], parts["tokenizer"],
-                    parts["scheduler_config"], {}, torch.device("meta"), torch.float32, None, family, parts)
+    return Backbone(family, parts, {}, torch.device("meta"), torch.float32)
 
 
 def _component(folder: str, name: str):

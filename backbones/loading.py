@@ -33,6 +33,9 @@ import torch
 from refseg.core.device import resolve_device
 from refseg.core.errors import ModelError
 from refseg.backbones.families import FAMILIES, Family, TextConditioning, family_for_index, read_model_index, tiny_names
+from refseg.backbones.families.base import first_line
+from refseg.backbones.families.sd2 import is_sd2
+from refseg.backbones.text_adapter import adapter_identity, load_text_adapter
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.noise import FLOW, SD_SCHEDULE, NoiseInput
 
@@ -54,30 +57,38 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 class Backbone:
     """The frozen parts extraction runs; `identity` goes into the cache fingerprint.
 
-    Everything family-specific goes through `family` (backbones/families/) with `components` (all of
-    the model's parts by diffusers' names); `vae`, `unet` (None for a transformer family: see
-    `denoiser`), `text_encoder` and `tokenizer` are the first of each, as before families existed.
+    Everything family-specific goes through `family` (backbones/families/) with `components`: all of
+    the model's parts by diffusers' names, and its `scheduler_config`. `vae`, `unet` (None for a
+    transformer family: see `denoiser`), `text_encoder` and `tokenizer` are the first of each.
     """
 
-    vae: torch.nn.Module
-    unet: torch.nn.Module | None
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler_config: dict
+    family: Family
+    components: dict
     identity: dict
     device: torch.device
     dtype: torch.dtype
     # VPD's text adapter (backbones/text_adapter.py), from a folder's text_adapter/; None: CLIP's output as is
     text_adapter: torch.nn.Module | None = None
-    family: Family | None = None  # None: "sd" (SD1.x), as every backbone was before families existed
-    components: dict | None = None  # None: the fields above
 
-    def __post_init__(self):
-        if self.family is None:
-            self.family = FAMILIES["sd"]
-        if self.components is None:
-            self.components = dict(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
-                                   tokenizer=self.tokenizer, scheduler_config=self.scheduler_config)
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.components["vae"]
+
+    @property
+    def unet(self) -> torch.nn.Module | None:
+        return self.components.get("unet")
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.components["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.components["tokenizer"]
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.components["scheduler_config"]
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -145,8 +156,7 @@ class Backbone:
     @property
     def default_image_size(self) -> int:
         """The family's training resolution (SD1.x 512, SD2.x-v 768, SDXL 1024, ...)."""
-        size = getattr(self.family, "image_size_default", None)
-        return size(self.components) if size else self.family.default_image_size
+        return self.family.default_image_size(self.components)
 
     # ---- features ---------------------------------------------------------------------------------
     def spec(self, image_size: int = 512, token_length: int = 40, strides=None, attn_strides=None,
@@ -184,7 +194,7 @@ def _load(model: str, model_config: str | None, device: torch.device, dtype: tor
         if not (TINY_SYNTH_DIR / "unet").is_dir():
             raise ModelError(f"cannot load model 'tiny-synth': it is not built in this installation "
                              f"({TINY_SYNTH_DIR} is missing); use --model tiny")
-        # kind 'tiny-synth' (it was 'folder'): the fingerprint hashes it as before (cache/fingerprint.py, FORMER_KIND)
+        # kind 'tiny-synth': the fingerprint hashes it as 'folder' (cache/fingerprint.py, FORMER_KIND)
         (family, parts), kind, name = _load_folder(str(TINY_SYNTH_DIR), dtype), "tiny-synth", "tiny-synth"
     elif os.path.isdir(model):
         (family, parts), kind, name = _load_folder(model, dtype), "folder", os.path.abspath(model)
@@ -207,20 +217,14 @@ def _load(model: str, model_config: str | None, device: torch.device, dtype: tor
         identity["model_config"] = os.path.abspath(model_config) if model_config else None
     adapter = _text_adapter(model, kind, device, dtype)
     if adapter is not None:  # only then: caches of backbones without one keep their fingerprint
-        from refseg.backbones.text_adapter import adapter_identity
-
         identity["text_adapter"] = adapter_identity(adapter)
-    return Backbone(parts["vae"], parts.get("unet"), parts["text_encoder"], parts["tokenizer"],
-                    parts["scheduler_config"], identity, device, dtype, adapter, family, parts)
+    return Backbone(family, parts, identity, device, dtype, adapter)
 
 
 def _refine(family: Family, parts: dict) -> Family:
     """SD2.x shares SD1.x's pipeline class: told apart by its text encoder once loaded."""
-    if family.name == "sd" and "sd2" in FAMILIES:
-        from refseg.backbones.families.sd2 import is_sd2
-
-        if is_sd2(parts):
-            return FAMILIES["sd2"]
+    if family.name == "sd" and is_sd2(parts):
+        return FAMILIES["sd2"]
     return family
 
 
@@ -228,8 +232,6 @@ def _text_adapter(model: str, kind: str, device: torch.device, dtype: torch.dtyp
     """A local folder's `text_adapter/` (written by `refseg-import vpd`), frozen like the rest; else None."""
     if kind != "folder" or not os.path.isdir(model):
         return None
-    from refseg.backbones.text_adapter import load_text_adapter
-
     adapter = load_text_adapter(model)
     if adapter is not None:
         adapter.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -280,13 +282,8 @@ def _quiet():
             tlog.enable_progress_bar()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _folder_family(path: str) -> Family:
-    """The family a diffusers folder's model_index.json names; a folder without one is SD (as before)."""
+    """The family a diffusers folder's model_index.json names; a folder without one is SD1.x's layout."""
     index = read_model_index(path)
     if index is None:
         if os.path.isfile(os.path.join(path, "model_index.json")):  # there but unreadable: the family is unknown
@@ -310,7 +307,7 @@ def _load_folder(path: str, dtype: torch.dtype) -> tuple[Family, dict]:
     try:
         return family, family.load(path, dtype, local_files_only=True)
     except (ModelError, OSError) as exc:  # a component that cannot be loaded (families/base.py load_component)
-        raise ModelError(f"cannot load model {path!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load model {path!r}: {first_line(exc)}") from None
 
 
 def _hub_components(repo_id: str, dtype: torch.dtype, local_files_only: bool) -> tuple[Family, dict]:
@@ -319,7 +316,7 @@ def _hub_components(repo_id: str, dtype: torch.dtype, local_files_only: bool) ->
     try:
         index = dict(DiffusionPipeline.load_config(repo_id, local_files_only=local_files_only))
     except OSError:
-        index = None  # no model_index.json: SD's subfolders, as loaded before families (else the same OSError)
+        index = None  # no model_index.json: SD1.x's subfolders (else `load` raises the same OSError)
     family = FAMILIES["sd"] if index is None else family_for_index(index)
     if family is None:
         raise ModelError(f"cannot load model {repo_id!r}: its model_index.json names pipeline "
@@ -340,10 +337,10 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Family, dict]:
                                  f"folder or file. {ACCEPTED_FORMS}")
         return _hub_components(repo_id, dtype, local_files_only=offline)
     except OSError as exc:  # not found: not on the hub, not in the local cache, or offline
-        where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else _first_line(exc)
+        where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else first_line(exc)
         raise ModelError(f"cannot load model {repo_id!r}: not found ({where}). {ACCEPTED_FORMS}") from None
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"cannot load model {repo_id!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load model {repo_id!r}: {first_line(exc)}") from None
 
 
 def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
@@ -397,8 +394,8 @@ def _load_single_file(path: str, model_config: str | None, dtype: torch.dtype) -
 
 
 def _checkpoint_family(path: str) -> Family:
-    if path.endswith(".safetensors") and "sdxl" in FAMILIES:
-        from safetensors import safe_open
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open  # deferred: only a single-file checkpoint needs it
 
         with safe_open(path, framework="pt") as f:
             if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
@@ -415,7 +412,7 @@ def _check_checkpoint_file(path: str) -> None:
             with safe_open(path, framework="pt"):
                 return
         except Exception as exc:
-            raise ModelError(f"cannot load model {path!r}: not a valid .safetensors file ({_first_line(exc)})") from None
+            raise ModelError(f"cannot load model {path!r}: not a valid .safetensors file ({first_line(exc)})") from None
     with open(path, "rb") as f:
         head = f.read(2)
     if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle

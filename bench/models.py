@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from refseg.backbones.families import FAMILIES
 from refseg.backbones.loading import Backbone, load_backbone
 
 SD15_UNET_CONFIG = dict(
@@ -114,8 +115,7 @@ def build_backbone(arch: str, device: torch.device, dtype: torch.dtype, seed: in
         diffusers_logging.set_verbosity(level)
     # hashing 1 B random weights would take longer than the benchmark: the seed names them
     identity = {"model": f"bench-{arch}-random", "kind": "bench", "weights_sha256": f"random-seed{seed}"}
-    return Backbone(parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"],
-                    dict(SD15_SCHEDULER_CONFIG), identity, device, dtype)
+    return Backbone(FAMILIES["sd"], dict(parts, scheduler_config=dict(SD15_SCHEDULER_CONFIG)), identity, device, dtype)
 
 
 def save_folder(arch: str, out: str, device="cpu", seed: int = 0, dtype=torch.float16) -> str:

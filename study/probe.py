@@ -82,7 +82,7 @@ def load_tokenizer(backbone: dict):
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     recorded = backbone.get("tokenizer_sha256")
     if recorded:
-        from refseg.backbones.families.sd import tokenizer_sha256
+        from refseg.backbones.families.unet import tokenizer_sha256
 
         if tokenizer_sha256(tokenizer) != recorded:
             raise ModelError(f"the tokenizer found for {model!r} is not the one the cache was extracted with "

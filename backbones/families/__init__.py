@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from refseg.backbones.families import flux, sd, sd2, sd3, sdxl
 from refseg.backbones.families.base import Family, NoiseInput, TextConditioning, read_model_index
 
 FAMILIES: dict[str, Family] = {}
@@ -10,13 +11,6 @@ FAMILIES: dict[str, Family] = {}
 def register(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family
-
-
-def _register_builtin() -> None:
-    import importlib
-
-    for module in ("sd", "sd2", "sdxl", "sd3", "flux"):
-        register(importlib.import_module(f"refseg.backbones.families.{module}").FAMILY)
 
 
 def tiny_names() -> dict[str, Family]:
@@ -32,7 +26,8 @@ def family_for_index(model_index: dict) -> Family | None:
     return None
 
 
-_register_builtin()
+for _builtin in (sd, sd2, sdxl, sd3, flux):  # in detection order: SD1.x's pipeline class first
+    register(_builtin.FAMILY)
 
 __all__ = ["FAMILIES", "Family", "NoiseInput", "TextConditioning", "family_for_index", "read_model_index",
            "register", "tiny_names"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,17 @@ class TextConditioning:
 
     embedding: torch.Tensor
     pooled: torch.Tensor | None = None
+
+
+def jsonable(v):
+    """A config value as JSON keeps it in the identity: tuples as lists."""
+    return list(v) if isinstance(v, tuple) else v
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what `exc` says (its class name when it says nothing)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def read_model_index(folder: str) -> dict | None:
@@ -155,9 +167,10 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family loads
     components: tuple[str, ...] = ()  # the diffusers subfolders a folder of this family must have
     denoiser_name: str = "unet"  # the components key of the denoiser: "unet" | "transformer"
+    text_encoders: Iterable[str]  # the text encoders' component names, in identity order
+    tokenizers: Iterable[str]  # the tokenizers' component names, in identity order
     default_strides: tuple[int, ...] = DEFAULT_STRIDES
     default_attn_strides: tuple[int, ...] = DEFAULT_ATTN_STRIDES
-    default_image_size: int = 512
     flow_timestep_scale: float = 1000.0  # flow families: model timestep = σ x this (SD3 1000, FLUX 1)
 
     # ---- building and loading ---------------------------------------------------------------------
@@ -212,6 +225,10 @@ class Family:
     def max_stride(self, components: dict) -> int:
         """The side of an image must be a multiple of this (pixels)."""
         raise NotImplementedError
+
+    def default_image_size(self, components: dict) -> int:
+        """The side the model was trained at (pixels): `--image-size` when it is not given."""
+        return 512
 
     # ---- text -------------------------------------------------------------------------------------
     def max_token_length(self, components: dict) -> int:

@@ -1,6 +1,6 @@
 """Family "flux": FLUX.1 (dev and schnell): double-stream blocks, then single-stream blocks.
 
-Built on `TransformerFamily` (sd3.py). As `FluxPipeline` runs it:
+Built on `TransformerFamily` (transformer.py). As `FluxPipeline` runs it:
 - latents (B, 16, h, w) are packed into 2x2 patches (`pack_latents` = `FluxPipeline._pack_latents`:
   (B, h/2 x w/2, 64)), with `img_ids` (0, row, col) per patch (`_prepare_latent_image_ids`) and
   `txt_ids` all zero; the rotary embedding covers the text positions, then the image positions;
@@ -21,8 +21,10 @@ from __future__ import annotations
 import torch
 
 from refseg.backbones.families.base import TextConditioning
-from refseg.backbones.families.sd3 import (CLIP_TOKENS, T5_TOKEN_LIMIT, TransformerFamily, build_clip, build_t5,
-                                           pad_tokens, scheduler_config)
+from refseg.backbones.families.transformer import (CLIP_TOKENS, T5_TOKEN_LIMIT, TransformerFamily, build_clip,
+                                                   build_t5, pad_tokens, scheduler_config)
+from refseg.backbones.t5_tokenizer import build_t5_tokenizer
+from refseg.backbones.tokenizer_vocab import build_tokenizer
 
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale (FLUX.1-dev)
 
@@ -57,10 +59,7 @@ class FluxFamily(TransformerFamily):
     tokenizers = {"tokenizer": "clip", "tokenizer_2": "t5"}
 
     def build_tiny(self, seed: int = 0) -> dict:
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-        from refseg.backbones.t5_tokenizer import build_t5_tokenizer
-        from refseg.backbones.tokenizer_vocab import build_tokenizer
+        from diffusers import AutoencoderKL, FluxTransformer2DModel  # deferred: heavy (see transformer.py)
 
         tokenizer_2 = build_t5_tokenizer(model_max_length=T5_TOKEN_LIMIT)
         parts = dict(tokenizer=build_tokenizer(model_max_length=CLIP_TOKENS), tokenizer_2=tokenizer_2)

@@ -8,8 +8,7 @@ its 24 layers, so its last_hidden_state (final layer norm applied) is OpenCLIP's
 which SD2 is conditioned on; the UNet's `attention_head_dim` is a per-level list of head counts;
 `use_linear_projection`. A folder, file or hub id of SD2.x is recognised after loading (`is_sd2`).
 
-Identity: as SD1.x's (no "family" key: SD2.x caches made before families existed keep their
-fingerprint); its unet_config (cross_attention_dim 1024, the head list) and scheduler
+Identity: as SD1.x's (no "family" key, so SD2.x stores keep their fingerprint); its unet_config (cross_attention_dim 1024, the head list) and scheduler
 (prediction_type) already say it is SD2. Features do not depend on prediction_type (the UNet's
 activations are the same network whichever target it was trained for); the fingerprint records it.
 """
@@ -17,6 +16,8 @@ activations are the same network whichever target it was trained for); the finge
 from __future__ import annotations
 
 from refseg.backbones.families.sd import SDFamily
+from refseg.backbones.tiny import build_sd_parts
+from refseg.backbones.tokenizer_vocab import build_tokenizer
 
 TEXT_DIM = 48  # toy size of OpenCLIP-H's 1024
 TOKEN_LIMIT = 77
@@ -64,9 +65,6 @@ class SD2Family(SDFamily):
         return False  # same pipeline class as SD1.x: told apart after loading (`is_sd2`)
 
     def build_tiny(self, seed: int = 0) -> dict:
-        from refseg.backbones.tiny import build_sd_parts
-        from refseg.backbones.tokenizer_vocab import build_tokenizer
-
         tokenizer = build_tokenizer(model_max_length=TOKEN_LIMIT)
         tokenizer.pad_token = "!"  # SD2's tokenizer pads with "!", not <|endoftext|>
         return build_sd_parts(seed, tokenizer, UNET_CONFIG, TEXT_CONFIG, SCHEDULER_CONFIG)

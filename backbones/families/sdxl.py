@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 
 from refseg.backbones.families.base import TextConditioning
-from refseg.backbones.families.sd import UNET_IDENTITY_KEYS, UNetFamily, tokenizer_sha256
+from refseg.backbones.families.unet import UNET_IDENTITY_KEYS, UNetFamily, tokenizer_sha256
+from refseg.backbones.tiny import VAE_CONFIG
+from refseg.backbones.tokenizer_vocab import build_tokenizer
 
 # toy sizes of 768, 1280, 1280; the two widths differ as the real ones do (diffusers' single-file loader
 # tells the encoders apart by width, and a concatenation in the wrong order would show)
@@ -79,11 +81,10 @@ class SDXLFamily(UNetFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     default_strides = (8, 16, 32)
     default_attn_strides = (16, 32)
-    default_image_size = 1024
     unet_identity_keys = UNET_IDENTITY_KEYS + SDXL_UNET_KEYS
 
-    def image_size_default(self, components: dict) -> int:
-        return self.default_image_size
+    def default_image_size(self, components: dict) -> int:
+        return 1024
 
     def text_encoder_class(self, name: str):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -95,11 +96,9 @@ class SDXLFamily(UNetFamily):
                 "image_encoder": [None, None]}
 
     def build_tiny(self, seed: int = 0) -> dict:
+        # deferred: diffusers and transformers are heavy and the family registry is imported without them
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-        from refseg.backbones.tiny import VAE_CONFIG
-        from refseg.backbones.tokenizer_vocab import build_tokenizer
 
         tokenizer = build_tokenizer(model_max_length=TOKEN_LIMIT)
         tokenizer_2 = build_tokenizer(model_max_length=TOKEN_LIMIT)
