@@ -106,6 +106,7 @@ def write_store(path: str, spec, data: dict, codec: str, shard_size: int) -> Non
     """A cache store with one image per sample, written shard by shard with refseg's CacheWriter.
     `codec` "int8": no codec, features stored as int8 codes + scales (--cache-dtype int8)."""
     from refseg.cache.layout import ImageTable, SampleTable
+    from refseg.cache.opening import NewStore
     from refseg.cache.writer import CacheWriter, shard_slices
 
     n = len(data["gt"])
@@ -117,8 +118,8 @@ def write_store(path: str, spec, data: dict, codec: str, shard_size: int) -> Non
     settings = {"backbone": {"model": "bench-random"}, "extraction": extraction,
                 "dataset": {"dataset": "bench", "n": n}}
     codec = "none" if codec == "int8" else codec
-    with CacheWriter.open(path, spec=spec, settings=settings, samples=samples, images=images, codec=codec,
-                          shard_size=shard_size, overwrite=True) as w:
+    with CacheWriter.open(path, NewStore(spec=spec, extraction_record=settings, samples=samples, images=images,
+                                         codec=codec, shard_size=shard_size), overwrite=True) as w:
         for s in shard_slices(n, shard_size):
             w.write_latents(s, data["latent"][s])
             w.write_text(s, data["input_ids"][s], data["attention_mask"][s], data["embedding"][s], data["gt"][s])

@@ -87,6 +87,7 @@ def spec_for(case: dict):
 def write_store(path: str, spec, n: int, split: str, first_id: int) -> None:
     """A store of `n` random samples of split `split`, sent_ids from `first_id` (train and val share none)."""
     from refseg.cache.layout import ImageTable, SampleTable
+    from refseg.cache.opening import NewStore
     from refseg.cache.writer import CacheWriter, shard_slices
 
     data = random_data(spec, n, seed=first_id)
@@ -96,8 +97,8 @@ def write_store(path: str, spec, n: int, split: str, first_id: int) -> None:
     images = ImageTable(image_id=ids, orig_hw=np.full((n, 2), spec.image_size))
     settings = {"backbone": {"model": "bench-random"}, "extraction": {"image_size": spec.image_size},
                 "dataset": {"dataset": "bench", "split": split}}
-    with CacheWriter.open(path, spec=spec, settings=settings, samples=samples, images=images, shard_size=16,
-                          overwrite=True) as w:
+    with CacheWriter.open(path, NewStore(spec=spec, extraction_record=settings, samples=samples, images=images,
+                                         shard_size=16), overwrite=True) as w:
         for s in shard_slices(n, 16):
             w.write_latents(s, data["latent"][s])
             w.write_text(s, data["input_ids"][s], data["attention_mask"][s], data["embedding"][s], data["gt"][s])

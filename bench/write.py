@@ -35,7 +35,9 @@ sys.path.insert(0, os.path.dirname(_HERE))
 from bench import common  # noqa: E402
 from bench.read import random_data, spec_for  # noqa: E402
 from refseg.cache.layout import ImageTable, SampleTable  # noqa: E402
+from refseg.cache.opening import NewStore  # noqa: E402
 from refseg.cache.writer import CacheWriter  # noqa: E402
+from refseg.core.noise import noise_input  # noqa: E402
 from refseg.extract.checks import feature_stats  # noqa: E402
 from refseg.extract.pipeline import Extraction  # noqa: E402
 from refseg.extract.stages import NoiseLevel  # noqa: E402
@@ -98,15 +100,17 @@ def store_run(path: str, spec, n: int, shard_size: int, engine: str, batch_size:
         with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
             return store_run(path, spec, n, shard_size, "zarr-python", batch_size)
     samples, images = tables(n)
-    writer = CacheWriter.open(path, spec=spec, settings={"backbone": {}, "extraction": {}, "dataset": {}},
-                              samples=samples, images=images, shard_size=shard_size, engine=engine)
+    writer = CacheWriter.open(path, NewStore(spec=spec,
+                                             extraction_record={"backbone": {}, "extraction": {}, "dataset": {}},
+                                             samples=samples, images=images, shard_size=shard_size),
+                              engine=engine)
     writer.add_noise_level(NOISE_T, timestep=NOISE_T)
     stand_in = StandIn(spec, batch_size)
     cfg = types.SimpleNamespace(batch_size=batch_size, progress=False, prompt="sentence", shard=(0, 1))
     run = Extraction(cfg, stand_in, spec, writer, refer=None, tables=types.SimpleNamespace(samples=samples),
                      report=types.SimpleNamespace(rows_computed={}))
     run._unet = stand_in.unet
-    stage = NoiseLevel(NOISE_T, timestep=NOISE_T)
+    stage = NoiseLevel(noise_input(t=NOISE_T))
     start = time.perf_counter()
     run.run_stage(stage, functools.partial(run.features, stage))
     seconds = time.perf_counter() - start

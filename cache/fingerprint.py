@@ -1,6 +1,6 @@
 """The store's fingerprint: what makes two extractions interchangeable, and how to say why they are not.
 
-It covers the three settings dicts (backbone identity, extraction settings, dataset selection), the
+It covers the extraction record (backbone identity, extraction settings, dataset selection), the
 FeatureSpec, and the exact samples (their sent_ids, in order). It does **not** cover the noise levels
 (they are groups added to the same store), storage choices (shard size, codec), or the contents of the
 dataset's files: those have their own digest (`dataset_sha256`, a root attribute beside the
@@ -43,12 +43,12 @@ def sample_selection(sent_ids) -> dict:
     return {"n": int(len(ids)), "sent_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
 
 
-def fingerprint_payload(settings: dict, spec: FeatureSpec, sent_ids) -> dict:
+def fingerprint_payload(extraction_record: dict, spec: FeatureSpec, sent_ids) -> dict:
     """Everything the fingerprint covers, as plain JSON data (also what is stored in the root attrs)."""
-    if not isinstance(settings, dict) or set(settings) != set(SETTINGS_KEYS):
-        got = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
-        raise ValueError(f"settings must be a dict with exactly the keys {list(SETTINGS_KEYS)}, got {got}")
-    payload = {key: settings[key] for key in SETTINGS_KEYS}
+    if not isinstance(extraction_record, dict) or set(extraction_record) != set(SETTINGS_KEYS):
+        got = sorted(extraction_record) if isinstance(extraction_record, dict) else type(extraction_record).__name__
+        raise ValueError(f"the extraction record must be a dict with exactly the keys {list(SETTINGS_KEYS)}, got {got}")
+    payload = {key: extraction_record[key] for key in SETTINGS_KEYS}
     payload["spec"] = spec.to_dict()
     payload["samples"] = sample_selection(sent_ids)
     return canonical(payload)
@@ -59,9 +59,9 @@ def fingerprint_payload(settings: dict, spec: FeatureSpec, sent_ids) -> dict:
 LOCATION_KEYS = (("backbone", "model"), ("dataset", "data_root"), ("dataset", "image_root"))
 
 
-# Backbone kinds renamed after stores were fingerprinted, hashed under their former name so that those
-# stores keep their fingerprint: the shipped tiny-synth loads from a folder and was recorded as kind
-# 'folder' (its weights hash says what it is either way), and is now recorded as what it is.
+# Backbone kinds that have a former name are hashed under it, so that stores fingerprinted with the
+# former name keep their fingerprint: the shipped tiny-synth loads from a folder, is recorded as kind
+# 'tiny-synth' and hashed as kind 'folder' (its weights hash says what it is either way).
 FORMER_KIND = {"tiny-synth": "folder"}
 
 

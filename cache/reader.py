@@ -124,7 +124,7 @@ class Cache(Store):
         they are computed from the store's scheduler settings (refseg_core/noise.py `recorded_noise`)."""
         from refseg.core.noise import recorded_noise
 
-        return recorded_noise(self._level(t).attrs.asdict(), self.settings["backbone"])
+        return recorded_noise(self._level(t).attrs.asdict(), self.extraction_record["backbone"])
 
     def done(self, t) -> np.ndarray:
         """Which samples have features at noise level `t` (read now: a running extraction adds more)."""
@@ -222,7 +222,7 @@ class Cache(Store):
         ]
         for key in SETTINGS_KEYS:
             lines.append(f"{key}:")
-            lines += [f"  {k}: {_show(v)}" for k, v in sorted(self.settings[key].items())] or ["  (empty)"]
+            lines += [f"  {k}: {_show(v)}" for k, v in sorted(self.extraction_record[key].items())] or ["  (empty)"]
         per_sample = spec.bytes_per_sample(self.feature_dtype.itemsize)
         if self.quantized:  # plus a float32 scale per channel
             per_sample += sum(4 * t_.shape[0] for t_ in spec.tensors)

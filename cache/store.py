@@ -1,7 +1,7 @@
 """`Store`: what the reader (`Cache`) and the writer (`CacheWriter`) share about an opened store.
 
-The root attributes are parsed here, once, into typed fields: format version, fingerprint, the three
-settings dicts, spec, sample selection, shard size and codec. Every one of them is written when the
+The root attributes are parsed here, once, into typed fields: format version, fingerprint, the
+extraction record (the backbone, extraction and dataset dicts), spec, sample selection, shard size and codec. Every one of them is written when the
 store is created (`CacheWriter._create`), so none has a default. The sample index is read and the
 per-sample data arrays are opened once; noise groups are looked up on demand.
 
@@ -108,13 +108,15 @@ class Store:
         self.attrs: dict = root.attrs.asdict()
         self.format_version: int = int(self.attrs[FORMAT_ATTR])
         self.fingerprint: str = self.attrs["fingerprint"]
-        self.settings: dict = {key: self.attrs[key] for key in SETTINGS_KEYS}
+        # the backbone, extraction and dataset dicts the store was made with (`NewStore.extraction_record`)
+        self.extraction_record: dict = {key: self.attrs[key] for key in SETTINGS_KEYS}
         self.spec = FeatureSpec.from_dict(self.attrs["spec"])
         self.sample_selection: dict = self.attrs["samples"]  # {"n", "sent_ids_sha256"} (cache/fingerprint.py)
         self.shard_size = int(self.attrs["shard_size"])
         self.codec: str = self.attrs["codec"]
         # latents, embeddings and features: float16 unless extracted with --cache-dtype fp32 (cache/layout.py)
-        feature_dtype, float_dtype = storage_dtypes(self.settings["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))
+        extraction = self.extraction_record["extraction"]
+        feature_dtype, float_dtype = storage_dtypes(extraction.get("cache_dtype", DEFAULT_CACHE_DTYPE))
         self.float_dtype = np.dtype(float_dtype)  # what every float array reads as (int8 features: float16)
         self.feature_dtype = np.dtype(feature_dtype)  # what the features are stored as
         self.quantized = feature_dtype == QUANTIZED_DTYPE  # int8 codes + per-channel scales (cache/quantize.py)

@@ -1,4 +1,5 @@
-"""`CacheWriter`: create or resume a store and fill it one whole shard at a time.
+"""`CacheWriter`: create or resume a store (what it decides at opening: cache/opening.py) and fill it
+one whole shard at a time.
 
 Stage 1 stores what every noise level shares: per image the VAE latent (`images/`), per sentence
 the tokens, text embedding and ground-truth mask (`text/`, `masks/`). Stage 2 stores, per noise
@@ -17,60 +18,42 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 
 import numpy as np
 import zarr
 
-from refseg.cache.engine import LOCK_DEBRIS_SUFFIX, ZarrEngine, open_engine
-from refseg.cache.fingerprint import (
-    compute_fingerprint,
-    dataset_changed,
-    dataset_changed_message,
-    fingerprint_payload,
-    mismatch_message,
-)
+from refseg.cache.engine import open_engine
+from refseg.cache.fingerprint import compute_fingerprint, dataset_changed
 from refseg.cache.layout import (
-    CODECS,
     CREATING_ATTR,
-    DATASET_DIGEST_ATTR,
     DEFAULT_CACHE_DTYPE,
-    DEFAULT_SHARD_SIZE,
     FORMAT_ATTR,
     FORMAT_VERSION,
     INDEX_FIELDS,
     PER_IMAGE,
     ROWS_ATTR,
-    TEXT_LAYOUT_ATTR,
-    WRITE_EVERY_CHUNK,
-    ImageTable,
-    SampleTable,
     base_arrays,
     create_array,
     create_flags,
-    has_checksums,
     is_local,
-    local_path,
     noise_arrays,
     noise_group_name,
     open_root,
     storage_dtypes,
-    validate_tables,
 )
 from refseg.cache.lock import StoreLock
+from refseg.cache.opening import (
+    NewStore,
+    made_by_another_process,
+    open_or_replace,
+    refuse_what_is_not_a_cache,
+    remove_stale_partial_files,
+    restore_tables,
+)
 from refseg.cache.quantize import quantize, scale_name
 from refseg.cache.stage_store import StageStore
 from refseg.cache.store import Store
-from refseg.core.errors import (
-    CacheError,
-    CacheMismatchError,
-    CacheNotFoundError,
-    DamagedCacheError,
-    IncompleteCacheError,
-    NewerFormatError,
-    NonFiniteError,
-)
-from refseg.core.feature_spec import FeatureSpec
+from refseg.core.errors import CacheError, CacheMismatchError, NonFiniteError
 
 
 def sorted_json(obj):
@@ -92,72 +75,6 @@ def shard_slices(n: int, shard_size: int, part: tuple[int, int] = (0, 1)) -> lis
             for j, start in enumerate(range(0, n, shard_size)) if j % count == i]
 
 
-# zarr's LocalStore writes `<file>.<uuid hex>.partial`, tensorstore `<file>.__lock`, then each renames into place
-_PARTIAL_FILE = re.compile(r"(\.[0-9a-f]{32}\.partial|" + re.escape(LOCK_DEBRIS_SUFFIX) + ")$")
-
-
-def remove_stale_partial_files(path: str) -> int:
-    """Delete the temporary files that writes cut short by a crash left in a local store; how many.
-
-    Only safe while no other process writes the store (the caller holds its presence alone).
-    """
-    removed = 0
-    for dirpath, _, files in os.walk(local_path(path)):
-        for name in files:
-            if _PARTIAL_FILE.search(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(dirpath, name))
-                    removed += 1
-    return removed
-
-
-def _stage_one_done(root: zarr.Group) -> bool:
-    """Whether every latent, sentence and mask is stored: stage 2 then reads the store alone."""
-    return bool(root["images/done"][:].all() and root["text/done"][:].all())
-
-
-def _restore_tables(path: str, root: zarr.Group, samples: SampleTable, images: ImageTable) -> None:
-    """Rewrite the sample tables of a store being resumed where they no longer read back (a lost or
-    corrupt chunk: `refseg-cache verify --repair` leaves them to this). The fingerprint matched, so
-    `samples` and `images` are the store's own rows. Format 1 cannot tell a lost chunk from zeros."""
-    if not has_checksums(root.attrs[FORMAT_ATTR]):
-        return
-    engine = ZarrEngine(path, True, root)
-    columns = {**{f"index/{name}": getattr(samples, name) for name in INDEX_FIELDS},
-               "images/image_id": images.image_id, "images/orig_hw": images.orig_hw}
-    for key, values in columns.items():
-        try:
-            engine.read(key, 0, len(values))
-        except DamagedCacheError:
-            root[key].with_config(WRITE_EVERY_CHUNK)[:] = values
-    text = root["index/text"]
-    try:
-        intact = text.nchunks_initialized == text.nchunks and len(text[:]) == len(samples)
-    except ValueError:  # its checksum
-        intact = False
-    if not intact:
-        text.with_config(WRITE_EVERY_CHUNK)[:] = np.array(samples.text, dtype=object)
-
-
-@contextlib.contextmanager
-def _made_by_another_process():
-    """Creating a group or array that another writer created meanwhile (on an object store, where there
-    are no locks): the same layout from the same settings, so theirs stands and this one goes on."""
-    from zarr.errors import ContainsArrayError, ContainsGroupError
-
-    try:
-        yield
-    except (ContainsArrayError, ContainsGroupError):
-        pass
-
-
-def _refuse_what_is_not_a_cache(path: str) -> None:
-    try:
-        open_root(path, mode="r")
-    except (CacheNotFoundError, IncompleteCacheError, NewerFormatError):
-        pass  # to be created, redone or replaced: decided under the lock
-
-
 class CacheWriter(Store):
     """Writes one cache store. Use `CacheWriter.open(...)`; the constructor takes an opened root group."""
 
@@ -173,60 +90,33 @@ class CacheWriter(Store):
 
     # ---- open / create ------------------------------------------------------------------------
     @classmethod
-    def open(
-        cls,
-        path,
-        *,
-        spec: FeatureSpec,
-        settings: dict,
-        samples: SampleTable,
-        images: ImageTable,
-        shard_size: int = DEFAULT_SHARD_SIZE,
-        codec: str = "none",
-        overwrite: bool = False,
-        dataset_sha256: str | None = None,
-        text_shape: tuple[int, int] | None = None,
-        pooled_dim: int | None = None,
-        engine: str = "tensorstore",
-    ) -> "CacheWriter":
-        """Create the store at `path`, or resume the one there if it has the same fingerprint.
+    def open(cls, path, store: NewStore, *, overwrite: bool = False, engine: str = "tensorstore") -> "CacheWriter":
+        """Create `store` at `path`, or resume the store there if it has the same fingerprint.
 
-        An existing store keeps its own shard size and codec (read `writer.shard_size`).
-        `dataset_sha256` (`refseg.cache.fingerprint.dataset_sha256` of the dataset's files) is recorded
-        in a new store; a store made from other versions of those files is refused while its stage 1
-        (which reads the dataset) is unfinished, unless `overwrite` replaces it. `text_shape` and
-        `pooled_dim`: the family's text context (`layout.base_arrays`); None: SD's (token_length, text_dim),
-        no pooled embedding. `engine`: what writes the data of a local store, "tensorstore" (the default)
-        or "zarr-python" (the same bytes' values: tests/test_engine.py; bench/write.py compares speeds).
+        `overwrite` replaces a store with another fingerprint (cache/opening.py `open_or_replace`).
+        `engine`: what writes the data of a local store, "tensorstore" (the default) or "zarr-python"
+        (the same bytes' values: tests/test_engine.py; bench/write.py compares speeds).
         """
         path = os.fspath(path)
-        if codec not in CODECS:
-            raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
-        if int(shard_size) < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        validate_tables(samples, images)
-        payload = fingerprint_payload(settings, spec, samples.sent_id)
+        store.check()
+        payload = store.fingerprint_payload()
         fingerprint = compute_fingerprint(payload)
-
         if is_local(path):
-            _refuse_what_is_not_a_cache(path)  # before a lock file is made next to someone's photos
+            refuse_what_is_not_a_cache(path)  # before a lock file is made next to someone's photos
         lock = StoreLock(path) if is_local(path) else None
         try:
             with lock.metadata() if lock else contextlib.nullcontext():
                 alone = lock.join() if lock else True
-                root = cls._open_or_replace(path, payload, fingerprint, overwrite, alone, dataset_sha256)
+                root = open_or_replace(path, payload, fingerprint, overwrite, alone, store.dataset_sha256)
                 if root is None:
-                    text = {"text_shape": text_shape, "pooled_dim": pooled_dim}
-                    extra = {DATASET_DIGEST_ATTR: dataset_sha256} if dataset_sha256 else {}
-                    extra[TEXT_LAYOUT_ATTR] = {k: list(v) if isinstance(v, tuple) else v for k, v in text.items()}
-                    cls._create(path, payload, fingerprint, spec, samples, images, int(shard_size), codec, extra, text)
+                    cls._create(path, store, payload, fingerprint)
                     root = open_root(path, mode="r+")
                 else:
-                    _restore_tables(path, root, samples, images)
+                    restore_tables(path, root, store.samples, store.images)
                     if alone and lock:
                         remove_stale_partial_files(path)
             writer = cls(path, root, lock, engine)
-            writer.dataset_changed = dataset_changed(root.attrs.asdict(), dataset_sha256)
+            writer.dataset_changed = dataset_changed(root.attrs.asdict(), store.dataset_sha256)
             return writer
         except BaseException:
             if lock:
@@ -234,53 +124,19 @@ class CacheWriter(Store):
             raise
 
     @staticmethod
-    def _open_or_replace(path, payload, fingerprint, overwrite: bool, alone: bool, dataset_sha256: str | None):
-        """The root of the store at `path` to resume, or None where a new store is to be created.
-
-        `--overwrite` replaces a store whose settings differ (or that is from a newer format); a store
-        with the same fingerprint is resumed even then, so every rank of a job may pass --overwrite,
-        unless the dataset changed while its stage 1 is unfinished (old and new data would mix).
-        """
-        try:
-            root = open_root(path, mode="r+")
-        except CacheNotFoundError:
-            return None
-        except IncompleteCacheError:
-            return None  # an interrupted creation holds nothing worth keeping: create it again
-        except NewerFormatError:
-            if not overwrite:
-                raise
-            root = None
-        if root is not None:
-            attrs = root.attrs.asdict()
-            changed = dataset_changed(attrs, dataset_sha256)
-            if attrs["fingerprint"] == fingerprint and (not changed or _stage_one_done(root)):
-                return root
-            cause = dataset_changed_message(path, attrs, dataset_sha256) if changed else None
-            if attrs["fingerprint"] == fingerprint and not overwrite:
-                raise CacheMismatchError(
-                    f"{cause}, and the latents, sentences and masks of cache {path} are not all extracted yet: old "
-                    "and new data would mix; restore the dataset the cache was made from, or pass --overwrite to "
-                    "extract it again from the new files")
-            if not overwrite:
-                stored = {key: attrs[key] for key in payload}
-                raise CacheMismatchError(mismatch_message(path, stored, payload, first=cause))
-        if not alone:
-            raise CacheError(f"cache {path} is being written by another process now: --overwrite cannot replace "
-                             "it until that process ends")
-        return None
-
-    @staticmethod
-    def _create(path, payload, fingerprint, spec, samples, images, shard_size, codec, extra_attrs, text=None):
+    def _create(path: str, store: NewStore, payload: dict, fingerprint: str) -> None:
+        """Write a new store: its groups, arrays and tables, then its attributes (from then on it is a cache)."""
+        shard_size = int(store.shard_size)
         root = zarr.open_group(path, mode="w", attributes={CREATING_ATTR: FORMAT_VERSION})
         for name in ("index", "images", "text", "masks"):
             root.create_group(name)
         arrays = {}
         # the latents' and embeddings' type, as Store.float_dtype reads it (int8 stores: float16)
         float_dtype = storage_dtypes(payload["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))[1]
-        for layout in base_arrays(spec, len(samples), len(images), float_dtype, **(text or {})):
+        samples, images = store.samples, store.images
+        for layout in base_arrays(store.spec, len(samples), len(images), float_dtype, **store.text_layout):
             group, name = layout.path.split("/")
-            arrays[layout.path] = create_array(root[group], layout, name, shard_size, codec)
+            arrays[layout.path] = create_array(root[group], layout, name, shard_size, store.codec)
         create_flags(root["images"], "done", len(images), shard_size, dim="image")
         create_flags(root["text"], "done", len(samples), shard_size)
         for name in INDEX_FIELDS:
@@ -288,7 +144,7 @@ class CacheWriter(Store):
         arrays["index/text"][:] = np.array(samples.text, dtype=object)
         arrays["images/image_id"][:] = images.image_id
         arrays["images/orig_hw"][:] = images.orig_hw
-        attrs = dict(payload, fingerprint=fingerprint, shard_size=shard_size, codec=codec, **extra_attrs)
+        attrs = dict(payload, fingerprint=fingerprint, shard_size=shard_size, codec=store.codec, **store.layout_attrs())
         attrs[FORMAT_ATTR] = FORMAT_VERSION
         root.attrs.put(sorted_json(attrs))  # last: from here on the store counts as a cache
 
@@ -398,7 +254,7 @@ class CacheWriter(Store):
         name = noise_group_name(t)
         with self._metadata():
             root = self._fresh_root()
-            with _made_by_another_process():  # an object store has no lock: another writer may create it first
+            with made_by_another_process():  # an object store has no lock: another writer may create it first
                 group = root[name] if name in root else root.create_group(name)
             group = root[name]
             self._finish_noise_level(group, t, timestep, noise)
@@ -419,11 +275,11 @@ class CacheWriter(Store):
         n_rows, dim = (self.n_images, "image") if per_image else (self.n_samples, "sample")
         for layout in noise_arrays(self.spec, n_rows, self.feature_dtype.name, dim):
             if layout.path not in members:  # in the store's own format: a format-1 store stays format 1
-                with _made_by_another_process():
+                with made_by_another_process():
                     create_array(group, layout, layout.path, self.shard_size, self.codec, self.checksums)
         for flag in ("done", "skipped"):
             if flag not in members:
-                with _made_by_another_process():
+                with made_by_another_process():
                     create_flags(group, flag, n_rows, self.shard_size, dim=dim, checksums=self.checksums)
         if not attrs:
             level = noise.to_attrs() if noise is not None else {"noise_t": t, "timestep": timestep}
@@ -433,7 +289,7 @@ class CacheWriter(Store):
         """Whether a new noise level stores its features once per image: with `--prompt empty` every
         sentence of an image has the same condition and ε, so the same features (format 2 on; an older
         store keeps a row per sample)."""
-        return self.checksums and self.settings["extraction"].get("prompt") == "empty"
+        return self.checksums and self.extraction_record["extraction"].get("prompt") == "empty"
 
     def level_rows(self, t: int) -> int:
         """Rows of noise level `t`'s arrays: one per image in a per-image group, else one per sample."""

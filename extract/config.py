@@ -179,8 +179,6 @@ class ExtractionConfig:
         at_least("--shard-size", self.shard_size, 1)
         at_least("--workers", self.workers, 0)
         at_least("--timestep", self.timestep, 0)
-        if not self.noise_ts and not self.noise_sigmas:
-            raise RefsegError("--noise-t needs at least one noise level")
         if any(not 0.0 <= s < 1.0 for s in self.noise_sigmas):  # also refuses NaN
             raise RefsegError(f"--noise-sigma takes flow-matching σ in [0, 1) (got {list(self.noise_sigmas)})")
         if any(not 0 <= t <= MAX_NOISE_GROUP for t in self.noise_ts):

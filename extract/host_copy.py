@@ -13,7 +13,6 @@ turns the tensors into numpy arrays. The values are the same either way: a copy,
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 

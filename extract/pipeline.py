@@ -35,8 +35,6 @@ from tqdm.auto import tqdm
 
 from refseg.backbones.loading import Backbone, load_backbone
 from refseg.cache.fingerprint import dataset_sha256
-from refseg.cache.layout import DEFAULT_SHARD_SIZE
-from refseg.cache.stage_store import StageStore
 from refseg.cache.writer import CacheWriter
 from refseg.core.cli import describe_os_error, is_path_error
 from refseg.core.paths import check_output_path
@@ -50,11 +48,11 @@ from refseg.backbones.families import TextConditioning
 from refseg.extract.checks import advice, check_features, feature_stats
 from refseg.extract.config import ExtractionConfig
 from refseg.extract.host_copy import HostCopies
-from refseg.extract.inputs import (SelectedTables, cache_settings, count_truncated, for_backbone, noise_levels,
-                                   select_samples, selected_tables)
-from refseg.extract.plan import ExtractionPlan, check_space, plan_extraction
+from refseg.extract.inputs import SelectedTables, count_truncated, selected_samples
+from refseg.extract.plan import DryRun, check_space, plan_extraction
 from refseg.extract.report import ExtractionReport
-from refseg.extract.shard_buffer import BackgroundWriter, ShardBuffer
+from refseg.extract.resolve import resolve_extraction
+from refseg.extract.shard_buffer import ShardBuffer, StageWrites, rows_of
 from refseg.extract.stages import LATENTS, TEXT, NoiseLevel, Stage, StageResult
 
 WAIT_POLL_SECONDS = 1.0  # how often a process waiting for other processes' stage 1 looks again
@@ -68,54 +66,44 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> "
 
     Several processes may run this on one store at once, each with its own `cfg.shard` part (or the
     same part: then they share its shards). Stage 1 (latents, embeddings) is finished by all of them
-    together before any runs its UNet stage (`Extraction.finish_stage_one`).
+    together before any runs its UNet stage (`Extraction.finish_stage_one`). The numbered steps are
+    those of docs/ARCHITECTURE.md's path of one sample.
     """
     t_start = time.perf_counter()
-    # 1. Check the settings and the output path: a bad value is refused before anything is made
+    # 1. Dataset -> samples: the settings and --out checked before anything is read, then the samples
+    #    in cache order and their tables
     cfg.check()
     check_output_path(cfg.out, "cache")
-    # 2. Select the samples, in cache order, and build their tables
-    refer = ReferDataset(cfg.data_root, cfg.dataset, split_by=cfg.split_by, image_root=cfg.image_root,
-                         text_field=cfg.text_field)
-    tables = selected_tables(refer, select_samples(refer, cfg.split, cfg.sentences, cfg.limit))
-    # 3. Load the backbone; its spec lists what will be stored
+    refer, tables = selected_samples(cfg)
+    # 2. Backbone and spec: the run resolved once; what it will write against the free space (a store
+    #    that cannot fit is refused before any work; --dry-run stops here)
     if backbone is None:
         backbone = load_backbone(cfg.model, model_config=cfg.model_config, device=cfg.device, dtype=cfg.dtype)
-    cfg = for_backbone(cfg, backbone)  # the family's image size and layers where cfg leaves them open
-    cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
-    spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides, **cfg.layer_choices())
-    levels = noise_levels(cfg, backbone)  # refused here when ambiguous, before any store is opened
-    # 3b. What the run will write, against the free space: a store that cannot fit is refused before any work
-    plan = plan_extraction(cfg, spec, tables, levels, _text_layout(backbone, spec))
+    resolved = resolve_extraction(cfg, backbone)
+    plan = plan_extraction(resolved, tables)
     if cfg.dry_run:
         return DryRun(plan)
     if not cfg.no_space_check:
         check_space(plan)
-    report = ExtractionReport(len(tables.samples), len(tables.image_paths), tuple(n.level for n in levels),
+    report = ExtractionReport(len(tables.samples), len(tables.image_paths), resolved.level_keys,
                               truncated=count_truncated(backbone.family.map_tokenizer(backbone.components),
                                                         tables.samples.text, cfg.token_length))
     try:
-        # 4. Open the store: a new one, or the one there if its settings are the same (resume)
-        writer = CacheWriter.open(cfg.out, spec=spec, settings=cache_settings(cfg, backbone), samples=tables.samples,
-                                  images=tables.images, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE,
-                                  codec=cfg.codec, overwrite=cfg.overwrite,
-                                  dataset_sha256=dataset_sha256(refer.refs_path, refer.instances_path),
-                                  **_text_layout(backbone, spec))
+        # 3. Open the store: a new one, or the one there if its fingerprint is the same (resume)
+        store = resolved.new_store(tables, dataset_sha256(refer.refs_path, refer.instances_path))
+        writer = CacheWriter.open(cfg.out, store, overwrite=cfg.overwrite)
         report.dataset_changed = writer.dataset_changed
         with writer, ieee_float32(backbone.device, backbone.dtype):  # --dtype fp32 is fp32 on a GPU too
-            run = Extraction(cfg, backbone, spec, writer, refer, tables, report)
-            # 5. Stage 1: this process's part of the latents and sentences, then what no process holds
+            run = Extraction(resolved.cfg, backbone, resolved.spec, writer, refer, tables, report)
+            # 4. Image -> latent and 5. sentence -> embedding, GT: this process's part, then what no process holds
             run.run_stage(LATENTS, run.latents, cfg.shard)
             run.run_stage(TEXT, run.text, cfg.shard)
             run.finish_stage_one()
-            # 6. Stage 2: the denoiser at each noise level
-            for noise in levels:
+            # 6. Latent -> features and attention at each noise level; then what other processes still hold
+            for noise in resolved.levels:
                 run.noise_level(noise)
-            # 7. What is left: other parts may still be running, or still to be started
-            for noise in levels:
-                todo = len(writer.stage(noise.level).todo())
-                if todo:
-                    report.incomplete[noise.level] = todo
+            report.incomplete = {level: todo for level in resolved.level_keys
+                                 if (todo := len(writer.stage(level).todo()))}
     except NonFiniteError as exc:
         raise NonFiniteError(f"{exc}{advice(exc, backbone.dtype)}") from None
     except CacheError:
@@ -125,29 +113,6 @@ def run_extraction(cfg: ExtractionConfig, backbone: Backbone | None = None) -> "
     report.bad = run.bad_by_sent_id()
     report.seconds = time.perf_counter() - t_start
     return report
-
-
-@dataclass
-class DryRun:
-    """What `run_extraction` returns for `--dry-run`: the plan, and nothing written."""
-
-    plan: ExtractionPlan
-    dataset_changed = False
-
-    def lines(self) -> list[str]:
-        return self.plan.lines()
-
-
-def _text_layout(backbone: Backbone, spec: FeatureSpec) -> dict:
-    """The store's text arrays where the family's differ from SD's: a longer context (SD3's CLIP + T5
-    tokens), a pooled embedding (SDXL, SD3, FLUX). Nothing for SD1.x/2.x (their layout as before)."""
-    layout = {}
-    shape = tuple(backbone.text_shape(spec.token_length))
-    if shape != (spec.token_length, spec.text_dim):
-        layout["text_shape"] = shape
-    if backbone.pooled_dim is not None:
-        layout["pooled_dim"] = backbone.pooled_dim
-    return layout
 
 
 def _write_error(out: str, exc: OSError) -> CacheError:
@@ -191,8 +156,8 @@ class Extraction:
         """
         # the pipeline refused non-finite features on the device already (extract/checks.py)
         store = self.writer.stage(stage.key, finite_checked=isinstance(stage, NoiseLevel))
-        with _StageWrites(store, store.todo(part)) as claimed:
-            rows = _rows_of(claimed.mine)
+        with StageWrites(store, store.todo(part)) as claimed:
+            rows = rows_of(claimed.mine)
             self.report.rows_computed[stage] = self.report.rows_computed.get(stage, 0) + len(rows)
             if rows:
                 def write(shard: slice, arrays: dict, skipped: np.ndarray) -> None:  # on the writer thread
@@ -256,7 +221,7 @@ class Extraction:
 
     def noise_level(self, noise: NoiseInput) -> None:
         """Stage 2 at one noise level for this process's part; shards other processes hold are left to them."""
-        stage = NoiseLevel(noise.level, timestep=noise.model_timestep, noise=noise)
+        stage = NoiseLevel(noise)
         self.writer.add_noise_level(stage.t, noise=noise)
         result = self.run_stage(stage, functools.partial(self.features, stage), self.cfg.shard)
         if result.held_by_others:
@@ -511,32 +476,5 @@ def batch_invariant(backbone: Backbone, fn, *batch: torch.Tensor):
     return torch.cat(parts)
 
 
-def _rows_of(shards: list[slice]) -> list[int]:
-    return [r for s in shards for r in range(s.start, s.stop)]
-
-
 def _batches(rows: list[int], size: int):
     return (rows[start:start + size] for start in range(0, len(rows), size))
-
-
-class _StageWrites:
-    """The shards of one stage this process claimed, and the thread writing them.
-
-    On leaving (normally or by an error) every shard already handed over is written, then the
-    claims are released: a claim is held until the shard is on disk or the process is gone.
-    """
-
-    def __init__(self, store: StageStore, shards: list[slice]):
-        self.store = store
-        self.mine, self.others = store.claim(shards)
-        self.io = BackgroundWriter()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.io.close()  # raises the first write error, if any
-        finally:
-            self.store.release(self.mine)
-        return False

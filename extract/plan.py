@@ -16,11 +16,15 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from refseg.cache.layout import CACHE_DTYPES, is_local, store_nbytes
-from refseg.cache.reader import human_bytes
+from refseg.backbones.config_only import backbone_shapes
+from refseg.cache.layout import CACHE_DTYPES, DEFAULT_SHARD_SIZE, is_local, store_nbytes
+from refseg.cache.reader import human_bytes, open_cache
 from refseg.cache.usage import planned_bytes
-from refseg.core.errors import CacheWriteError
-from refseg.core.paths import nearest_existing
+from refseg.core.errors import CacheError, CacheWriteError, RefsegError
+from refseg.core.paths import check_output_path, nearest_existing
+from refseg.extract.config import ExtractionConfig
+from refseg.extract.inputs import SelectedTables, selected_samples
+from refseg.extract.resolve import ResolvedExtraction, resolve_extraction
 
 
 @dataclass
@@ -51,45 +55,46 @@ class ExtractionPlan:
                 "  nothing was written (--dry-run)"]
 
 
-def plan_before_loading(cfg) -> ExtractionPlan | None:
+@dataclass
+class DryRun:
+    """What `run_extraction` returns for `--dry-run`: the plan, and nothing written."""
+
+    plan: ExtractionPlan
+    dataset_changed = False
+
+    def lines(self) -> list[str]:
+        return self.plan.lines()
+
+
+def plan_before_loading(cfg: ExtractionConfig) -> ExtractionPlan | None:
     """The plan of `cfg` from the model's configs alone, before its weights are loaded (seconds to
     minutes for a real model) and before anything is written; None when only the loaded model can say
     (a built-in tiny model, a model not on this machine, a folder whose configs cannot be read):
     `run_extraction` then plans right after loading it. Settings that the model refuses are left to the
     run after loading too, which says them in its own words."""
-    from refseg.backbones.config_only import backbone_shapes
-    from refseg.core.errors import RefsegError
-    from refseg.core.paths import check_output_path
-    from refseg.core.refer import ReferDataset
-    from refseg.extract.inputs import for_backbone, noise_levels, select_samples, selected_tables
-    from refseg.extract.pipeline import _text_layout  # the store's text arrays, as the run lays them out
-
     cfg.check()
     check_output_path(cfg.out, "cache")
     backbone = backbone_shapes(cfg.model, cfg.model_config)
     if backbone is None:
         return None
     # the data first, as the run reads it: a bad --data-root or --split is said before any model setting
-    refer = ReferDataset(cfg.data_root, cfg.dataset, split_by=cfg.split_by, image_root=cfg.image_root,
-                         text_field=cfg.text_field)
-    tables = selected_tables(refer, select_samples(refer, cfg.split, cfg.sentences, cfg.limit))
+    _, tables = selected_samples(cfg)
     try:
-        cfg = for_backbone(cfg, backbone)
-        cfg.check_for_model(backbone.max_stride, backbone.max_token_length, backbone.schedule_steps)
-        spec = backbone.spec(cfg.image_size, cfg.token_length, cfg.strides, cfg.attn_strides, **cfg.layer_choices())
-        levels = noise_levels(cfg, backbone)
+        resolved = resolve_extraction(cfg, backbone)
     except RefsegError:
         return None
-    return plan_extraction(cfg, spec, tables, levels, _text_layout(backbone, spec))
+    return plan_extraction(resolved, tables)
 
 
-def plan_extraction(cfg, spec, tables, levels, text_layout: dict) -> ExtractionPlan:
-    """The plan of `cfg` for `spec` and the selected `tables` at noise `levels` (NoiseInputs)."""
+def plan_extraction(resolved: ResolvedExtraction, tables: SelectedTables) -> ExtractionPlan:
+    """The plan of the `resolved` extraction of the selected `tables`."""
+    cfg, spec = resolved.cfg, resolved.spec
     n, m = len(tables.samples), len(tables.images)
-    sizes = planned_bytes(spec, n, m, [lv.level for lv in levels], cache_dtype=CACHE_DTYPES[cfg.cache_dtype],
-                          shard_size=cfg.shard_size or 16, per_image_levels=cfg.prompt == "empty",
-                          text_layout=text_layout, text_bytes=sum(len(t.encode()) for t in tables.samples.text))
-    asked = [lv.level for lv in levels]
+    asked = list(resolved.level_keys)
+    sizes = planned_bytes(spec, n, m, asked, cache_dtype=CACHE_DTYPES[cfg.cache_dtype],
+                          shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE, per_image_levels=cfg.prompt == "empty",
+                          text_layout=resolved.text_layout,
+                          text_bytes=sum(len(t.encode()) for t in tables.samples.text))
     done, missing, stage_one_done, existing = _existing(cfg.out, asked)
     to_write = (0 if stage_one_done else sizes["store"]) + sum(
         round(sizes["per_level"] * missing.get(t, 1.0)) for t in asked)
@@ -111,9 +116,6 @@ def _free_bytes(out: str) -> int | None:
 def _existing(out: str, levels: list[int]) -> tuple[dict, dict, bool, int]:
     """Of a store already at `out`: (level -> coverage text, level -> share still missing, whether stage 1
     is done, bytes on disk); ({}, {}, False, 0) when there is none."""
-    from refseg.cache.reader import open_cache
-    from refseg.core.errors import CacheError
-
     if is_local(out) and not os.path.exists(out):
         return {}, {}, False, 0
     try:

@@ -3,7 +3,8 @@
 The compute loop batches rows by `--batch-size`; the cache is written a whole shard at a time.
 `ShardBuffer` decouples the two: rows arrive in any batch size, a shard is handed to the writer
 thread as soon as its last row is in, so the GPU never waits for the disk (bounded queue: at most
-`max_pending` shards in flight, which bounds host memory).
+`max_pending` shards in flight, which bounds host memory). `StageWrites` holds one stage's claimed
+shards and the thread writing them, and releases the claims once everything handed over is on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 from typing import Callable
 
 import numpy as np
+
+from refseg.cache.stage_store import StageStore
 
 
 class BackgroundWriter:
@@ -128,3 +131,30 @@ class ShardBuffer:
     @property
     def pending_rows(self) -> int:
         return sum(len(rows_in) for _, _, rows_in in self._parts.values())
+
+
+class StageWrites:
+    """The shards of one stage this process claimed, and the thread writing them.
+
+    On leaving (normally or by an error) every shard already handed over is written, then the
+    claims are released: a claim is held until the shard is on disk or the process is gone.
+    """
+
+    def __init__(self, store: StageStore, shards: list[slice]):
+        self.store = store
+        self.mine, self.others = store.claim(shards)
+        self.io = BackgroundWriter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.io.close()  # raises the first write error, if any
+        finally:
+            self.store.release(self.mine)
+        return False
+
+
+def rows_of(shards: list[slice]) -> list[int]:
+    return [r for s in shards for r in range(s.start, s.stop)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from refseg.core.noise import NoiseInput
 
 
@@ -40,16 +39,17 @@ class Text:
 
 @dataclass(frozen=True)
 class NoiseLevel:
-    """Stage 2 at noise level T: the denoiser's features of each (sentence, T), run at model `timestep`.
+    """Stage 2 at one noise level: the denoiser's features of each (sentence, T), run as `noise` says.
 
-    `t` is the store group (tNNNN): the T asked for, or for --noise-sigma the T of nearest SNR; `noise`
-    says exactly what was run (None: a DDPM level known by T and timestep alone, as before families).
+    `t` is the store group (tNNNN): the T asked for, or for --noise-sigma the T of nearest SNR.
     """
 
-    t: int
-    timestep: int | float  # T, unless --timestep says otherwise (VPD: 1); flow models: σ-based
-    noise: NoiseInput | None = None
+    noise: NoiseInput
     unit = "sample"
+
+    @property
+    def t(self) -> int:
+        return self.noise.level
 
     @property
     def key(self) -> int:
@@ -57,16 +57,16 @@ class NoiseLevel:
 
     @property
     def _name(self) -> str:
-        if self.noise is not None and self.noise.t is None:  # --noise-sigma
+        if self.noise.t is None:  # --noise-sigma
             return f"σ={self.noise.sigma:g} (t{self.t:04d})"
         return f"T={self.t}"
 
     @property
     def title(self) -> str:
-        return f"{'UNet' if self.noise is None or self.noise.kind == 'ddpm' else 'DiT'} {self._name}"
+        return f"{'UNet' if self.noise.kind == 'ddpm' else 'DiT'} {self._name}"
 
     def __str__(self) -> str:
-        return f"{'unet' if self.noise is None or self.noise.kind == 'ddpm' else 'transformer'} {self._name}"
+        return f"{'unet' if self.noise.kind == 'ddpm' else 'transformer'} {self._name}"
 
 
 Stage = Latents | Text | NoiseLevel

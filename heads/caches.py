@@ -40,7 +40,7 @@ def check_compatible(run_settings: dict, cache_settings: dict, run_name: str, ca
     """
     for part in ("backbone", "extraction"):
         run_part, cache_part = (dict(s.get(part) or {}) for s in (run_settings, cache_settings))
-        # a run recorded before a backbone kind was renamed still matches a cache made after it
+        # a backbone kind recorded under its former name matches the same kind under today's name
         a, b = with_former_kind(run_part), with_former_kind(cache_part)
         if part == "backbone":  # said with today's names: kind tiny-synth (also where recorded as 'folder')
             run_part, cache_part = with_current_kind(run_part), with_current_kind(cache_part)
@@ -113,9 +113,9 @@ def refuse_shared_samples(train, val) -> None:
 def training_overlap(run_config: dict, cache) -> str | None:
     """Why `cache` holds samples the run was trained on (a phrase), or None when nothing says so.
 
-    The run's config.json records its training cache's fingerprint, settings and (since this check)
-    sample selection, not every sent_id: the same fingerprint, the same selection, or the same split
-    of the same dataset are what can be told.
+    The run's config.json records its training cache's fingerprint, settings and sample selection
+    (a config.json may lack the selection), not every sent_id: the same fingerprint, the same
+    selection, or the same split of the same dataset are what can be told.
     """
     trained = run_config.get("cache") or {}
     if cache.fingerprint == trained.get("fingerprint"):

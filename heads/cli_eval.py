@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 from refseg.core.cli import current_runtime, dataclass_options, say, user_errors
+from refseg.core.metrics import format_table
+from refseg.heads.evaluate import evaluate_run
 from refseg.heads.settings import EvalSettings
 
 
@@ -12,9 +14,6 @@ from refseg.heads.settings import EvalSettings
 @user_errors
 def main(**options):
     """Evaluate RUN on CACHE: P@0.5..P@0.9, oIoU, mIoU in percent."""
-    from refseg.core.metrics import format_table
-    from refseg.heads.evaluate import evaluate_run
-
     settings = EvalSettings(**options)
     result = evaluate_run(settings, progress=current_runtime().progress)
     summary, loaded = result.summary, result.loaded

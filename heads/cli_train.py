@@ -6,8 +6,12 @@ import json
 
 import click
 
+from refseg.cache.store import Coverage
 from refseg.core.cli import current_runtime, dataclass_options, user_errors
+from refseg.core.metrics import format_table
+from refseg.heads.distributed import Ranks
 from refseg.heads.settings import TrainSettings
+from refseg.heads.train import run_training
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -16,18 +20,11 @@ from refseg.heads.settings import TrainSettings
 def main(**options):
     """Train a head on cached features of one noise level; writes RUN/{head,best,state}.safetensors,
     config.json and metrics.jsonl."""
-    from refseg.heads.distributed import Ranks
-    from refseg.heads.train import run_training
-
     settings = TrainSettings(**options)
     summary = run_training(settings, progress=current_runtime().progress)
     if not Ranks.from_env().main:  # under torchrun, rank 0 reports
         return
     if summary.get("val"):
-        from refseg.core.metrics import format_table
-
-        from refseg.cache.store import Coverage
-
         names = {"cache": "training cache", "val_cache": "val cache"}
         incomplete = [f"incomplete {names[key]}: {Coverage.from_dict(c).describe()}"
                       for key, c in (summary.get("coverage") or {}).items() if c and not c["complete"]]

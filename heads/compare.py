@@ -14,14 +14,13 @@ seed are one row, with the mean ± std (sample std, ddof=1) of each metric over 
 Without caches, the metrics are each run's recorded val metrics at its best val epoch (what
 best.safetensors holds). With caches (val, testA, testB, as LAVT's test script takes them), every
 run is evaluated on every cache (best checkpoint, protocol vpd; `refseg.heads.evaluate`'s
-`load_run_on_cache` and `evaluate_model`, so every check and caveat of refseg-eval applies), and
-each cache gets its own metric columns, named by its split (or its file name when splits repeat).
+`load_run_on_cache` and `evaluate_model`, the scoring of heads/scoring.py, so every check and caveat
+of refseg-eval applies), and each cache gets its own metric columns, named by its split (or its file
+name when splits repeat).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 import sys
@@ -30,18 +29,22 @@ from pathlib import Path
 from refseg.core.errors import RefsegError
 from refseg.core.metrics import TABLE_COLUMNS
 from refseg.heads import run_dir
+from refseg.heads.caches import as_cache
+from refseg.heads.evaluate import evaluate_model, load_run_on_cache
+from refseg.heads.settings import EVAL_BATCH_SIZE, CompareSettings, EvalSettings
+from refseg.heads.sweep import SWEEP_FILE
+from refseg.heads.sweep_grid import RUNS
+from refseg.heads.tables import cell_text, csv_text, markdown_table, mean_std
+from refseg.heads.train_setup import ABSENT_KEYS
 
-# The config.json keys that make a run's settings, in the table's column order; a run recorded
-# before data_seed/text_blind existed had its data ordered by its seed and read the sentence.
+# The config.json keys that make a run's settings, in the table's column order (a key a config.json
+# lacks: train_setup.ABSENT_KEYS)
 SETTING_KEYS = ("head", "head_args", "text_blind", "noise_t", "optimizer", "lr", "loss", "epochs", "batch_size",
                 "max_samples", "data_seed", "seed")
-RECORDED_BEFORE = {"data_seed": lambda cfg: cfg.get("seed"), "text_blind": lambda cfg: False}
 
 
 def expand_runs(paths) -> list[Path]:
     """Run directories from `paths`: each a run, or a sweep (its runs, in the grid's order)."""
-    from refseg.heads.sweep import RUNS, SWEEP_FILE
-
     runs: list[Path] = []
     for path in map(Path, paths):
         if (path / SWEEP_FILE).is_file():
@@ -63,7 +66,7 @@ def run_settings(config: dict) -> dict:
     """A run's settings, flat: its head arguments by their own names, the training cache by fingerprint."""
     flat = {}
     for key in SETTING_KEYS:
-        value = config.get(key, RECORDED_BEFORE[key](config) if key in RECORDED_BEFORE else None)
+        value = config.get(key, ABSENT_KEYS[key](config) if key in ABSENT_KEYS else None)
         if key == "head_args":
             flat.update({f"{k}": _plain(v) for k, v in sorted((value or {}).items())})
         else:
@@ -86,12 +89,9 @@ def recorded_metrics(run: Path) -> dict | None:
     return None if best is None else best["val"]
 
 
-def evaluate_on(run: Path, cache, device: str = "auto", batch_size: int = 16) -> dict:
+def evaluate_on(run: Path, cache, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """The run's best checkpoint scored on `cache` (protocol vpd); a text-blind run is given no sentence
     (`load_head` applies what its config.json records)."""
-    from refseg.heads.evaluate import evaluate_model, load_run_on_cache
-    from refseg.heads.settings import EvalSettings
-
     settings = EvalSettings(run=str(run), cache=cache, device=device, batch_size=batch_size)
     settings.check()
     loaded = load_run_on_cache(settings)
@@ -103,18 +103,30 @@ def evaluate_on(run: Path, cache, device: str = "auto", batch_size: int = 16) ->
 
 def cache_labels(caches) -> list[str]:
     """A column prefix per cache: its split, or its file name when two caches share a split."""
-    from refseg.heads.caches import as_cache
-
-    splits = [((as_cache(c)[0].settings.get("dataset") or {}).get("split") or Path(str(c)).stem) for c in caches]
+    splits = [((as_cache(c)[0].settings.get("dataset") or {}).get("split") or Path(str(c)).stem)
+              for c in caches]
     if len(set(splits)) < len(splits):
         return [Path(str(c)).name for c in caches]
     return [str(s) for s in splits]
 
 
-def compare(paths, caches=(), *, device: str = "auto", progress: bool = False) -> list[dict]:
+def compare(paths, caches=(), *, progress: bool = False, **options) -> list[dict]:
     """The table's rows: the differing settings, `n_runs`, then `<metric>_mean` and `<metric>_std`
-    (prefixed `<cache> ` per cache when `caches` are given; std '' for one run)."""
-    runs = expand_runs(paths)
+    (prefixed `<cache> ` per cache when `caches` are given; std '' for one run).
+
+    `options`: the other fields of CompareSettings (device="auto", out=None: also write the table there).
+    """
+    s = CompareSettings(runs=tuple(paths), caches=tuple(caches), **options)
+    s.check()
+    rows = run_comparison(s, progress)
+    if s.out is not None:
+        write_table(rows, s.out)
+    return rows
+
+
+def run_comparison(s: CompareSettings, progress: bool = False) -> list[dict]:
+    """`compare`'s rows from its settings (what `refseg-compare` prints); writes nothing."""
+    runs, caches, device = expand_runs(s.runs), s.caches, s.device
     configs = [run_dir.read_config(run) for run in runs]
     settings = [run_settings(cfg) for cfg in configs]
     labels = cache_labels(caches) if caches else [None]
@@ -158,26 +170,15 @@ def _columns(rows: list[dict]) -> tuple[list[str], list[str]]:
 
 def format_markdown(rows: list[dict]) -> str:
     """A Markdown table: the settings, n_runs, and each metric as `mean ± std`."""
-    from refseg.heads.sweep import cell_text, mean_std
-
     settings, metrics = _columns(rows)
-    lines = ["| " + " | ".join(settings + ["n_runs"] + metrics) + " |", "|" + "---|" * (len(settings) + 1 + len(metrics))]
-    for row in rows:
-        cells = [cell_text(row[k]) for k in settings] + [str(row["n_runs"])]
-        cells += ["" if row[f"{m}_mean"] == "" else mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[cell_text(row[k]) for k in settings] + [str(row["n_runs"])]
+             + ["" if row[f"{m}_mean"] == "" else mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
+             for row in rows]
+    return markdown_table(settings + ["n_runs"] + metrics, cells)
 
 
 def format_csv(rows: list[dict]) -> str:
-    from refseg.heads.sweep import cell_text
-
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: cell_text(v) for k, v in row.items()})
-    return table.getvalue()
+    return csv_text(rows, list(rows[0]) if rows else [])
 
 
 def write_table(rows: list[dict], path) -> None:

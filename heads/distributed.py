@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -69,8 +70,6 @@ class Ranks:
         they normalise with the global batch's statistics as one process would."""
         if not self.active:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         if device.type == "cuda":  # a head is a container: its BatchNorm children are swapped in place
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,11 +1,6 @@
 """Evaluate a trained head on a cache: `evaluate` (metrics, JSON, per-sample CSV, overlays) and
-`predict` (per-sample boolean masks). Training's per-epoch validation runs `evaluate_model`, the
-same code path.
-
-Protocol `vpd` (LAVT/VPD, default): logits upsampled bilinearly (align_corners=True) to S x S,
-foreground only where logit1 > logit0 (ties -> background), compared with the cache's GT masks
-(already at S x S, nearest). Protocol `original`: logits resized to the image's original H x W the
-same way, compared with the union of the ref's polygons at full resolution (read from the dataset).
+`predict` (per-sample boolean masks). The scoring, and its protocols `vpd` and `original`, is
+heads/scoring.py's, which training's per-epoch validation runs too.
 """
 
 from __future__ import annotations
@@ -25,83 +20,26 @@ from refseg.core.device import resolve_device
 from refseg.core.errors import CacheMismatchError, RefsegError, RunError
 from refseg.core.feature_spec import FeatureSpec
 from refseg.core.metrics import RefSegMetrics
+from refseg.core.refer import ReferDataset
 from refseg.heads import run_dir
-from refseg.heads.batches import autocast, batch_to_device, make_loader, remove_sentence
+from refseg.heads.batches import remove_sentence
 from refseg.heads.caches import as_cache, check_compatible, refuse_incomplete, training_overlap
-from refseg.heads.losses import upsample_logits
 from refseg.core.paths import check_writable, inside, same_file
+from refseg.heads.overlays import OverlayPicker, draw_overlay
 from refseg.heads.registry import build_head
-from refseg.heads.settings import EvalSettings
+from refseg.heads.scoring import score_samples
+from refseg.heads.settings import EVAL_BATCH_SIZE, EvalSettings
 
 
-# ---- logits -> masks -> scores --------------------------------------------------------------------
-def logits_to_mask(logits: torch.Tensor, size) -> torch.Tensor:
-    """(B, 2, h, w) logits -> (B, H, W) bool: bilinear (align_corners=True), then fg where logit1 > logit0."""
-    logits = upsample_logits(logits, size)
-    return logits[:, 1] > logits[:, 0]
-
-
-@torch.no_grad()
-def iterate_logits(model, dataset, *, device, batch_size=16, workers=0, head_dtype="auto"):
-    """Yield (rows (B,), logits (B, 2, h, w) float32 on device, gt (B, S, S) uint8) over `dataset`
-    (`head_dtype`: heads.batches.autocast)."""
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in make_loader(dataset, batch_size, device, workers=workers):
-            features, text, mask = batch_to_device(batch, device)
-            with autocast(device, head_dtype):
-                logits = model(features, text, mask)
-            yield batch["row"].tolist(), logits.float(), batch["gt"]
-    finally:
-        model.train(was_training)
-
-
-def compare(model, dataset, *, device, batch_size=16, workers=0, progress=False, original_gt=None,
-            head_dtype="auto"):
-    """Yield (row, prediction, target), bool masks, per sample of `dataset`.
-
-    Protocol `vpd`: at S x S, against the cached GT. Protocol `original` (`original_gt(row)` gives
-    the target at the image's size): the logits are resized to that size.
-    """
-    batches = iterate_logits(model, dataset, device=device, batch_size=batch_size, workers=workers,
-                             head_dtype=head_dtype)
-    for rows, logits, gt in _maybe_progress(batches, len(dataset), progress):
-        preds = logits_to_mask(logits, gt.shape[-2:]).cpu().numpy()
-        for k, row in enumerate(rows):
-            if original_gt is None:
-                yield row, preds[k], gt[k].numpy() != 0
-            else:
-                target = original_gt(row)
-                yield row, logits_to_mask(logits[k:k + 1], target.shape)[0].cpu().numpy(), target
-
-
-def overlap(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
-    """(intersection, union) pixel counts of two bool masks."""
-    return int(np.count_nonzero(pred & target)), int(np.count_nonzero(pred | target))
-
-
-@torch.no_grad()
-def evaluate_model(model, dataset, *, device, batch_size=16, workers=0, progress=False) -> tuple[dict, list[dict]]:
-    """Protocol `vpd` over `dataset` -> (summary, per-sample [{row, iou, i, u}]). Used by training's val."""
+# ---- one head scored on a dataset ------------------------------------------------------------------
+def evaluate_model(model, dataset, *, device, batch_size=EVAL_BATCH_SIZE, workers=0,
+                   progress=False) -> tuple[dict, list[dict]]:
+    """Protocol `vpd` over `dataset` -> (summary, per-sample [{row, iou, i, u}]) (heads/scoring.py)."""
     metrics, records = RefSegMetrics(), []
-    for row, pred, target in compare(model, dataset, device=device, batch_size=batch_size, workers=workers,
-                                     progress=progress):
-        i, u = overlap(pred, target)
-        records.append({"row": row, "iou": metrics.add(i, u), "i": i, "u": u})
+    for (scored,) in score_samples([model], dataset, [metrics], device=device, batch_size=batch_size, workers=workers,
+                                   progress=progress):
+        records.append({"row": scored.row, "iou": scored.iou, "i": scored.intersection, "u": scored.union})
     return metrics.summary(), records
-
-
-def _maybe_progress(batches, n, progress):
-    if not progress:
-        yield from batches
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=n, unit="sample", desc="eval", dynamic_ncols=True) as bar:
-        for item in batches:
-            yield item
-            bar.update(len(item[0]))
 
 
 # ---- loading a run against a cache ---------------------------------------------------------------
@@ -215,10 +153,11 @@ def predict(run, cache, noise_t=None, **options):
     index = loaded.cache.index
 
     def generate():
-        for row, pred, _ in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size,
-                                    head_dtype=s.head_dtype):
+        for (scored,) in score_samples([loaded.model], loaded.dataset, [RefSegMetrics()], device=loaded.device,
+                                       batch_size=s.batch_size, head_dtype=s.head_dtype):
+            row = scored.row
             yield {"row": row, "sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]),
-                   "pred": pred}
+                   "pred": scored.pred}
 
     return generate()
 
@@ -258,14 +197,15 @@ def evaluate_run(s: EvalSettings, progress: bool = False) -> Evaluation:
     original_gt = _union_masks(refer, index) if s.protocol == "original" else None
 
     metrics, records = RefSegMetrics(), []
-    for row, pred, target in compare(loaded.model, loaded.dataset, device=loaded.device, batch_size=s.batch_size,
-                                     progress=progress, original_gt=original_gt, head_dtype=s.head_dtype):
-        i, u = overlap(pred, target)
-        iou = metrics.add(i, u)
-        record = {"sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]), "iou": iou, "i": i,
-                  "u": u, "image_id": int(index["image_id"][row]), "sentence": texts[row]}
+    for (scored,) in score_samples([loaded.model], loaded.dataset, [metrics], device=loaded.device,
+                                   batch_size=s.batch_size, progress=progress, original_gt=original_gt,
+                                   head_dtype=s.head_dtype):
+        row = scored.row
+        record = {"sent_id": int(index["sent_id"][row]), "ref_id": int(index["ref_id"][row]), "iou": scored.iou,
+                  "i": scored.intersection, "u": scored.union, "image_id": int(index["image_id"][row]),
+                  "sentence": texts[row]}
         if picker is not None:
-            picker.offer(record["sent_id"], iou, (row, pred, target))
+            picker.offer(record["sent_id"], scored.iou, (row, scored.pred, scored.target))
         records.append(record)
 
     summary = metrics.summary()
@@ -344,8 +284,6 @@ def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
 
 def _overlay_picker(s: EvalSettings, loaded: RunOnCache):
     """The overlay selection of `s`; sent_ids the cache does not hold are refused before the long part."""
-    from refseg.heads.overlays import OverlayPicker
-
     ids = s.overlay_sent_ids()
     if ids is not None:
         known = {int(x) for x in loaded.cache.index["sent_id"]}
@@ -357,8 +295,6 @@ def _overlay_picker(s: EvalSettings, loaded: RunOnCache):
 
 def _draw_overlays(s: EvalSettings, loaded: RunOnCache, refer, picker) -> None:
     """One PNG per chosen sample, numbered in the picker's order (best first for --overlay-pick best)."""
-    from refseg.heads.overlays import draw_overlay
-
     index, texts = loaded.cache.index, loaded.cache.texts
     what = f"{loaded.config['head']} T={loaded.noise_t}"
     for k, (sent_id, iou, (row, pred, target)) in enumerate(picker.chosen()):
@@ -366,7 +302,7 @@ def _draw_overlays(s: EvalSettings, loaded: RunOnCache, refer, picker) -> None:
                      f"{texts[row]}  (IoU {100 * iou:.1f}; {what})", Path(s.overlays) / f"{k:03d}_sent{sent_id}.png")
 
 
-# the per-sample CSV: the metric columns first (as before), then where the sample comes from
+# the per-sample CSV: the metric columns first, then where the sample comes from
 CSV_COLUMNS = ["sent_id", "ref_id", "iou", "i", "u", "image_id", "sentence"]
 
 
@@ -383,8 +319,6 @@ def _write_csv(path, records) -> None:
 
 
 def _refer_dataset(cache, data_root):
-    from refseg.core.refer import ReferDataset  # only the original protocol and overlays need the dataset
-
     ds = cache.settings.get("dataset") or {}
     root = data_root or ds.get("data_root")
     if not root:

@@ -79,7 +79,7 @@ class FiLMUpHead(FiLMHead):
         if upsample not in UPSAMPLERS:
             raise ValueError(f"upsample takes {' or '.join(UPSAMPLERS)} (got {upsample!r})")
         factor = min(t.stride for infos in self.levels for t in infos)
-        # the decoder's last step (`decode` ends with self.classifier) now draws the logits at full size
+        # the decoder's last step (`decode` ends with self.classifier) draws the logits at full size here
         self.classifier = (ConvexUpsampling if upsample == "convex" else ShuffleUpsampling)(hidden, factor)
         self.coords, self.attn_text = bool(coords), int(attn_text)
         if self.coords or self.attn_text:

@@ -9,12 +9,17 @@ colour, and a hatch leaves the object itself visible under the prediction.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import heapq
+import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from refseg.core.errors import RefsegError
 from refseg.core.transforms import load_image, to_rgb8
 
 GT_COLOUR = (255, 255, 255)  # outline, drawn over a black halo
@@ -150,8 +155,6 @@ class OverlayPicker:
 
     def offer(self, sent_id: int, iou: float, item) -> None:
         """Consider one sample; `item` is whatever the drawing needs (row, masks)."""
-        import heapq
-
         if self.sent_ids is not None:
             if sent_id in self.sent_ids:
                 self._by_id[sent_id] = (sent_id, iou, item)
@@ -179,12 +182,6 @@ class OverlayPicker:
 def save_png(image: Image.Image, path) -> None:
     """Write `image` as PNG at `path` atomically: a full disk leaves no 0-byte or half file, and is one
     line (the file, the cause)."""
-    import contextlib
-    import errno
-    import os
-
-    from refseg.core.errors import RefsegError
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: two writers never share one
     try:

@@ -1,6 +1,7 @@
-"""The settings of training and evaluation: one source for every default of the Python API
-(`train`, `evaluate`, `predict`) and of the commands (`refseg-train-head`, `refseg-eval`), whose
-options are generated from these fields (`refseg.core.cli.dataclass_options`)."""
+"""The settings of training, evaluation, sweeps and comparisons: one source for every default of the
+Python API (`train`, `evaluate`, `predict`, `run_sweep`, `compare`) and of the commands
+(`refseg-train-head`, `refseg-eval`, `refseg-sweep`, `refseg-compare`), whose options are generated
+from these fields (`refseg.core.cli.dataclass_options`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import click
 
 from refseg.core.cli import cli
 from refseg.core.errors import RefsegError
+from refseg.core.paths import check_writable
 from refseg.heads import run_dir
 from refseg.heads.losses import LOSSES
 from refseg.heads.registry import HEADS, head_names
@@ -25,6 +27,9 @@ OPTIMIZERS = {  # name: (default lr, weight decay, poly decay)
 POLY_POWER = 0.9
 PROTOCOLS = ("vpd", "original")
 HEAD_DTYPES = ("auto", "fp32")  # how a head runs in evaluation: heads.batches.autocast
+# refseg-eval's batch; training's validation scores in batches of it too, so that the val metrics a run
+# logs are what refseg-eval prints for that epoch's weights (heads/scoring.py)
+EVAL_BATCH_SIZE = 16
 NOISE_T_RANGE = (0, 9999)  # a cache stores noise level T in group tNNNN (cache/layout.py)
 SEED_RANGE = (0, 2**32 - 1)  # EpochShuffle seeds a generator with data_seed * 1_000_003 + epoch: keep it in int64
 # Upper bounds that stop a typo before it allocates or forks without limit: a vpd decoder 4096 wide
@@ -60,9 +65,8 @@ class TrainSettings:
     hidden: int = field(default=640, metadata=cli("Decoder width of vpd/film."))
     seed: int = field(default=0, metadata=cli("Seed of the head's initial weights: same seeds, same weights."))
     # Why apart from `seed`: the heads of one sweep share every batch (one read feeds K heads), so their
-    # data order cannot follow each head's init seed. A run's order used to be seeded by `seed`; it is now
-    # seeded by `data_seed` alone, so runs with seed 0 (and data_seed 0) keep their exact bytes, and runs
-    # with another seed now see the order of data seed 0.
+    # data order cannot follow each head's init seed. The order is seeded by `data_seed` alone; a
+    # config.json without data_seed is a run whose order was seeded by its `seed` (train_setup.ABSENT_KEYS).
     data_seed: int = field(default=0, metadata=cli(
         "Seed of the data order (each epoch's shuffle), apart from --seed: heads of one sweep share it."))
     text_blind: bool = field(default=False, metadata=cli(
@@ -151,7 +155,7 @@ class EvalSettings:
         type=click.Choice(OVERLAY_PICKS)))
     overlay_ids: str | None = field(default=None, metadata=cli(
         "Draw these sent_ids only (comma-separated, e.g. 3,17,42), in that order."))
-    batch_size: int = 16
+    batch_size: int = EVAL_BATCH_SIZE
     device: str = "auto"
     head_dtype: str = field(default="auto", metadata=cli(
         "auto: bf16 autocast on GPU, fp32 on CPU; fp32: fp32 on GPU too (exact masks, e.g. against VPD).",
@@ -190,6 +194,50 @@ class EvalSettings:
             raise RefsegError(f"--overlay-ids takes comma-separated sent_ids such as 3,17,42 "
                               f"(got {self.overlay_ids!r})")
         return tuple(dict.fromkeys(int(p) for p in parts))
+
+
+@dataclass
+class SweepSettings:
+    """A sweep of heads (heads/sweep.py). `grid` may also be the grid itself, a mapping (Python API)."""
+
+    cache: str = field(metadata=cli("Training cache (CACHE.zarr).", type=click.Path()))
+    val_cache: str = field(metadata=cli(
+        "Val cache: every head's metrics per epoch, its best epoch selected on oIoU.", type=click.Path()))
+    grid: str = field(metadata=cli(
+        "GRID.yaml: refseg-train-head options in snake case; a list is a swept axis, a scalar fixed.",
+        type=click.Path()))
+    out: str = field(metadata=cli(
+        "Sweep directory: DIR/runs/<name>/, DIR/summary.csv, DIR/summary.md. Rerun to resume.", type=click.Path()))
+    data_seed: int = field(default=0, metadata=cli(
+        "Seed of the data order shared by every head (each head's --seed seeds its init)."))
+    processes: int = field(default=1, metadata=cli(
+        "Local CPU processes that split the heads, each with threads/P torch threads (for long sweeps of small "
+        "heads; BENCHMARKS.md, Sweep); each head equals its solo run with --threads threads/P."))
+    dry_run: bool = field(default=False, metadata=cli(
+        "Print the plan (heads, passes, memory per head and pass) and write nothing.", flag="--dry-run"))
+
+    def check(self) -> None:
+        require_int("--data-seed", self.data_seed, *SEED_RANGE)
+
+
+@dataclass
+class CompareSettings:
+    """Runs side by side (heads/compare.py): `runs` are run or sweep directories (the command's arguments)."""
+
+    runs: tuple
+    caches: tuple = field(default=(), metadata=cli(
+        "Evaluate every run on this cache (repeat: val, testA, testB); columns per cache. Without it: each run's "
+        "recorded best val metrics.", flag="--cache", type=click.Path(), multiple=True, show_default=False))
+    out: str | None = field(default=None, metadata=cli(
+        "Also write the table to FILE.md or FILE.csv.", type=click.Path()))
+    device: str = field(default="auto", metadata=cli("auto, cpu, cuda, cuda:1 ... (with --cache)."))
+
+    def check(self) -> None:
+        """--out must name a Markdown or CSV file this process can write."""
+        if self.out is not None:
+            if Path(self.out).suffix.lower() not in (".md", ".csv"):
+                raise RefsegError(f"--out {self.out} must end in .md or .csv")
+            check_writable(self.out, "--out")
 
 
 def require_int(option: str, value, low: int, high: int | None = None) -> None:

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from refseg.core.memory import available_memory
+from refseg.heads import train_setup
 
 BYTES_PER_PARAMETER = 16  # float32 weight, gradient and two Adam moments
 ACTIVATION_COPIES = 3  # a batch of inputs, the activations it makes, their gradients (an estimate)
@@ -84,8 +85,6 @@ def plan(jobs: list, specs: dict, done: set[str], budget: int | None = None) -> 
 
 def estimate_bytes(jobs: list, specs: dict) -> dict:
     """Job name -> estimated training memory; each distinct head is built once to count its parameters."""
-    from refseg.heads.train_setup import build_for_training
-
     by_kind: dict[str, int] = {}
     out = {}
     for job in jobs:
@@ -93,7 +92,7 @@ def estimate_bytes(jobs: list, specs: dict) -> dict:
         kind = json.dumps([job.settings.head, job.settings.text_blind, job.head_args, str(job.settings.cache)],
                           sort_keys=True, default=str)
         if kind not in by_kind:
-            model = build_for_training(job.settings, job.head_args, spec)
+            model = train_setup.build_for_training(job.settings, job.head_args, spec)
             parameters = sum(p.numel() for p in model.parameters())
             inputs = sum(math.prod(spec[name].shape) for name in model.tensor_names)
             by_kind[kind] = parameters * BYTES_PER_PARAMETER, inputs * 4 * ACTIVATION_COPIES

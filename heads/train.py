@@ -28,12 +28,11 @@ import time
 import torch
 
 from refseg.core.errors import RunError, RunWriteError
-from refseg.core.metrics import RefSegMetrics
 from refseg.heads import run_dir
-from refseg.heads.batches import autocast, batch_to_device, make_loader
-from refseg.heads.evaluate import logits_to_mask, overlap
+from refseg.heads.batches import autocast, batch_to_device
 from refseg.heads.losses import class_weight_total, segmentation_loss
-from refseg.heads.settings import TrainSettings
+from refseg.heads.scoring import score
+from refseg.heads.settings import EVAL_BATCH_SIZE, TrainSettings
 from refseg.heads.train_setup import HeadState, TrainState, abandon_untrained, set_up
 
 
@@ -151,33 +150,15 @@ def validation_due(state: TrainState, head: HeadState, epoch: int) -> bool:
     return state.val_set is not None and (epoch % s.eval_every == 0 or epoch == s.epochs)
 
 
-@torch.no_grad()
 def validate(state: TrainState, heads: list[HeadState]) -> list[dict]:
     """Protocol `vpd` on the val set for every head, each val batch read once -> one summary per head.
 
-    The scoring is refseg-eval's (`logits_to_mask`, `overlap`, `RefSegMetrics`) on the batches
-    `evaluate_model` would make (batch size max(batch_size, 16)), so a head's numbers are the ones
-    `evaluate_model` gives it alone.
+    The scoring is refseg-eval's (heads/scoring.py, in refseg-eval's batches, EVAL_BATCH_SIZE), so a
+    head's logged numbers are the ones `refseg-eval` gives this epoch's weights on the val cache.
     """
     if not heads:
         return []
-    metrics = [RefSegMetrics() for _ in heads]
-    for head in heads:
-        head.model.eval()
-    try:
-        for batch in make_loader(state.val_set, max(state.settings.batch_size, 16), state.device):
-            features, text, text_mask = batch_to_device(batch, state.device)
-            gt = batch["gt"]
-            targets = gt.numpy() != 0
-            for head, scores in zip(heads, metrics):
-                with autocast(state.device):
-                    logits = head.model(features, text, text_mask)
-                preds = logits_to_mask(logits.float(), gt.shape[-2:]).cpu().numpy()
-                for pred, target in zip(preds, targets):
-                    scores.add(*overlap(pred, target))
-    finally:
-        for head in heads:
-            head.model.train()
+    metrics = score([head.model for head in heads], state.val_set, device=state.device, batch_size=EVAL_BATCH_SIZE)
     return [scores.summary() for scores in metrics]
 
 
@@ -228,7 +209,7 @@ def diverged(state: TrainState, head: HeadState, record: dict) -> RunError:
 def _log_tensorboard(head: HeadState, record: dict) -> None:
     """RUN/tb/: train loss and lr per epoch, and the val metrics when validated (--tensorboard)."""
     if head.tensorboard is None:
-        from torch.utils.tensorboard import SummaryWriter  # checked to import at set-up
+        from torch.utils.tensorboard import SummaryWriter  # deferred: TensorBoard is optional (checked at set-up)
 
         head.tensorboard = SummaryWriter(log_dir=str(head.out / run_dir.TENSORBOARD))
     epoch, writer = record["epoch"], head.tensorboard
@@ -254,6 +235,6 @@ def summary(state: TrainState, head: HeadState) -> dict:
 def _bar(progress: bool, total: int, desc: str):
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: only a run that shows progress needs tqdm
 
     return tqdm(total=total, unit="sample", desc=desc, dynamic_ncols=True, leave=False)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refseg.cache import FeatureDataset
+import refseg.core
+from refseg.cache import FeatureDataset, open_cache
 from refseg.cache.store import Coverage
 from refseg.core.device import resolve_device
 from refseg.core.errors import CacheError, RefsegError, RunError
@@ -40,8 +41,8 @@ from refseg.heads.settings import POLY_POWER, TrainSettings
 
 RESUME_KEYS = ("head", "head_args", "text_blind", "noise_t", "seed", "data_seed", "optimizer", "lr", "loss",
                "batch_size", "max_samples")
-# What a run recorded before a key existed meant: its data order was seeded by its seed; no run was text-blind.
-RECORDED_BEFORE = {"data_seed": lambda old: old.get("seed"), "text_blind": lambda old: False}
+# What a config.json without the key means: the data order was seeded by the run's seed; not text-blind.
+ABSENT_KEYS = {"data_seed": lambda config: config.get("seed"), "text_blind": lambda config: False}
 # The settings that make a batch stream: heads set up together (a sweep) share them, and each batch.
 STREAM_KEYS = ("cache", "val_cache", "noise_t", "batch_size", "data_seed", "max_samples", "device", "workers",
                "preload", "allow_incomplete")
@@ -240,8 +241,6 @@ def _start(s: TrainSettings, built: list, train: Samples, val: Samples | None, r
 def first_non_finite(dataset: FeatureDataset) -> dict[str, tuple[int, int]]:
     """Tensor name (the store's: `s8`, `text/embedding`) -> (row, sent_id) of the first sample whose
     values are not all finite, for the tensors that have one. Reads every sample of `dataset` once."""
-    from refseg.cache import open_cache
-
     sent_ids = open_cache(dataset.path).index["sent_id"]
     found: dict[str, tuple[int, int]] = {}
     for i in range(len(dataset)):
@@ -287,8 +286,8 @@ def _finished_samples(s: TrainSettings) -> tuple[Samples, Samples | None]:
     if s.val_cache is None:
         return train, None
     val_cache, val_path = as_cache(s.val_cache)
-    check_compatible(train_cache.settings, val_cache.settings, f"training cache {train_path}", str(val_path),
-                     reference="the training cache")
+    check_compatible(train_cache.settings, val_cache.settings, f"training cache {train_path}",
+                     str(val_path), reference="the training cache")
     val = _finished(val_cache, val_path, s, "val cache", None)
     refuse_shared_samples((train.cache, train.path, train.rows), (val.cache, val.path, val.rows))
     return train, val
@@ -340,15 +339,13 @@ def _head_args(s: TrainSettings, head_args: dict, spec) -> dict:
 
 def _config(s: TrainSettings, model, train: Samples, val: Samples | None, world: int) -> dict:
     """config.json: what was trained on what (its keys and their order are part of a run directory)."""
-    import refseg.core
-
     lr, weight_decay, poly = s.optimization()
     return {
         "head": s.head, "head_args": model.head_args, "text_blind": s.text_blind,
         "spec": train.cache.spec.select(model.tensor_names).to_dict(),
         "noise_t": s.noise_t, "timestep": train.cache.timestep(s.noise_t),  # int for UNets, float for SD3/FLUX
-        "cache": {"path": str(train.path), "fingerprint": train.cache.fingerprint, "settings": train.cache.settings,
-                  "samples": int(len(train.rows)), "sample_selection": train.cache.sample_selection,
+        "cache": {"path": str(train.path), "fingerprint": train.cache.fingerprint,
+                  "settings": train.cache.settings, "samples": int(len(train.rows)), "sample_selection": train.cache.sample_selection,
                   "coverage": train.coverage.to_dict()},
         "val_cache": str(val.path) if val is not None else None,
         "val_cache_coverage": val.coverage.to_dict() if val is not None else None,
@@ -418,7 +415,7 @@ def _check_resumable(out: Path, config: dict) -> None:
                        f"{config['cache']['samples']}: resume with the same samples (did the cache's done samples "
                        "change?), or choose another --out")
     for key in RESUME_KEYS:
-        before = old.get(key, RECORDED_BEFORE[key](old) if key in RECORDED_BEFORE else None)
+        before = old.get(key, ABSENT_KEYS[key](old) if key in ABSENT_KEYS else None)
         if before != config.get(key):
             raise RunError(f"run {out} was trained with {key}={before!r}, not {config.get(key)!r}: resume with "
                            "the same settings, or choose another --out")

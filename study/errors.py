@@ -53,8 +53,8 @@ class ImageObjects:
     def __init__(self, cache, data_root: Path):
         from refseg.core.refer import ReferDataset
 
-        self.refer = ReferDataset(str(data_root), cache.settings["dataset"]["dataset"])
-        self.rule = cache.settings["extraction"]["mask_rule"]
+        self.refer = ReferDataset(str(data_root), cache.extraction_record["dataset"]["dataset"])
+        self.rule = cache.extraction_record["extraction"]["mask_rule"]
         self.size = cache.spec.image_size
         self._by_image: dict[int, dict[int, np.ndarray]] = {}
 

@@ -150,7 +150,7 @@ def noise_strip(backbone, cache, row: int, noise_ts, image_path, path) -> Path:
 
     image_row = int(cache.index["image_row"][row])
     image_id = int(cache.index["image_id"][row])
-    extraction = cache.settings["extraction"]
+    extraction = cache.extraction_record["extraction"]
     scale = backbone.scaling_factor if extraction["latent_scaling"] == "sd" else 1.0
     z0 = torch.from_numpy(cache.latents([image_row])).float()
     acp = alphas_cumprod(backbone.scheduler_config)

@@ -179,8 +179,9 @@ def probe_attention(cache, noise_ts=None, threshold: float | None = None, tokeni
     from refseg.cache.reader import Cache, open_cache
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    if cache.settings["extraction"].get("prompt", "sentence") != "sentence":
-        raise CacheError(f"cache {cache.path} was extracted with --prompt {cache.settings['extraction']['prompt']}: "
+    if cache.extraction_record["extraction"].get("prompt", "sentence") != "sentence":
+        prompt = cache.extraction_record["extraction"]["prompt"]
+        raise CacheError(f"cache {cache.path} was extracted with --prompt {prompt}: "
                          "its attention maps follow no sentence, so there is nothing to probe")
     tensors = [t for t in cache.spec.tensors if t.kind == "attention"]
     if not tensors:
@@ -193,7 +194,7 @@ def probe_attention(cache, noise_ts=None, threshold: float | None = None, tokeni
         cache.timestep(t)  # a level the cache lacks: CacheError naming the ones it has
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise RefsegError(f"--threshold must be in [0, 1] (got {threshold})")
-    tokenizer = tokenizer or load_tokenizer(cache.settings["backbone"])
+    tokenizer = tokenizer or load_tokenizer(cache.extraction_record["backbone"])
 
     n = cache.n_samples
     content = np.zeros((n, cache.spec.token_length), bool)

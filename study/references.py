@@ -61,8 +61,8 @@ def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[in
     from refseg.core.transforms import mask_to_size
 
     cache = open_cache(val_cache)
-    rule = cache.settings["extraction"]["mask_rule"]
-    refer = ReferDataset(str(data_root), cache.settings["dataset"]["dataset"])
+    rule = cache.extraction_record["extraction"]["mask_rule"]
+    refer = ReferDataset(str(data_root), cache.extraction_record["dataset"]["dataset"])
     size = cache.spec.image_size
     out, by_image = {}, {}  # an image's union, made once for all of its sentences
     for row, (sent_id, image_id) in enumerate(zip(cache.index["sent_id"], cache.index["image_id"])):

@@ -3,9 +3,9 @@ head run for `--run`).
 
 The backbone half is `refseg.backbones.vpd_import`. The run half lives here, in the layer above
 extraction and heads, because a run directory records the cache settings it fits: the backbone's
-identity and the extraction settings (`refseg.extract.inputs.cache_settings`) that `refseg-extract
---model OUT/model --preset vpd` will produce, so that `refseg-eval --run OUT/run` accepts that cache
-and refuses any other.
+identity and the extraction settings (`refseg.extract.resolve.ResolvedExtraction.extraction_record`)
+that `refseg-extract --model OUT/model --preset vpd` will produce, so that `refseg-eval --run OUT/run`
+accepts that cache and refuses any other.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from refseg.backbones.loading import load_backbone
 from refseg.backbones.vpd_import import write_vpd_backbone
 from refseg.core.errors import ModelError, RunError
 from refseg.extract.config import PRESETS, ExtractionConfig
-from refseg.extract.inputs import cache_settings
+from refseg.extract.resolve import resolve_extraction
 from refseg.heads import run_dir
 from refseg.heads.registry import build_head
 
@@ -64,7 +64,7 @@ def import_vpd(checkpoint, base_model: str, out, *, image_size: int | None = Non
     except RuntimeError as exc:
         raise ModelError(f"the checkpoint's classifier does not fit refseg's vpd head at image size {size} with "
                          f"{tokens} tokens: {run_dir.first_mismatch(exc)}") from None
-    _write_run(out / "run", head, spec, cache_settings(cfg, backbone), checkpoint, base_model)
+    _write_run(out / "run", head, spec, resolve_extraction(cfg, backbone).extraction_record, checkpoint, base_model)
     rows = rows + [("vpd head (SimpleDecoding)", sum(p.numel() for p in head.parameters()),
                     "checkpoint: classifier.*"),
                    ("skipped", 0, "not read: " + (", ".join(ck.skipped) or "nothing"))]

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from refseg.cache.layout import build_tables
+from refseg.cache.opening import NewStore
 from refseg.cache.writer import CacheWriter
 from refseg.core.feature_spec import FeatureSpec
 
@@ -67,8 +68,9 @@ def random_contents(spec: FeatureSpec, n_samples: int, n_images: int, noise_leve
 def open_writer(path, shard_size: int = 4, codec: str = "none", overwrite: bool = False, n_images: int = 5,
                 **extraction) -> CacheWriter:
     samples, images = tables(n_images)
-    return CacheWriter.open(path, spec=tiny_spec(), settings=settings(**extraction), samples=samples,
-                            images=images, shard_size=shard_size, codec=codec, overwrite=overwrite)
+    return CacheWriter.open(path, NewStore(spec=tiny_spec(), extraction_record=settings(**extraction),
+                                           samples=samples, images=images, shard_size=shard_size,
+                                           codec=codec), overwrite=overwrite)
 
 
 def fill(writer: CacheWriter, contents: dict, noise_levels=(0, 500), reverse: bool = False) -> None:

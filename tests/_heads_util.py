@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from refseg.cache.layout import build_tables
+from refseg.cache.opening import NewStore
 from refseg.cache.writer import CacheWriter
 from refseg.core.feature_spec import FeatureSpec
 
@@ -135,8 +136,8 @@ def make_cache(path, n: int = 48, *, split="train", seed=0, noise_levels=(5,), t
             a = np.abs(a) / t.channels
         features[t.name] = a
 
-    writer = CacheWriter.open(path, spec=the_spec, settings=settings_override or settings(split),
-                              samples=table, images=images, shard_size=shard_size)
+    writer = CacheWriter.open(path, NewStore(spec=the_spec, extraction_record=settings_override or settings(split),
+                                             samples=table, images=images, shard_size=shard_size))
     for rows in writer.image_shards_todo():
         k = rows.stop - rows.start
         writer.write_latents(rows, np.zeros((k, the_spec.latent_channels, S // 8, S // 8), np.float16))

@@ -11,6 +11,7 @@ from _cache_util import fill, open_writer, random_contents, settings, store_file
 
 from refseg.cache import CacheWriter, FeatureDataset, noise_group_name, open_cache
 from refseg.cache.layout import FORMAT_VERSION, build_tables
+from refseg.cache.opening import NewStore
 from refseg.cache.writer import shard_slices
 from refseg.core.errors import CacheError, CacheMismatchError, NonFiniteError
 
@@ -48,7 +49,7 @@ def test_round_trip_every_array(filled):
     assert cache.noise_levels == [0, 500]
     assert cache.timestep(0) == 1 and cache.timestep(500) == 500
     assert cache.spec == tiny_spec()
-    assert cache.settings == json.loads(json.dumps(settings()))
+    assert cache.extraction_record == json.loads(json.dumps(settings()))
     for name in ("sent_id", "ref_id", "ann_id", "image_id", "image_row"):
         assert cache.index[name].dtype == np.int64
         assert np.array_equal(cache.index[name], getattr(samples, name))
@@ -200,15 +201,18 @@ def test_fingerprint_mismatch_names_keys_and_values(tmp_path):
     fewer = type(samples)(samples.sent_id[keep], samples.ref_id[keep], samples.ann_id[keep],
                           samples.image_id[keep], samples.image_row[keep], [s for s, k in zip(samples.text, keep) if k])
     with pytest.raises(CacheMismatchError, match=r"samples\.n is 9 in the store but 8 now"):
-        CacheWriter.open(path, spec=first.spec, settings=settings(), samples=fewer, images=images, shard_size=4)
+        CacheWriter.open(path, NewStore(spec=first.spec, extraction_record=settings(), samples=fewer, images=images,
+                                        shard_size=4))
 
     other_spec = tiny_spec().select(["s8", "s16"])
     with pytest.raises(CacheMismatchError, match=r"spec\.tensors"):
-        CacheWriter.open(path, spec=other_spec, settings=settings(), samples=samples, images=images)
+        CacheWriter.open(path, NewStore(spec=other_spec, extraction_record=settings(), samples=samples,
+                                        images=images))
 
     # the spec follows from the settings: when both differ, the spec is summarised, not listed
     with pytest.raises(CacheMismatchError) as err:
-        CacheWriter.open(path, spec=other_spec, settings=settings(token_length=7), samples=samples, images=images)
+        CacheWriter.open(path, NewStore(spec=other_spec, extraction_record=settings(token_length=7), samples=samples,
+                                        images=images))
     assert "extraction.token_length is 6 in the store but 7 now; the feature spec differs accordingly" in str(err.value)
     assert "spec.tensors" not in str(err.value)
 
@@ -223,7 +227,7 @@ def test_overwrite_replaces_the_store(filled):
     assert writer.image_shards_todo() == [slice(0, 4), slice(4, 5)]
     cache = open_cache(path)
     assert cache.noise_levels == []
-    assert cache.settings["extraction"]["image_size"] == 64
+    assert cache.extraction_record["extraction"]["image_size"] == 64
     assert not cache.text_done().any()
 
 
@@ -239,8 +243,8 @@ def test_refuses_what_is_not_a_refseg_cache(tmp_path):
     for path in (a_file, a_dir, plain):
         for overwrite in (False, True):  # never deletes something that is not a cache
             with pytest.raises(CacheError, match="is not a refseg cache"):
-                CacheWriter.open(path, spec=spec, settings=settings(), samples=samples, images=images,
-                                 overwrite=overwrite)
+                CacheWriter.open(path, NewStore(spec=spec, extraction_record=settings(), samples=samples,
+                                                images=images), overwrite=overwrite)
         with pytest.raises(CacheError, match="is not a refseg cache"):
             open_cache(path)
     assert (a_dir / "cat.jpg").exists() and a_file.read_text() == "hello"
@@ -404,7 +408,8 @@ def test_build_tables_accepts_objects():
 def test_empty_selection_is_a_user_error(tmp_path):
     samples, images = build_tables([], {})
     with pytest.raises(CacheError, match="empty"):
-        CacheWriter.open(tmp_path / "c.zarr", spec=tiny_spec(), settings=settings(), samples=samples, images=images)
+        CacheWriter.open(tmp_path / "c.zarr", NewStore(spec=tiny_spec(), extraction_record=settings(),
+                                                       samples=samples, images=images))
 
 
 def test_unfinished_noise_group_is_ignored_then_finished(tmp_path):

@@ -46,11 +46,11 @@ def test_float32_store_holds_float32_and_rounds_to_the_float16_store(stores):
 
 def test_only_a_float32_store_records_the_option(stores):
     half, full = stores
-    assert "cache_dtype" not in half.settings["extraction"]
-    assert full.settings["extraction"]["cache_dtype"] == "float32"
+    assert "cache_dtype" not in half.extraction_record["extraction"]
+    assert full.extraction_record["extraction"]["cache_dtype"] == "float32"
     assert half.fingerprint != full.fingerprint
     # the float16 store's fingerprint is what its settings gave before the option existed
-    payload = fingerprint_payload(half.settings, half.spec, half.index["sent_id"])
+    payload = fingerprint_payload(half.extraction_record, half.spec, half.index["sent_id"])
     assert compute_fingerprint(payload) == half.fingerprint
 
 

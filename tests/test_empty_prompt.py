@@ -65,8 +65,8 @@ def test_every_sentence_of_an_image_gets_the_empty_prompts_features(stores):
 
 
 def test_the_prompt_is_recorded_only_when_empty_and_the_probe_refuses_such_a_cache(stores):
-    assert stores["empty"].settings["extraction"]["prompt"] == "empty"
-    assert "prompt" not in stores["sentence"].settings["extraction"]  # earlier stores keep their fingerprint
+    assert stores["empty"].extraction_record["extraction"]["prompt"] == "empty"
+    assert "prompt" not in stores["sentence"].extraction_record["extraction"]  # earlier stores keep their fingerprint
     assert stores["empty"].fingerprint != stores["sentence"].fingerprint
     with pytest.raises(CacheError, match="was extracted with --prompt empty: its attention maps follow no sentence"):
         probe_attention(stores["empty"])

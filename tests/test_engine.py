@@ -16,14 +16,16 @@ from _disk_util import small_tmpfs
 from refseg.cache import open_cache
 from refseg.cache import layout as layout_module
 from refseg.cache.engine import TensorstoreEngine
+from refseg.cache.opening import NewStore
 from refseg.cache.writer import CacheWriter
 from refseg.core.errors import CacheWriteError, DamagedCacheError
 
 
 def write_store(path, engine: str, codec: str = "none", **extraction):
     samples, images = tables(5)
-    writer = CacheWriter.open(path, spec=tiny_spec(), settings=settings(**extraction), samples=samples, images=images,
-                              shard_size=4, codec=codec, engine=engine)
+    writer = CacheWriter.open(path, NewStore(spec=tiny_spec(), extraction_record=settings(**extraction),
+                                             samples=samples, images=images, shard_size=4, codec=codec),
+                              engine=engine)
     contents = random_contents(writer.spec, writer.n_samples, writer.n_images)
     contents["gt"][3] = 0  # a row equal to the fill value: written all the same (format 2)
     fill(writer, contents)

@@ -246,8 +246,8 @@ def test_blocks_choose_what_is_stored_and_are_refused_where_they_do_not_exist(sy
     assert result.exit_code == 0, result.output
     cache = open_cache(tmp_path / "chosen.zarr")
     assert cache.spec.names == ["d00_s16", "x03_s16", "attn_x03_s16"]
-    assert cache.settings["extraction"]["blocks"] == ["d00", "x03"]
-    assert cache.settings["extraction"]["attn_blocks"] == ["x03"]
+    assert cache.extraction_record["extraction"]["blocks"] == ["d00", "x03"]
+    assert cache.extraction_record["extraction"]["attn_blocks"] == ["x03"]
     assert cache.read(5, 0)["d00_s16"].shape == cache.spec["d00_s16"].shape
     result = extract("tiny-flux", "same.zarr", "--blocks", "x01")  # maps follow --blocks
     assert result.exit_code == 0 and open_cache(tmp_path / "same.zarr").spec.names == ["x01_s16", "attn_x01_s16"]

@@ -71,7 +71,7 @@ def test_fp16_backbone_overflow_suggests_bf16(synth_root, tiny_backbone, tmp_pat
     # the inf of the stride-64 block runs on as NaN into every finer level after it
     assert message.startswith(f"non-finite features (NaN/inf) for sent_id {first} at T=0 in s8, s16, s32, s64")
     assert message.endswith("nothing of its shard was stored (float16 overflow in the backbone: rerun with --dtype bf16)")
-    assert cache.settings["extraction"]["dtype"] == "float16" and not cache.done(0).any()
+    assert cache.extraction_record["extraction"]["dtype"] == "float16" and not cache.done(0).any()
 
 
 def test_the_same_backbone_unscaled_stores_finite_features(synth_root, tiny_backbone, tmp_path):

@@ -72,7 +72,7 @@ def test_run_directory_contents(runs, caches):
     cfg = json.loads((run / "config.json").read_text())
     cache = open_cache(train_cache)
     assert cfg["head"] == "film" and cfg["head_args"]["hidden"] == 16
-    assert cfg["cache"]["fingerprint"] == cache.fingerprint and cfg["cache"]["settings"] == cache.settings
+    assert cfg["cache"]["fingerprint"] == cache.fingerprint and cfg["cache"]["settings"] == cache.extraction_record
     assert cfg["noise_t"] == T and cfg["timestep"] == T and cfg["seed"] == 0
     assert (cfg["optimizer"], cfg["lr"], cfg["epochs"], cfg["batch_size"]) == ("adam", 1e-3, 10, 8)
     assert cfg["versions"]["torch"] == torch.__version__ and "refseg" in cfg["versions"]

@@ -56,7 +56,7 @@ def stores(extract_config, tiny_backbone, tmp_path_factory):
 def test_int8_store_reads_float16_within_half_a_step_of_the_float16_store(stores):
     half, eight = stores
     rows = list(range(half.n_samples))
-    assert eight.settings["extraction"]["cache_dtype"] == "int8" and half.fingerprint != eight.fingerprint
+    assert eight.extraction_record["extraction"]["cache_dtype"] == "int8" and half.fingerprint != eight.fingerprint
     assert np.array_equal(eight.latents(slice(0, eight.n_images)), half.latents(slice(0, half.n_images)))
     for info in half.spec.tensors:
         narrow, wide = eight.read_rows(5, rows, info.name), half.read_rows(5, rows, info.name)

@@ -162,7 +162,7 @@ def test_levels_of_one_run_sharing_a_group_are_refused_or_merged(flux, tiny_back
     from refseg.core.errors import RefsegError
     from refseg.core.noise import flow_sigma_for_t
     from refseg.extract.config import ExtractionConfig
-    from refseg.extract.inputs import noise_levels
+    from refseg.extract.resolve import noise_levels
 
     def levels(backbone, ts=(), sigmas=()):
         cfg = ExtractionConfig(data_root="d", dataset="refcoco-synth", split="val", out="o", noise_ts=ts,
@@ -192,13 +192,14 @@ def test_a_group_written_before_the_convention_reads_with_values_computed_from_t
     from _cache_util import settings, tables, tiny_spec
 
     from refseg.cache.reader import open_cache
+    from refseg.cache.opening import NewStore
     from refseg.cache.writer import CacheWriter
 
     recorded = settings()
     recorded["backbone"]["scheduler"] = dict(SD, prediction_type="epsilon")  # as a backbone identity records it
     samples, images = tables()
-    with CacheWriter.open(tmp_path / "old.zarr", spec=tiny_spec(), settings=recorded, samples=samples,
-                          images=images) as writer:
+    with CacheWriter.open(tmp_path / "old.zarr", NewStore(spec=tiny_spec(), extraction_record=recorded,
+                                                          samples=samples, images=images)) as writer:
         writer.add_noise_level(500, timestep=500)  # what every store before the convention wrote
         writer.add_noise_level(0, timestep=1)  # VPD's
     cache = open_cache(tmp_path / "old.zarr")

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from _cli_util import one_line_error
 from refseg.backbones.tokenizer_vocab import build_tokenizer
 from refseg.cache.layout import build_tables
+from refseg.cache.opening import NewStore
 from refseg.cache.writer import CacheWriter
 from refseg.core.feature_spec import FeatureSpec
 from refseg.study.cli_probe import main
@@ -65,8 +66,8 @@ def _write_cache(path, tokenizer, maps_kind: str, attn_strides=(8, 16), backbone
     settings = {"backbone": backbone or {"model": "tiny", "kind": "tiny"},
                 "extraction": {"image_size": SIZE, "token_length": L, "latent_scaling": "sd", "noise_seed": 0},
                 "dataset": {"name": "refcoco-synth", "split_by": "unc", "split": "val"}}
-    writer = CacheWriter.open(path, spec=spec, settings=settings, samples=tables, images=images, shard_size=8,
-                              codec="none", overwrite=False)
+    writer = CacheWriter.open(path, NewStore(spec=spec, extraction_record=settings, samples=tables, images=images,
+                                             shard_size=8, codec="none"), overwrite=False)
     rng = np.random.default_rng(0)
     n = writer.n_samples
     tok = [_tok(tokenizer, t) for t in tables.text]

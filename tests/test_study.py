@@ -182,7 +182,7 @@ def test_demo_writes_the_ablation_table_and_figures(demo_on_one_thread):
     # the baseline trained and was scored on the empty prompt's features: the sentence is gone from the backbone too
     from refseg.cache import open_cache
 
-    assert open_cache(out / "cache" / "val-no-sentence.zarr").settings["extraction"]["prompt"] == "empty"
+    assert open_cache(out / "cache" / "val-no-sentence.zarr").extraction_record["extraction"]["prompt"] == "empty"
     for run in (out / "sweep-no-sentence" / "runs").iterdir():
         config = json.loads((run / "config.json").read_text())
         trained_on = config["cache"]

@@ -23,7 +23,8 @@ def test_tiny_synth_runs_through_the_toolkit(synth_root, tmp_path, monkeypatch):
             "--out", str(caches[split]), "--quiet"])
         assert done.exit_code == 0, done.output
     cache = open_cache(caches["train"])
-    assert cache.settings["backbone"]["model"] == "tiny-synth" and cache.settings["backbone"]["kind"] == "tiny-synth"
+    assert cache.extraction_record["backbone"]["model"] == "tiny-synth" and \
+        cache.extraction_record["backbone"]["kind"] == "tiny-synth"
     assert cache.done(5).all() and cache.spec["s8"].channels == 32
 
     run = tmp_path / "run"

@@ -1,0 +1,85 @@
+"""One scoring path (heads/scoring.py, issue 25 §2): the val metrics training logs are, to the last
+bit, what refseg-eval prints for the same checkpoint on the same cache, for one head and for the
+heads of a sweep validated together; and a multi-head pass scores each head as it would be alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _heads_util import train_val_caches
+from click.testing import CliRunner
+
+from refseg.cache import FeatureDataset, open_cache
+from refseg.core.metrics import format_table
+from refseg.heads import build_head, run_dir, train
+from refseg.heads.cli_eval import main as eval_main
+from refseg.heads.scoring import score
+from refseg.heads.sweep import run_sweep
+
+T = 5
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    return train_val_caches(tmp_path_factory.mktemp("scoring-caches"), 48, 20)
+
+
+def _eval_cli(run, cache, checkpoint, tmp_path) -> tuple[dict, str]:
+    """refseg-eval's JSON summary and its printed table line for `run`'s `checkpoint` on `cache`."""
+    out = tmp_path / f"{run.name}-{checkpoint}.json"
+    result = CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(cache), "--checkpoint", checkpoint,
+                                            "--json", str(out), "--device", "cpu", "--quiet", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith(f"| T={T} |"))
+    return json.loads(out.read_text())["summary"], row
+
+
+def _logged(run) -> tuple[dict, dict]:
+    """(the best epoch's val metrics, the last epoch's), as metrics.jsonl holds them."""
+    log = run_dir.read_metrics(run)
+    return max(log, key=lambda r: r["val"]["oIoU"])["val"], log[-1]["val"]
+
+
+def _assert_logged_equals_eval(run, cache, tmp_path) -> None:
+    for checkpoint, logged in zip(("best", "last"), _logged(run)):
+        summary, row = _eval_cli(run, cache, checkpoint, tmp_path)
+        assert summary == logged, (run.name, checkpoint)  # exact: every float to the last bit, and n
+        assert row == format_table([(f"T={T}", logged)]).splitlines()[-1]  # and the printed line
+
+
+# a training batch above refseg-eval's 16: validation still scores in refseg-eval's batches
+@pytest.mark.parametrize("head, batch_size", [("film", 24), ("vpd", 8)])
+def test_trainings_logged_val_metrics_are_refseg_evals(caches, tmp_path, head, batch_size):
+    train_cache, val_cache = caches
+    run = tmp_path / head
+    train(train_cache, T, head, run, val_cache=val_cache, epochs=3, batch_size=batch_size, hidden=8, lr=1e-3,
+          optimizer="adam", preload=True, progress=False)
+    assert [r["val"]["n"] for r in run_dir.read_metrics(run)] == [20, 20, 20]
+    _assert_logged_equals_eval(run, val_cache, tmp_path)
+
+
+def test_a_sweeps_heads_validated_together_log_what_refseg_eval_gives_each(caches, tmp_path):
+    grid = {"head": ["vpd", "film", "linear"], "noise_t": T, "hidden": 8, "epochs": 2, "lr": 1e-3,
+            "optimizer": "adam", "preload": True}
+    run_sweep(grid, *caches, tmp_path / "sweep", progress=False)
+    for head in grid["head"]:
+        _assert_logged_equals_eval(tmp_path / "sweep" / "runs" / f"head={head}", caches[1], tmp_path)
+
+
+def test_one_pass_over_several_heads_scores_each_as_alone(caches):
+    _, val_cache = caches
+    spec = open_cache(val_cache).spec
+    models = []
+    for seed, head in enumerate(("vpd", "film", "linear")):
+        torch.manual_seed(seed)
+        models.append(build_head(head, spec, **({} if head == "linear" else {"hidden": 8})))
+    names = list(dict.fromkeys(n for m in models for n in m.tensor_names))
+    together = score(models, FeatureDataset(val_cache, T, names=names, text=True), device=torch.device("cpu"))
+    for model, metrics in zip(models, together):
+        alone = score([model], FeatureDataset(val_cache, T, names=model.tensor_names, text=model.uses_text),
+                      device=torch.device("cpu"), batch_size=5)[0]
+        assert metrics.summary() == alone.summary() and metrics.intersections == alone.intersections
+        assert metrics.summary()["n"] == 20 and model.training  # the models are given back in train mode
+    assert len({m.summary()["oIoU"] for m in together}) == 3  # three heads, three different scores
