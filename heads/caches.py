@@ -89,7 +89,7 @@ def same_dataset(a_settings: dict, b_settings: dict) -> bool:
 
 def shared_sent_ids(a_cache, a_rows, b_cache, b_rows) -> np.ndarray:
     """The sent_ids of rows `a_rows` of one cache that are also rows `b_rows` of the other (same dataset)."""
-    if not same_dataset(a_cache.settings, b_cache.settings):
+    if not same_dataset(a_cache.extraction_record, b_cache.extraction_record):
         return np.empty(0, np.int64)
     return np.intersect1d(a_cache.index["sent_id"][a_rows], b_cache.index["sent_id"][b_rows])
 
@@ -101,8 +101,8 @@ def refuse_shared_samples(train, val) -> None:
     another path, or the same split with another --limit are all caught by their sent_ids.
     """
     (t_cache, t_path, t_rows), (v_cache, v_path, v_rows) = train, val
-    same_selection = t_cache.sample_selection == v_cache.sample_selection and same_dataset(t_cache.settings,
-                                                                                              v_cache.settings)
+    same_selection = t_cache.sample_selection == v_cache.sample_selection and same_dataset(t_cache.extraction_record,
+                                                                                              v_cache.extraction_record)
     shared = shared_sent_ids(t_cache, t_rows, v_cache, v_rows)
     if same_selection or len(shared):
         what = "the same samples as" if same_selection else f"{len(shared)} of its {len(v_rows)} samples from"
@@ -121,11 +121,11 @@ def training_overlap(run_config: dict, cache) -> str | None:
     if cache.fingerprint == trained.get("fingerprint"):
         return "is the run's training cache (the same fingerprint)"
     settings = trained.get("settings") or {}
-    if not same_dataset(settings, cache.settings):
+    if not same_dataset(settings, cache.extraction_record):
         return None
     if trained.get("sample_selection") and trained["sample_selection"] == cache.sample_selection:
         return "holds the run's training samples (the same sample selection)"
-    mine, theirs = cache.settings.get("dataset") or {}, settings.get("dataset") or {}
+    mine, theirs = cache.extraction_record.get("dataset") or {}, settings.get("dataset") or {}
     if (mine.get("split_by"), mine.get("split")) == (theirs.get("split_by"), theirs.get("split")):
         return f"is of the split the run was trained on ({mine.get('split_by')} {mine.get('split')!r})"
     return None

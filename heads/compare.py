@@ -103,7 +103,7 @@ def evaluate_on(run: Path, cache, device: str = "auto", batch_size: int = EVAL_B
 
 def cache_labels(caches) -> list[str]:
     """A column prefix per cache: its split, or its file name when two caches share a split."""
-    splits = [((as_cache(c)[0].settings.get("dataset") or {}).get("split") or Path(str(c)).stem)
+    splits = [((as_cache(c)[0].extraction_record.get("dataset") or {}).get("split") or Path(str(c)).stem)
               for c in caches]
     if len(set(splits)) < len(splits):
         return [Path(str(c)).name for c in caches]

@@ -96,7 +96,7 @@ def load_run_on_cache(s: EvalSettings) -> RunOnCache:
     device = resolve_device(s.device)
     cfg = run_dir.read_config(s.run)  # a bad run fails before the cache is touched
     cache, cache_path = as_cache(s.cache)
-    check_compatible(cfg["cache"]["settings"], cache.settings, f"run {s.run}", str(cache_path))
+    check_compatible(cfg["cache"]["settings"], cache.extraction_record, f"run {s.run}", str(cache_path))
     noise_t = cfg["noise_t"] if s.noise_t is None else s.noise_t
     if int(noise_t) != int(cfg["noise_t"]) and not s.allow_noise_mismatch:
         raise RefsegError(f"run {s.run} was trained at noise T={cfg['noise_t']} but T={noise_t} was asked for: "
@@ -271,7 +271,7 @@ def _write_json(s: EvalSettings, loaded: RunOnCache, summary: dict) -> None:
         "run": str(s.run), "head": cfg["head"], "checkpoint": loaded.checkpoint, "protocol": s.protocol,
         "noise_t": loaded.noise_t, "trained_noise_t": cfg["noise_t"],
         "cache": str(loaded.cache_path), "cache_fingerprint": loaded.cache.fingerprint,
-        "cache_settings": loaded.cache.settings, "run_cache_fingerprint": cfg["cache"]["fingerprint"],
+        "cache_settings": loaded.cache.extraction_record, "run_cache_fingerprint": cfg["cache"]["fingerprint"],
         "checkpoint_requested": s.checkpoint, "coverage": loaded.coverage.to_dict(),
         # samples extracted with --skip-bad: flagged skipped, never scored (coverage counts them too)
         "skipped_as_bad": [int(x) for x in loaded.cache.index["sent_id"][loaded.cache.skipped(loaded.noise_t)]],
@@ -319,14 +319,14 @@ def _write_csv(path, records) -> None:
 
 
 def _refer_dataset(cache, data_root):
-    ds = cache.settings.get("dataset") or {}
+    ds = cache.extraction_record.get("dataset") or {}
     root = data_root or ds.get("data_root")
     if not root:
         raise RefsegError("the cache does not record its data root: pass --data-root")
     kwargs = {}
     if ds.get("image_root") and data_root is None:
         kwargs["image_root"] = ds["image_root"]
-    text_field = ds.get("text_field") or (cache.settings.get("extraction") or {}).get("text_field")
+    text_field = ds.get("text_field") or (cache.extraction_record.get("extraction") or {}).get("text_field")
     if text_field:
         kwargs["text_field"] = text_field
     refer = ReferDataset(root, ds.get("dataset"), ds.get("split_by", "unc"), **kwargs)

@@ -286,7 +286,7 @@ def _finished_samples(s: TrainSettings) -> tuple[Samples, Samples | None]:
     if s.val_cache is None:
         return train, None
     val_cache, val_path = as_cache(s.val_cache)
-    check_compatible(train_cache.settings, val_cache.settings, f"training cache {train_path}",
+    check_compatible(train_cache.extraction_record, val_cache.extraction_record, f"training cache {train_path}",
                      str(val_path), reference="the training cache")
     val = _finished(val_cache, val_path, s, "val cache", None)
     refuse_shared_samples((train.cache, train.path, train.rows), (val.cache, val.path, val.rows))
@@ -345,8 +345,8 @@ def _config(s: TrainSettings, model, train: Samples, val: Samples | None, world:
         "spec": train.cache.spec.select(model.tensor_names).to_dict(),
         "noise_t": s.noise_t, "timestep": train.cache.timestep(s.noise_t),  # int for UNets, float for SD3/FLUX
         "cache": {"path": str(train.path), "fingerprint": train.cache.fingerprint,
-                  "settings": train.cache.settings, "samples": int(len(train.rows)), "sample_selection": train.cache.sample_selection,
-                  "coverage": train.coverage.to_dict()},
+                  "settings": train.cache.extraction_record, "samples": int(len(train.rows)),
+                  "sample_selection": train.cache.sample_selection, "coverage": train.coverage.to_dict()},
         "val_cache": str(val.path) if val is not None else None,
         "val_cache_coverage": val.coverage.to_dict() if val is not None else None,
         "seed": s.seed, "data_seed": s.data_seed, "optimizer": s.optimizer, "lr": lr, "weight_decay": weight_decay,

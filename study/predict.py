@@ -34,7 +34,8 @@ from refseg.backbones.capture import UNetCapture
 from refseg.extract.pipeline import batch_invariant
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast
-from refseg.heads.evaluate import load_head, logits_to_mask
+from refseg.heads.evaluate import load_head
+from refseg.heads.scoring import logits_to_mask
 
 # what refseg-extract stores latents, embeddings and features as (--cache-dtype; cache/layout.py CACHE_DTYPES)
 # (an int8 store's latents and embeddings are float16; its features' 8-bit rounding is not replayed here:
@@ -180,7 +181,7 @@ def _predict_batch(loaded: LoadedRun, capture: UNetCapture, pairs, first: int, s
     steps = torch.full((len(pairs),), timestep, dtype=torch.long, device=bb.device)
     captured = batch_invariant(bb, capture.run, zt, steps, emb.to(bb.device, bb.dtype))
     features = {name: captured[name].to(store_dtype) for name in loaded.head.tensor_names}
-    # the head, as heads.evaluate.iterate_logits reads the cache (float32 in, autocast policy)
+    # the head, as heads.scoring.score_samples reads the cache (float32 in, autocast policy)
     head_device = next(loaded.head.parameters()).device
     text_mask = tok["attention_mask"].to(head_device).bool()
     with autocast(head_device):
