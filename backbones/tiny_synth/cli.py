@@ -27,7 +27,7 @@ def main():
 @user_errors
 def train(work, out, resume, threads, checkpoint_seconds, **settings):
     """Train stage A (VAE) then stage B (UNet + text encoder), deterministically from --seed."""
-    from refseg.backbones.tiny_synth.train import train as run
+    from refseg.backbones.tiny_synth.train import train as run  # deferred: diffusers is heavy, --help is fast
 
     torch.set_num_threads(threads)
     cfg = TrainConfig(**settings)
@@ -47,7 +47,7 @@ def train(work, out, resume, threads, checkpoint_seconds, **settings):
 @user_errors
 def ground(base, work, out, resume, threads, checkpoint_seconds, **settings):
     """Stage C: fine-tune the UNet and text encoder so cross-attention looks at the named object."""
-    from refseg.backbones.tiny_synth.ground import ground as run
+    from refseg.backbones.tiny_synth.ground import ground as run  # deferred: diffusers is heavy, --help is fast
 
     torch.set_num_threads(threads)
     run(GroundConfig(**settings), base, work, out, resume=resume, checkpoint_seconds=checkpoint_seconds,
@@ -65,7 +65,7 @@ def ground(base, work, out, resume, threads, checkpoint_seconds, **settings):
 @user_errors
 def sample(model, out, count, steps, guidance, seed, threads):
     """A grid: real synthetic scenes (left) and samples for their captions."""
-    from refseg.backbones.tiny_synth.sample import write_grid
+    from refseg.backbones.tiny_synth.sample import write_grid  # deferred: diffusers is heavy, --help is fast
 
     torch.set_num_threads(threads)
     path = write_grid(model, out, count=count, steps=steps, guidance=guidance, seed=seed)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image, ImageDraw
 
+from refseg.backbones.loading import load_backbone
 from refseg.backbones.tiny_synth.data import SAMPLE_STREAM, render_scenes, to_uint8
 
 CAPTION_WIDTH = 300  # px of text beside each row
@@ -19,8 +21,6 @@ LINE_CHARS = 48
 def generate(backbone, captions: list[str], *, steps: int = 40, guidance: float = 4.0, image_size: int = 128,
              generator: torch.Generator | None = None, token_length: int = 77) -> np.ndarray:
     """uint8 (N, S, S, 3) samples, one per caption, from a loaded `Backbone` (DDIM, eta 0)."""
-    from diffusers import DDIMScheduler
-
     scheduler = DDIMScheduler.from_config(backbone.scheduler_config)
     scheduler.set_timesteps(steps)
     tok = backbone.tokenizer
@@ -42,8 +42,6 @@ def write_grid(model: str, out, *, count: int = 12, samples: int = 2, steps: int
                seed: int = 0, image_size: int = 128) -> Path:
     """Rows: a real scene, `samples` samples for its caption, the caption. Scenes come from a stream
     of their own (neither training scenes nor the referring dataset's)."""
-    from refseg.backbones.loading import load_backbone
-
     backbone = load_backbone(model, device="cpu", dtype="fp32")
     real, captions = render_scenes(seed, count, image_size, stream=SAMPLE_STREAM)
     g = torch.Generator().manual_seed(seed)

@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as dlog
 
-from refseg.core.errors import RunError
+from refseg.backbones.loading import save_backbone, weights_sha256
 from refseg.backbones.tiny import build_tiny
 from refseg.backbones.tiny_synth.config import TrainConfig
 from refseg.backbones.tiny_synth.data import render_scenes, to_model_range
 from refseg.backbones.tiny_synth.train_unet import encode_posteriors, held_out_loss, scaling_factor, tokenize, train_unet
 from refseg.backbones.tiny_synth.train_vae import reconstruction_error, train_vae
+from refseg.core.errors import RunError
 
 HELD_OUT = 32  # scenes after the training ones, for the losses the model card reports
 
@@ -32,8 +34,6 @@ def train(cfg: TrainConfig, work, out=None, *, resume: bool = False, log=print,
 
     Returns the training summary (also written as `work/summary.json` and `out/training.json`).
     """
-    from diffusers.utils import logging as dlog
-
     dlog.set_verbosity_error()
     torch.use_deterministic_algorithms(True)
     work = Path(work)
@@ -89,15 +89,11 @@ def train(cfg: TrainConfig, work, out=None, *, resume: bool = False, log=print,
 
 
 def _sha(vae, unet, text_encoder) -> str:
-    from refseg.backbones.loading import weights_sha256
-
     return weights_sha256({"vae": vae, "unet": unet, "text_encoder": text_encoder})
 
 
 def export(parts: dict, out, summary: dict) -> Path:
     """Write the trained parts as a diffusers folder in fp16 safetensors (what the package ships)."""
-    from refseg.backbones.loading import save_backbone
-
     out = Path(out)
     half = dict(parts)
     for name in ("vae", "unet", "text_encoder"):

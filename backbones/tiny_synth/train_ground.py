@@ -115,9 +115,9 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
     their token ids precomputed by `tokenize(samples, length)`.
     """
     path = work / "ground.pt"
-    means, stds = latents
-    cap_ids = tokenize(captions, cfg.caption_length)
-    sen_ids = tokenize(sentences, cfg.sentence_length)
+    pools = (("caption", captions, tokenize(captions, cfg.caption_length), cfg.caption_batch, cfg.caption_length),
+             ("sentence", sentences, tokenize(sentences, cfg.sentence_length), cfg.sentence_batch,
+              cfg.sentence_length))
     empty = {cfg.caption_length: empty_ids(cfg.caption_length), cfg.sentence_length: empty_ids(cfg.sentence_length)}
     params = list(unet.parameters()) + list(text_encoder.parameters())
     unet.requires_grad_(True)
@@ -136,21 +136,9 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
             group["lr"] = learning_rate(cfg.lr, run.step, cfg.steps, cfg.warmup_steps)
         parts = {}
         loss = 0.0
-        for kind, pool, ids_all, n, length in (("caption", captions, cap_ids, cfg.caption_batch, cfg.caption_length),
-                                               ("sentence", sentences, sen_ids, cfg.sentence_batch,
-                                                cfg.sentence_length)):
-            pick = torch.randint(0, len(pool), (n,), generator=g)
-            batch = [pool[i] for i in pick.tolist()]
-            scene = torch.tensor([s.scene for s in batch])
-            z0 = means[scene] + stds[scene] * torch.randn(means[scene].shape, generator=g)
-            drop = torch.rand(n, generator=g) < cfg.caption_dropout
-            ids = torch.where(drop[:, None], empty[length][None, :], ids_all[pick])
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
-            targets, weights = attention_targets(batch, masks, length)
-            weights = weights * (~drop & (t <= cfg.attn_max_t)).float()[:, None]
-            maps.clear()
-            mse = diffusion_loss(unet, text_encoder, scheduler, z0, ids, g, t)
-            attn = attention_loss(maps, targets, weights)
+        for kind, pool, ids_all, n, length in pools:
+            mse, attn = sub_batch_losses(unet, text_encoder, scheduler, maps, latents, masks, pool, ids_all, n,
+                                         empty[length], length, cfg, g)
             loss = loss + mse + cfg.attn_weight * attn
             parts[f"{kind}_mse"], parts[f"{kind}_attn_ce"] = mse.item(), attn.item()
         opt.zero_grad(set_to_none=True)
@@ -160,11 +148,8 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
         run.step += 1
         window.append(parts)
         if run.step % LOG_EVERY == 0 or run.step == cfg.steps:
-            mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
-            run.history.append({"step": run.step, **mean})
+            _log_window(run, window, cfg, log)
             window = []
-            log(f"stage C step {run.step}/{cfg.steps} " + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
-                + f" ({run.elapsed():.0f}s)")
         run.tick()
     result = run.finish()
     maps.clear()
@@ -172,6 +157,34 @@ def train_ground(unet, text_encoder, scheduler, latents, masks, captions, senten
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return result
+
+
+def sub_batch_losses(unet, text_encoder, scheduler, maps: list, latents, masks, pool, ids_all, n: int,
+                     empty: torch.Tensor, length: int, cfg: GroundConfig, g: torch.Generator):
+    """(epsilon MSE, attention CE) of `n` samples drawn from `pool` with `g` (ids padded to `length`;
+    a dropped caption is `empty`)."""
+    means, stds = latents
+    pick = torch.randint(0, len(pool), (n,), generator=g)
+    batch = [pool[i] for i in pick.tolist()]
+    scene = torch.tensor([s.scene for s in batch])
+    z0 = means[scene] + stds[scene] * torch.randn(means[scene].shape, generator=g)
+    drop = torch.rand(n, generator=g) < cfg.caption_dropout
+    ids = torch.where(drop[:, None], empty[None, :], ids_all[pick])
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
+    targets, weights = attention_targets(batch, masks, length)
+    weights = weights * (~drop & (t <= cfg.attn_max_t)).float()[:, None]
+    maps.clear()
+    mse = diffusion_loss(unet, text_encoder, scheduler, z0, ids, g, t)
+    attn = attention_loss(maps, targets, weights)
+    return mse, attn
+
+
+def _log_window(run, window: list[dict], cfg: GroundConfig, log) -> None:
+    """Record and say the mean of each loss over the steps since the last line."""
+    mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
+    run.history.append({"step": run.step, **mean})
+    log(f"stage C step {run.step}/{cfg.steps} " + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
+        + f" ({run.elapsed():.0f}s)")
 
 
 @torch.inference_mode()
