@@ -59,7 +59,8 @@ def parse_args(argv=None):
 def prepare(cfg, sentences: str = "all") -> tuple[dict, float]:
     """The data and the four caches at T = 0 (sentence and empty prompt, train and val), made once."""
     from refseg.core.synthetic import generate
-    from refseg.study.demo import extract_in_processes, resolve_model
+    from refseg.study.demo_config import resolve_model
+    from refseg.study.demo_processes import extract_in_processes
 
     out = Path(cfg.out)
     model = resolve_model(cfg.model)
@@ -112,7 +113,7 @@ def measure(cfg, caches: dict, lever: str, work: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    from refseg.study.demo import DemoConfig
+    from refseg.study.demo_config import DemoConfig
 
     args = parse_args(argv)
     work = Path(args.work) / (f"images{args.images}-train{args.train_samples}-size{args.image_size}"

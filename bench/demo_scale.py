@@ -46,7 +46,8 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     import torch
 
-    from refseg.study.demo import DemoConfig, run_demo
+    from refseg.study.demo import run_demo
+    from refseg.study.demo_config import DemoConfig
 
     args = parse_args(argv)
     scale = dict(SCALES["tiny" if args.tiny else "gpu"])

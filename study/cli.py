@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from refseg.core.cli import dataclass_options, user_errors
-from refseg.study.demo import NOT_OPTIONS, DemoConfig, run_demo
+from refseg.study.demo_config import NOT_OPTIONS, DemoConfig
 
 
 @click.group(help="Studies over the whole pipeline (the demo: the report's Table 4 noise ablation, with seeds).")
@@ -21,6 +21,8 @@ def main():
 @dataclass_options(DemoConfig, skip=NOT_OPTIONS)
 @user_errors  # adds --quiet (and --threads, which DemoConfig's own field replaces: its default is 2)
 def demo(quiet, **settings):
+    from refseg.study.demo import run_demo  # deferred: the study imports torch, and --help must be fast
+
     cfg = DemoConfig(**settings, progress=not quiet)
     result = run_demo(cfg)
     click.echo(f"\nmodel: {result['model']}; timings (s): {json.dumps(cfg.timings)}")

@@ -2,7 +2,7 @@
 
 A head that segments should beat every object clearly on both (the sentence picks one object of the
 2–5); a head that reads no sentence can at best find every object, so its no-sentence baseline should
-land near it. Each comparison is called against the cell's interval over seeds (`demo.interval`):
+land near it. Each comparison is called against the cell's interval over seeds (`stats.interval`):
 the reference is a fixed number, computed once from the dataset, so only the seeds' spread counts.
 """
 
@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from refseg.cache import open_cache
+from refseg.core.metrics import RefSegMetrics
+from refseg.core.refer import ReferDataset
+from refseg.core.synthetic import SENTENCE_KINDS, sentence_kind
+from refseg.core.transforms import mask_to_size
+from refseg.study.stats import interval
+
 METRICS = ("oIoU", "mIoU")
 
 
 def against(cell: dict, reference: dict, metric: str) -> dict:
     """{"cell", "reference", "difference", "call"}: "above" where the reference is under the cell's
     interval, "below" where it is over it, "not clearly different" otherwise."""
-    from refseg.study.demo import interval
-
     mean, ref = float(cell[f"{metric}_mean"]), float(reference[metric])
     lo, hi = interval(cell, metric)
     call = "above" if ref < lo else "below" if ref > hi else "not clearly different"
@@ -40,8 +45,6 @@ def sentence(name: str, comparison: dict) -> str:
 
 def chance_levels(val_cache: Path) -> dict:
     """What knowing nothing gives on val: oIoU and mIoU (%) of predicting every pixel (the masks' area)."""
-    from refseg.cache import open_cache
-
     cache = open_cache(val_cache)
     n, fg, share = cache.n_samples, 0, []
     for start in range(0, n, 256):
@@ -56,10 +59,6 @@ def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[in
     """sent_id -> (intersection, union) on val of predicting the union of every annotated object of the
     sentence's image (at the cache's mask size and rule), the sentence unread. A text-blind head can
     learn that much; only the sentence can pick the one object out of the 2–5."""
-    from refseg.cache import open_cache
-    from refseg.core.refer import ReferDataset
-    from refseg.core.transforms import mask_to_size
-
     cache = open_cache(val_cache)
     rule = cache.extraction_record["extraction"]["mask_rule"]
     refer = ReferDataset(str(data_root), cache.extraction_record["dataset"]["dataset"])
@@ -78,18 +77,18 @@ def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[in
 
 
 def scores(samples: dict[int, tuple[int, int]]) -> dict:
-    """oIoU and mIoU (%) of {sent_id: (i, u)} (an empty union scores 0, as LAVT counts it)."""
-    i, u = (np.array(v, dtype=np.int64) for v in zip(*samples.values()))
-    return {"oIoU": 100 * float(i.sum()) / max(int(u.sum()), 1),
-            "mIoU": 100 * float(np.mean(np.where(u > 0, i / np.maximum(u, 1), 0.0))), "n": len(samples)}
+    """{"oIoU", "mIoU", "n"}: oIoU and mIoU (%) of {sent_id: (i, u)}, as `RefSegMetrics` scores them (an
+    empty union scores 0, as LAVT counts it)."""
+    metrics = RefSegMetrics()
+    for intersection, union in samples.values():
+        metrics.add(intersection, union)
+    summary = metrics.summary()
+    return {key: summary[key] for key in ("oIoU", "mIoU", "n")}
 
 
 def by_sentence_kind(columns: dict[str, dict[int, tuple[int, int]]], val_cache: Path) -> str:
     """Markdown: the val oIoU of each column ({name: {sent_id: (i, u)}}) per kind of sentence
     (`synthetic.sentence_kind`: attribute, position among look-alikes, relation to an anchor)."""
-    from refseg.cache import open_cache
-    from refseg.core.synthetic import SENTENCE_KINDS, sentence_kind
-
     cache = open_cache(val_cache)
     kind_of = {int(sid): sentence_kind(text) for sid, text in zip(cache.index["sent_id"], cache.texts)}
     lines = ["| sentence kind | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]

@@ -1,5 +1,5 @@
 """The demo on 2+ threads runs extraction as one-thread processes, each filling its shard part of the
-one store (study/demo.py `extract_in_processes`): the stores must be the bytes one process writes."""
+one store (study/demo_processes.py `extract_in_processes`): the stores must be the bytes one process writes."""
 
 import numpy as np
 
@@ -7,7 +7,7 @@ from refseg.cache import open_cache
 from refseg.core.synthetic import generate
 from refseg.extract.config import ExtractionConfig
 from refseg.extract.pipeline import run_extraction
-from refseg.study.demo import extract_in_processes
+from refseg.study.demo_processes import extract_in_processes
 
 NOISE_TS = (0, 500)
 
@@ -47,7 +47,7 @@ def test_a_store_a_part_left_unfinished_is_refused_in_one_line(tmp_path):
     import pytest
 
     from refseg.core.errors import CacheError
-    from refseg.study.demo import describe_store
+    from refseg.study.demo_processes import describe_store
 
     generate(tmp_path / "data", images=12, seed=0, image_size=64)
     cfg = _config(tmp_path / "data", tmp_path / "half.zarr", "train")

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from refseg.study.demo import DemoConfig, bootstrap_std, interval, paired_bootstrap_std, run_demo, verdict
+from refseg.study.demo import run_demo
+from refseg.study.demo_config import DemoConfig
+from refseg.study.stats import bootstrap_std, interval, paired_bootstrap_std, verdict
 
 
 def _every_object(out):
@@ -70,7 +72,7 @@ def test_bootstrap_std_of_oiou_matches_the_binomial_std():
 
 
 def test_extraction_leaves_a_core_to_the_cache_writer(monkeypatch):
-    from refseg.study.demo import extraction_threads
+    from refseg.study.demo_processes import extraction_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what default_threads() reads first: 1 usable core for torch
     before = torch.get_num_threads()
@@ -101,7 +103,7 @@ def demo_on_one_thread(tmp_path_factory):
 def test_demo_on_two_threads_gives_the_one_thread_caches_and_table(demo_on_one_thread, tmp_path):
     one, _ = demo_on_one_thread
     two = tmp_path / "demo"
-    _small_demo(two, threads=2)  # two one-thread processes extract and train (study/demo.py cpu_processes)
+    _small_demo(two, threads=2)  # two one-thread processes extract and train (study/demo_processes.py cpu_processes)
     assert (two / "ablation.csv").read_text() == (one / "ablation.csv").read_text()
     for split in ("train", "val"):
         shards = [p for p in (one / "cache" / f"{split}.zarr").glob("t*/*/c/**/*") if p.is_file()]
