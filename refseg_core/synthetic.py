@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from refseg.core.refer import decode_rle
+from refseg.core.refer_files import decode_rle
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "diamond", "star")

@@ -245,7 +245,7 @@ def test_malformed_segmentations(tmp_path, segmentation, expected):
 def test_rle_string_counts_match_pycocotools():
     from pycocotools import mask as mask_utils
 
-    from refseg.core.refer import _rle_string_counts
+    from refseg.core.refer_files import _rle_string_counts
 
     rng = np.random.default_rng(0)
     for shape in ((10, 10), (37, 23), (64, 80)):
