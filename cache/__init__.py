@@ -30,7 +30,7 @@ def __getattr__(name):
 
         return FeatureDataset
     if name == "export_h5":
-        from refseg.cache.h5export import export_h5
+        from refseg.cache.h5export import export_h5  # deferred: h5py and tqdm load for an export only
 
         return export_h5
     raise AttributeError(f"module 'cache' has no attribute {name!r}")

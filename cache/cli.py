@@ -2,7 +2,11 @@
 
 import click
 
+from refseg.cache.reader import human_bytes, open_cache
+from refseg.cache.usage import disk_usage
+from refseg.cache.verify import TABLES, describe, repair as repair_store, verify as verify_store
 from refseg.core.cli import current_runtime, user_errors
+from refseg.core.errors import DamagedCacheError
 
 
 @click.group()
@@ -15,8 +19,6 @@ def main():
 @user_errors
 def info(cache_path):
     """Print a cache's settings, tensors, noise levels with done counts, and size on disk."""
-    from refseg.cache.reader import open_cache
-
     click.echo(open_cache(cache_path).describe())
 
 
@@ -31,9 +33,6 @@ def verify(cache_path, repair):
     Prints one line per damaged array (rows and sent_ids) and exits 2 if anything is damaged; with
     --repair it rebuilds lost metadata and clears the damaged rows' done flags, then says what to run.
     """
-    from refseg.cache.verify import TABLES, describe, repair as repair_store, verify as verify_store
-    from refseg.core.errors import DamagedCacheError
-
     damage = verify_store(cache_path)
     if not damage:
         click.echo(f"cache {cache_path}: every finished row is present and matches its checksum")
@@ -64,9 +63,6 @@ def verify(cache_path, repair):
 @user_errors
 def du(cache_path):
     """Bytes on disk per group and array of CACHE, largest first, and the total."""
-    from refseg.cache.reader import human_bytes, open_cache
-    from refseg.cache.usage import disk_usage
-
     open_cache(cache_path)  # a refseg cache, or the one line saying what is there instead
     rows = disk_usage(cache_path)
     total = rows[-1][1]
@@ -85,7 +81,7 @@ def export_h5_command(cache_path, out_path, overwrite):
 
     The file is as large as the cache's uncompressed data: check `refseg-cache info` first.
     """
-    from refseg.cache.h5export import export_h5
+    from refseg.cache.h5export import export_h5  # deferred: h5py and tqdm load for an export only
 
     export_h5(cache_path, out_path, overwrite=overwrite, progress=current_runtime().progress)
     click.echo(f"wrote {out_path}")

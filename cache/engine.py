@@ -31,6 +31,7 @@ import re
 from typing import Protocol
 
 import numpy as np
+from zarr.core.sync import sync
 
 from refseg.cache.layout import is_local, local_path
 from refseg.core.errors import DamagedCacheError
@@ -120,7 +121,7 @@ class TensorstoreEngine(Engine):
     """A local store through tensorstore's zarr3 driver (arrays opened once, on first use)."""
 
     def __init__(self, path: str, checksums: bool):
-        import tensorstore
+        import tensorstore  # deferred: its library loads only where a local store is written
 
         super().__init__(path, checksums)
         self._ts = tensorstore
@@ -251,8 +252,6 @@ class ZarrEngine(Engine):
 
     def _check_present(self, key: str, array, start: int, stop: int) -> None:
         """DamagedCacheError (missing) if a stored chunk (a shard, for sharded arrays) of rows start..stop is absent."""
-        from zarr.core.sync import sync
-
         if stop <= start:
             return
         rows_per_file = int(array.metadata.chunk_grid.chunk_shape[0])

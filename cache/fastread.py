@@ -35,6 +35,7 @@ from collections import OrderedDict
 
 import google_crc32c  # zarr's own dependency for its crc32c codec
 import numpy as np
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
 from refseg.cache.layout import is_local, local_path
 from refseg.core.errors import CacheError, DamagedCacheError
@@ -153,8 +154,6 @@ class ShardRowReader:
     @classmethod
     def for_array(cls, array, files: ShardFiles) -> "ShardRowReader | None":
         """A reader for `array` (a zarr.Array), or None when its bytes on disk are not plain rows."""
-        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-
         store = array.store_path.store
         root = getattr(store, "root", None)
         if root is None or not is_local(str(root)) or sys.byteorder != "little":

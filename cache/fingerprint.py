@@ -74,7 +74,7 @@ def with_former_kind(backbone: dict) -> dict:
 
 def with_current_kind(backbone: dict) -> dict:
     """A backbone's settings with a kind recorded under its former name shown as named today (a store of
-    the shipped tiny-synth made when it was recorded as 'folder'), for messages."""
+    the shipped tiny-synth that records kind 'folder'), for messages."""
     for now, former in FORMER_KIND.items():
         if backbone.get("kind") == former and backbone.get("model") == now:
             return {**backbone, "kind": now}
@@ -120,7 +120,7 @@ def dataset_sha256(*paths) -> str:
 
 def dataset_changed(stored_attrs: dict, digest: str | None) -> bool:
     """Whether the dataset files now differ from those the store was extracted from (False when either
-    digest is unknown: a store made before the digest existed is not checked)."""
+    digest is unknown: a store that records none is not checked)."""
     stored = stored_attrs.get(DATASET_DIGEST_ATTR)
     return bool(stored and digest and stored != digest)
 

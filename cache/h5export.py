@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -21,7 +23,7 @@ import zarr
 from tqdm import tqdm
 
 from refseg.cache.reader import open_cache
-from refseg.core.errors import CacheError, CacheWriteError
+from refseg.core.errors import CacheError, CacheWriteError, RefsegError
 
 _BLOCK_BYTES = 64 * 2**20  # copy this much at a time
 
@@ -65,8 +67,6 @@ def export_h5(cache_path, out_path, overwrite: bool = False, progress: bool = Fa
     the first error and exits without closing, and this process removes the partial file and says it in
     one line.
     """
-    import multiprocessing
-
     cache_path, out_path = os.fspath(cache_path), os.fspath(out_path)
     open_cache(cache_path)  # refuses what is not a refseg cache, with the usual messages
     if os.path.exists(out_path) and not overwrite:
@@ -107,10 +107,6 @@ def export_h5(cache_path, out_path, overwrite: bool = False, progress: bool = Fa
 
 def _write_file(cache_path: str, tmp: str, progress: bool, send) -> None:
     """In the child: write `tmp`; send ("ok",), ("os", errno, text) or ("refseg", message)."""
-    import sys
-
-    from refseg.core.errors import RefsegError
-
     # After a failed write HDF5 prints the same error again from every object h5py frees: the first one
     # is sent to the parent, which says it in one line, and the rest go nowhere. The progress bar keeps
     # the real stderr.

@@ -17,10 +17,10 @@ Per-sample arrays hold one sample per chunk and `shard_size` samples per shard (
 so one sample can be read alone and a writer writes whole files. `done`/`skipped` flags are chunked
 by the shard size, so each shard's flags are one file too, written after the shard's data.
 
-Format 2 (since the data engine, cache/engine.py) gives every chunk of every array a CRC-32C (the
-zarr v3 `crc32c` codec, last in the chunk's codecs) and writes every chunk, fill values included: an
-absent chunk of an array refseg wrote is damage, and a changed byte fails its checksum. Format 1
-stores (no data checksums; chunks equal to the fill value not written) still read as before.
+Format 2 gives every chunk of every array a CRC-32C (the zarr v3 `crc32c` codec, last in the chunk's
+codecs) and writes every chunk, fill values included: an absent chunk of an array refseg wrote is
+damage, and a changed byte fails its checksum. Format 1 stores (no data checksums; chunks equal to the
+fill value not written) are read too, an absent chunk as the fill value.
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.errors import GroupNotFoundError
 
+from refseg.cache.quantize import scale_name
 from refseg.core.errors import CacheError, CacheNotFoundError, IncompleteCacheError, NewerFormatError
 from refseg.core.feature_spec import FeatureSpec
 
@@ -41,7 +45,7 @@ CHECKSUM_FORMAT = 2  # the first format whose chunks all carry a CRC-32C and are
 DEFAULT_SHARD_SIZE = 16
 CODECS = ("none", "zstd", "blosc")
 # The type of the big float arrays (latents, text embeddings, features, maps): float16 by default
-# (half the disk, and what every store before `--cache-dtype` holds); float32 where exactness matters
+# (half the disk; a store whose record has no `cache_dtype` holds float16); float32 where exactness matters
 # (reproducing VPD's masks without float16 rounding, README "Evaluate VPD's released checkpoint").
 # Recorded in the extraction settings as `cache_dtype` only when it is not float16, so the
 # fingerprints of float16 stores do not move.
@@ -65,8 +69,8 @@ CREATING_ATTR = "refseg_cache_creating"
 SETTINGS_KEYS = ("backbone", "extraction", "dataset")
 # A digest of the dataset's files (refs + instances) the store was extracted from: not part of the
 # fingerprint (which names the selection, not the files' contents), checked when the store is resumed
-# so that a changed dataset is named as such (cache/fingerprint.py, `dataset_sha256`). Stores made
-# before it existed lack it, and are not checked.
+# so that a changed dataset is named as such (cache/fingerprint.py, `dataset_sha256`). A store
+# without it is not checked.
 DATASET_DIGEST_ATTR = "dataset_sha256"
 INDEX_FIELDS = ("sent_id", "ref_id", "ann_id", "image_id", "image_row")
 # The family's text arrays as created (`base_arrays`' text_shape and pooled_dim), recorded from format 2
@@ -234,8 +238,6 @@ def noise_arrays(spec: FeatureSpec, n_rows: int, float_dtype: str = DEFAULT_CACH
     """The arrays of one noise group (paths relative to the group): every spec tensor, in `float_dtype`;
     for int8 each tensor's codes and its per-row, per-channel float32 scales (`<name>_scale`). `n_rows`
     rows of `dim` ("sample", or "image" for a per-image group)."""
-    from refseg.cache.quantize import scale_name
-
     out = []
     for t in spec.tensors:
         channel_dim = "token" if t.kind == "attention" else f"{t.name}_channel"
@@ -254,8 +256,6 @@ def has_checksums(format_version: int) -> bool:
 def compressors_for(codec: str, itemsize: int = 2, checksums: bool = True):
     """Zarr bytes-to-bytes codecs for an array under the store's `codec` (`itemsize` bytes per value;
     "none" for the arrays that are never compressed), then the chunk's CRC-32C (format 2)."""
-    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
-
     if codec == "none":
         compressors = ()
     elif codec == "zstd":
@@ -319,14 +319,14 @@ def store_nbytes(path: str) -> int:
             for f in files:
                 total += os.path.getsize(os.path.join(dirpath, f))
         return total
-    import fsspec
+    import fsspec  # deferred: remote stores only (an optional dependency)
 
     fs, root = fsspec.core.url_to_fs(path)
     return int(fs.du(root, total=True))
 
 
 def _remote_is_empty(path: str) -> bool:
-    import fsspec
+    import fsspec  # deferred: remote stores only (an optional dependency)
 
     fs, root = fsspec.core.url_to_fs(path)
     return not fs.exists(root) or not fs.ls(root)
@@ -334,9 +334,6 @@ def _remote_is_empty(path: str) -> bool:
 
 def open_root(path: str, mode: str = "r"):
     """The root group of an existing refseg cache, or a CacheError that says what is at `path` instead."""
-    import zarr
-    from zarr.errors import GroupNotFoundError
-
     if is_local(path):
         p = local_path(path)
         if not os.path.exists(p):

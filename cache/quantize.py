@@ -34,7 +34,7 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, dtype=np.float16) -> np.nda
     """`codes * scale` per channel, computed in float32 and rounded to `dtype`: (..., C, H, W) codes with
     (..., C) scales. Through torch: the same values as numpy's, twice as fast on the reader's hot path
     (its casts are vectorised; numpy's float16 cast is not), which is what a training item pays."""
-    import torch
+    import torch  # deferred: torch is heavy, and `refseg-cache` reads stores without it
 
     values = torch.from_numpy(np.ascontiguousarray(codes)).to(torch.float32)
     values *= torch.from_numpy(np.asarray(scale, np.float32))[..., None, None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -52,8 +53,6 @@ def _refuse_what_is_not_a_store(path: str) -> None:
 
 
 def _is_run_config(path: str) -> bool:
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -120,9 +119,9 @@ class Cache(Store):
 
     def noise(self, t) -> dict:
         """Noise level `t` as run: kind ("ddpm" | "flow"), alpha_bar or sigma, snr (None: infinite, no
-        noise), model_timestep, given ("t" | "sigma"). For a group written before these were recorded
+        noise), model_timestep, given ("t" | "sigma"). For a group that records only noise_t and timestep
         they are computed from the store's scheduler settings (refseg_core/noise.py `recorded_noise`)."""
-        from refseg.core.noise import recorded_noise
+        from refseg.core.noise import recorded_noise  # deferred: refseg.core.noise imports torch
 
         return recorded_noise(self._level(t).attrs.asdict(), self.extraction_record["backbone"])
 
@@ -267,8 +266,6 @@ def _coverage_line(c: Coverage) -> str:
 
 
 def _show(value) -> str:
-    import json
-
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 

@@ -67,7 +67,7 @@ def disk_usage(path: str) -> list[tuple[str, int]]:
             owner = "/".join(parts[:_depth(parts)])  # a chunk folder counts toward its array
             sizes[owner] = sizes.get(owner, 0) + size
     else:
-        import fsspec
+        import fsspec  # deferred: remote stores only (an optional dependency)
 
         fs, root = fsspec.core.url_to_fs(path)
         for name, size in fs.du(root, total=False).items():

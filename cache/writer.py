@@ -287,8 +287,8 @@ class CacheWriter(Store):
 
     def _features_per_image(self) -> bool:
         """Whether a new noise level stores its features once per image: with `--prompt empty` every
-        sentence of an image has the same condition and ε, so the same features (format 2 on; an older
-        store keeps a row per sample)."""
+        sentence of an image has the same condition and ε, so the same features (a store of format 2 or
+        later; a format-1 store keeps a row per sample)."""
         return self.checksums and self.extraction_record["extraction"].get("prompt") == "empty"
 
     def level_rows(self, t: int) -> int:

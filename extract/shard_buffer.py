@@ -65,8 +65,8 @@ class ShardBuffer:
     def __init__(self, shards: list[slice], flush: Callable[[slice, dict, np.ndarray], None]):
         self._flush = flush
         # shard-sized arrays whose shard is written, for the next shard to reuse: a fresh np.empty of a
-        # whole shard (78 MB for SD1.5) costs a page fault per 4 KiB on first touch, which was most of
-        # the host's copy time (bench/write.py)
+        # whole shard (78 MB for SD1.5) costs a page fault per 4 KiB on first touch, most of the host's
+        # copy time without reuse (bench/write.py)
         self._free: list[dict[str, np.ndarray]] = []
         self._free_lock = threading.Lock()
         self._shard_of: dict[int, slice] = {}
