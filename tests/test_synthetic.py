@@ -9,9 +9,8 @@ import pytest
 
 from refseg.backbones.tokenizer_vocab import WORDS, build_vocab
 from refseg.core.refer import ReferDataset
-from refseg.core.synthetic import (
-    COLOURS, SHAPES, SIZES, VOCABULARY, describe_scene, generate, refer_scene, render_scene,
-)
+from refseg.core.synthetic import VOCABULARY, describe_scene, generate, refer_scene
+from refseg.core.synthetic_scenes import COLOURS, SHAPES, SIZES, render_scene
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +126,7 @@ def test_sentences_never_shared_between_refs_of_an_image(synth30):
 def test_pixels_are_the_objects_colour(synth30):
     from PIL import Image
 
-    from refseg.core.synthetic import RGB
+    from refseg.core.synthetic_scenes import RGB
 
     ds = ReferDataset(synth30, "refcoco-synth")
     colour_of = {}
@@ -231,7 +230,8 @@ def test_render_and_describe_scene():
 
 
 def test_sentence_kind_names_the_template_each_candidate_came_from():
-    from refseg.core.synthetic import SENTENCE_KINDS, _candidate_sentences, render_scene, sentence_kind
+    from refseg.core.synthetic import SENTENCE_KINDS, _candidate_sentences, sentence_kind
+    from refseg.core.synthetic_scenes import render_scene
 
     rng = np.random.default_rng(7)
     seen = dict.fromkeys(SENTENCE_KINDS, 0)

@@ -16,7 +16,7 @@ from refseg.backbones.tiny_synth.grounding_data import (check_one_token_per_word
 from refseg.backbones.tiny_synth.train_ground import GroundConfig, held_out_pointing
 from refseg.backbones.tiny_synth.train_unet import encode_posteriors
 from refseg.backbones.tiny_synth.data import to_model_range
-from refseg.core.synthetic import render_scene
+from refseg.core.synthetic_scenes import render_scene
 
 
 def test_referring_sentence_ties_the_referred_objects_words_only():

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refseg.core.synthetic import describe_scene, render_scene
+from refseg.core.synthetic import describe_scene
+from refseg.core.synthetic_scenes import render_scene
 
 SCENE_STREAM = 1
 SAMPLE_STREAM = 2  # the generator grid's reference scenes: neither training nor referring-dataset images

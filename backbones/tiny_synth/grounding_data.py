@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from refseg.core.synthetic import describe_scene, refer_scene, render_scene
+from refseg.core.synthetic import describe_scene, refer_scene
+from refseg.core.synthetic_scenes import render_scene
 
 GROUND_SCENE_STREAM = 3  # stage C's scenes: neither stage A/B's (1), the sample grid's (2), nor the dataset's
 SENTENCE_STREAM = 4  # the referring sentences drawn for those scenes
