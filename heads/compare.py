@@ -14,28 +14,32 @@ seed are one row, with the mean ± std (sample std, ddof=1) of each metric over 
 Without caches, the metrics are each run's recorded val metrics at its best val epoch (what
 best.safetensors holds). With caches (val, testA, testB, as LAVT's test script takes them), every
 run is evaluated on every cache (best checkpoint, protocol vpd; `refseg.heads.evaluate`'s
-`load_run_on_cache` and `evaluate_model`, the scoring of heads/scoring.py, so every check and caveat
-of refseg-eval applies), and each cache gets its own metric columns, named by its split (or its file
-name when splits repeat).
+`load_run_on_cache`, so every check and caveat of refseg-eval applies), the runs of one noise level
+scored together on each read of the cache (`score_runs`, heads/scoring.py), and each cache gets its
+own metric columns, named by its split (or its file name when splits repeat).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
+from refseg.cache import FeatureDataset
+from refseg.core.cli import say, warn
 from refseg.core.errors import RefsegError
 from refseg.core.metrics import TABLE_COLUMNS
 from refseg.heads import run_dir
 from refseg.heads.caches import as_cache
-from refseg.heads.evaluate import evaluate_model, load_run_on_cache
-from refseg.heads.settings import EVAL_BATCH_SIZE, CompareSettings, EvalSettings
+from refseg.heads.evaluate import load_run_on_cache
+from refseg.heads.scoring import score
+from refseg.heads.settings import CompareSettings, EvalSettings
 from refseg.heads.sweep import SWEEP_FILE
 from refseg.heads.sweep_grid import RUNS
 from refseg.heads.tables import cell_text, csv_text, markdown_table, mean_std
 from refseg.heads.train_setup import ABSENT_KEYS
+
+RUNS_PER_PASS = 16  # runs scored together on one read of a cache: their heads are on the device at once
 
 # The config.json keys that make a run's settings, in the table's column order (a key a config.json
 # lacks: train_setup.ABSENT_KEYS)
@@ -89,16 +93,36 @@ def recorded_metrics(run: Path) -> dict | None:
     return None if best is None else best["val"]
 
 
-def evaluate_on(run: Path, cache, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE) -> dict:
-    """The run's best checkpoint scored on `cache` (protocol vpd); a text-blind run is given no sentence
-    (`load_head` applies what its config.json records)."""
-    settings = EvalSettings(run=str(run), cache=cache, device=device, batch_size=batch_size)
+def score_runs(runs: list[Path], cache, device: str = "auto", progress: bool = False) -> list[dict]:
+    """Each run's best checkpoint scored on `cache` (protocol vpd, with refseg-eval's checks and caveats)
+    -> a summary per run. The runs of one noise level are scored together, RUNS_PER_PASS at a time, on
+    one read of the cache (heads/scoring.py); a text-blind run is given no sentence (`load_head`)."""
+    by_noise: dict[int, list[int]] = {}
+    for k, run in enumerate(runs):
+        by_noise.setdefault(int(run_dir.read_config(run)["noise_t"]), []).append(k)
+    summaries: list[dict] = [{} for _ in runs]
+    passes = [members[i:i + RUNS_PER_PASS] for members in by_noise.values()
+              for i in range(0, len(members), RUNS_PER_PASS)]
+    for n, members in enumerate(passes, 1):
+        loaded = [_loaded(runs[k], cache, device) for k in members]
+        say(f"[{n}/{len(passes)}] {cache}: {len(members)} runs at T={loaded[0].noise_t}", enabled=progress)
+        models = [run.model for run in loaded]
+        names = list(dict.fromkeys(name for model in models for name in model.tensor_names))
+        dataset = FeatureDataset(loaded[0].cache_path, loaded[0].noise_t, names=names,
+                                 text=any(model.uses_text for model in models))
+        for k, metrics in zip(members, score(models, dataset, device=loaded[0].device)):
+            summaries[k] = metrics.summary()
+    return summaries
+
+
+def _loaded(run: Path, cache, device: str):
+    """The run's best checkpoint on `cache`, checked as refseg-eval checks it; its caveats said on stderr."""
+    settings = EvalSettings(run=str(run), cache=cache, device=device)
     settings.check()
     loaded = load_run_on_cache(settings)
     for caveat in loaded.caveats:
-        print(f"warning: {caveat.message}", file=sys.stderr, flush=True)
-    summary, _ = evaluate_model(loaded.model, loaded.dataset, device=loaded.device, batch_size=batch_size)
-    return summary
+        warn(caveat.message)
+    return loaded
 
 
 def cache_labels(caches) -> list[str]:
@@ -130,21 +154,18 @@ def run_comparison(s: CompareSettings, progress: bool = False) -> list[dict]:
     configs = [run_dir.read_config(run) for run in runs]
     settings = [run_settings(cfg) for cfg in configs]
     labels = cache_labels(caches) if caches else [None]
-    metrics = []
-    for k, run in enumerate(runs):
-        if progress:
-            print(f"[{k + 1}/{len(runs)}] {run}", file=sys.stderr, flush=True)
-        if caches:
-            metrics.append({label: evaluate_on(run, cache, device) for label, cache in zip(labels, caches)})
-        else:
-            metrics.append({None: recorded_metrics(run)})
+    if caches:
+        scored = [score_runs(runs, cache, device, progress) for cache in caches]
+        metrics = [{label: scores[k] for label, scores in zip(labels, scored)} for k in range(len(runs))]
+    else:
+        metrics = [{None: recorded_metrics(run)} for run in runs]
     head_arg_keys = sorted({k for cfg in configs for k in (cfg.get("head_args") or {})})
     keys = ["head", *head_arg_keys] + [k for k in (*SETTING_KEYS, "cache") if k not in ("head", "head_args")]
-    differ = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
+    differ = [k for k in keys if len({json.dumps(flat.get(k)) for flat in settings}) > 1]
     group_keys = [k for k in differ if k != "seed"]
     groups: dict[str, list[int]] = {}
-    for i, s in enumerate(settings):
-        groups.setdefault(json.dumps([s.get(k) for k in group_keys]), []).append(i)
+    for i, flat in enumerate(settings):
+        groups.setdefault(json.dumps([flat.get(k) for k in group_keys]), []).append(i)
     rows = []
     for members in groups.values():
         row = {k: settings[members[0]].get(k) for k in group_keys}

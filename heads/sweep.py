@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from refseg.core.cli import say
 from refseg.core.device import resolve_device
 from refseg.core.errors import RefsegError, RunWriteError
 from refseg.core.memory import available_memory
@@ -215,12 +216,12 @@ def _start_ranks(ranks) -> None:
 def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | None) -> list[str]:
     """Train this rank's jobs in the passes of their plan (heads/sweep_plan.py); -> the heads that diverged."""
     the_plan = plan(jobs, specs, {job.name for job in jobs if _finished(job)}, budget)
-    _progress(progress, the_plan.lines()[0])
+    say(the_plan.lines()[0], enabled=progress)  # the sweep's own progress: its plan, then each pass
     failed, trained, started = [], the_plan.done, time.monotonic()
     for k, todo in enumerate(the_plan.passes, 1):
         s = todo[0].settings
-        _progress(progress, f"sweep pass {k}/{len(the_plan.passes)}: T={s.noise_t}, {len(todo)} heads "
-            f"({trained} of {the_plan.jobs} heads done before it{_eta(started, trained - the_plan.done, the_plan)})")
+        say(f"sweep pass {k}/{len(the_plan.passes)}: T={s.noise_t}, {len(todo)} heads ({trained} of {the_plan.jobs} "
+            f"heads done before it{_eta(started, trained - the_plan.done, the_plan)})", enabled=progress)
         trained += len(todo)
         device = s.device
         if ranks.active and resolve_device(device).type == "cuda":
@@ -237,13 +238,6 @@ def _train(jobs: list[Job], ranks, progress: bool, specs: dict, budget: int | No
             state.release()
         failed += [job.name for job, head in zip(todo, state.heads) if head.failed]
     return failed
-
-
-def _progress(progress: bool, line: str) -> None:
-    """The sweep's own progress (its plan, each pass: heads done of all, the time left) on stderr, apart from
-    the heads' epoch lines, each labelled with its run's name."""
-    if progress:
-        print(line, file=sys.stderr, flush=True)
 
 
 def _eta(started: float, trained_here: int, the_plan) -> str:

@@ -133,7 +133,7 @@ class TrainState:
         return None if not found else (found[0][0][1], found[0][1])
 
     def say(self, message: str) -> None:
-        say(self.progress, message)
+        progress_line(message, self.progress)
 
     def release(self) -> None:
         for head in self.heads:
@@ -482,11 +482,14 @@ def _preload_ok(preload, cache, names: list[str], text: bool, n: int, progress: 
     avail = available_memory()
     if auto and (avail is None or need * copies > avail / 2):
         return False
-    say(progress, f"preload: {need / 1e9:.2f} GB for {n} samples of {cache.path}"
-        + (f" ({avail / 1e9:.1f} GB available)" if avail else ""))
+    progress_line(f"preload: {need / 1e9:.2f} GB for {n} samples of {cache.path}"
+                  + (f" ({avail / 1e9:.1f} GB available)" if avail else ""), progress)
     return True
 
 
-def say(progress: bool, message: str) -> None:
-    if progress:
+def progress_line(message: str, enabled: bool) -> None:
+    """A line of training's progress, on stdout, unlike `refseg.core.cli.say`'s stderr: a training that
+    fails after it started leaves stderr to its one `error:` line (DESIGN.md §9), while the lines before
+    it (set-up, preload, resume, each epoch's loss and val metrics) stay the run's record on stdout."""
+    if enabled:
         print(message, flush=True)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from refseg.cache import FeatureDataset, open_cache
 from refseg.core.metrics import format_table
-from refseg.heads import build_head, run_dir, train
+from refseg.heads import build_head, compare, evaluate, run_dir, train
 from refseg.heads.cli_eval import main as eval_main
 from refseg.heads.scoring import score
 from refseg.heads.sweep import run_sweep
@@ -60,12 +60,28 @@ def test_trainings_logged_val_metrics_are_refseg_evals(caches, tmp_path, head, b
     _assert_logged_equals_eval(run, val_cache, tmp_path)
 
 
-def test_a_sweeps_heads_validated_together_log_what_refseg_eval_gives_each(caches, tmp_path):
-    grid = {"head": ["vpd", "film", "linear"], "noise_t": T, "hidden": 8, "epochs": 2, "lr": 1e-3,
-            "optimizer": "adam", "preload": True}
-    run_sweep(grid, *caches, tmp_path / "sweep", progress=False)
-    for head in grid["head"]:
-        _assert_logged_equals_eval(tmp_path / "sweep" / "runs" / f"head={head}", caches[1], tmp_path)
+@pytest.fixture(scope="module")
+def sweep(caches, tmp_path_factory):
+    """vpd, film and a text-blind film trained together: one val pass scores all three each epoch."""
+    out = tmp_path_factory.mktemp("scoring-sweep")
+    grid = {"head": ["vpd", "film"], "text_blind": [False, True], "noise_t": T, "hidden": 8, "epochs": 2,
+            "lr": 1e-3, "optimizer": "adam", "preload": True}
+    run_sweep(grid, *caches, out, progress=False)
+    return sorted((out / "runs").iterdir())
+
+
+def test_a_sweeps_heads_validated_together_log_what_refseg_eval_gives_each(sweep, caches, tmp_path):
+    assert len(sweep) == 4
+    for run in sweep:
+        _assert_logged_equals_eval(run, caches[1], tmp_path)
+
+
+@pytest.mark.parametrize("per_pass", [1, 3])
+def test_compare_scores_runs_together_as_refseg_eval_scores_each(sweep, caches, monkeypatch, per_pass):
+    monkeypatch.setattr(compare, "RUNS_PER_PASS", per_pass)  # passes of one run, and a pass of 3 then 1
+    together = compare.score_runs(sweep, caches[1], device="cpu")
+    assert together == [evaluate(run, caches[1], device="cpu") for run in sweep]
+    assert len({s["oIoU"] for s in together}) > 1  # the runs are told apart, not one run's numbers repeated
 
 
 def test_one_pass_over_several_heads_scores_each_as_alone(caches):
