@@ -42,6 +42,7 @@ def main(**options):
         fail(f"give one --text per --image (got {len(s.images)} images and {len(s.texts)} texts)")
     if not s.images and not s.pairs:
         fail("nothing to predict: give --image and --text, or --pairs CSV")
+    # deferred: the prediction imports torch and the backbones, and --help must be fast
     from refseg.study.predict import load_run, predict_loaded, read_pairs_csv, settings_record, write_predictions
 
     pairs = list(zip(s.images, s.texts)) + (read_pairs_csv(s.pairs) if s.pairs else [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
@@ -34,9 +35,7 @@ def main():
 @dataclass_options(AttentionProbeSettings)
 @user_errors
 def attention(**options):
-    from pathlib import Path
-
-    from refseg.study.probe import probe_attention, probe_table_csv, probe_table_md
+    from refseg.study.probe import probe_attention, probe_table_csv, probe_table_md  # deferred: torch; fast --help
 
     s = AttentionProbeSettings(**options)
     rows = probe_attention(s.cache, noise_ts=s.noise_ts or None, threshold=s.threshold)

@@ -20,6 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from refseg.cache import open_cache
+from refseg.core.refer import ReferDataset
+from refseg.core.transforms import mask_to_size
+from refseg.heads.evaluate import predict
+
 KINDS = ("right", "wrong object", "bad shape", "no object")
 HIT = 0.5  # P@0.5's threshold
 
@@ -51,8 +56,6 @@ class ImageObjects:
     """Every annotated object of a val image at the cache's mask size and rule, made once per image."""
 
     def __init__(self, cache, data_root: Path):
-        from refseg.core.refer import ReferDataset
-
         self.refer = ReferDataset(str(data_root), cache.extraction_record["dataset"]["dataset"])
         self.rule = cache.extraction_record["extraction"]["mask_rule"]
         self.size = cache.spec.image_size
@@ -60,8 +63,6 @@ class ImageObjects:
 
     def of(self, image_id: int) -> dict[int, np.ndarray]:
         """ann_id -> bool (S, S) mask, for every object of the image."""
-        from refseg.core.transforms import mask_to_size
-
         if image_id not in self._by_image:
             self._by_image[image_id] = {
                 ann_id: mask_to_size(self.refer.annotation_mask(ann_id, self.rule), self.size) != 0
@@ -77,9 +78,6 @@ class ImageObjects:
 
 def run_kinds(run, val_cache, objects: ImageObjects, device: str = "cpu") -> list[str]:
     """The kind of each val prediction of one run (its best checkpoint), in the cache's row order."""
-    from refseg.cache import open_cache
-    from refseg.heads.evaluate import predict
-
     cache = open_cache(val_cache)
     index = cache.index
     kinds = []
@@ -93,8 +91,6 @@ def run_kinds(run, val_cache, objects: ImageObjects, device: str = "cpu") -> lis
 def error_split(cells: list[dict], val_cache, data_root: Path, device: str = "cpu") -> list[dict]:
     """Per cell (head, T, no sentence or not): the split of its val predictions, mean over its seeds
     (each seed's percentages, then their mean), as {"head", "noise_t", "text_blind", "n_seeds", KINDS..., "n"}."""
-    from refseg.cache import open_cache
-
     rows, by_cache = [], {}
     for cell in cells:
         if not cell.get("runs"):

@@ -14,10 +14,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from refseg.core.metrics import TABLE_COLUMNS  # noqa: E402
-from refseg.core.transforms import to_rgb8  # noqa: E402
+from refseg.core.noise import add_noise, alphas_cumprod, make_noise  # noqa: E402
+from refseg.core.transforms import image_to_tensor, load_image, to_rgb8  # noqa: E402
+from refseg.heads.overlays import font, legend, overlay_image  # noqa: E402
 from refseg.heads.run_dir import read_metrics  # noqa: E402
 
 
@@ -25,7 +30,7 @@ from refseg.heads.run_dir import read_metrics  # noqa: E402
 # A cell is one (head, T, baseline or not) of the sweep: {"head", "noise_t", "text_blind", "n_seeds",
 # "<metric>_mean", "<metric>_std"} for each metric of TABLE_COLUMNS (refseg.heads.sweep's summary rows).
 # The demo's baseline cells (text_blind) are its no-sentence baseline: a text-blind head trained on the
-# empty prompt's features (study/demo.py).
+# empty prompt's features (study/demo_config.py, `DemoConfig.extractions`).
 BASELINE = "no sentence"
 
 
@@ -103,8 +108,6 @@ def plot_ablation(cells: list[dict], path, chance: dict | None = None, every_obj
 def plot_curves(groups: dict[str, list[Path]], path) -> Path:
     """Training loss and val oIoU per epoch, one line per group of runs (the seeds of one cell: their
     mean, with the band between the lowest and highest seed). Integer epoch ticks, a legend on each panel."""
-    from matplotlib.ticker import MaxNLocator
-
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, runs in groups.items():
         for ax, value in ((ax_loss, lambda m: m["loss"]),
@@ -143,11 +146,6 @@ def noise_strip(backbone, cache, row: int, noise_ts, image_path, path) -> Path:
     Uses the cache's own z0 and the same ε the extractor drew, so the strip shows exactly the inputs
     behind the stored features.
     """
-    import torch
-
-    from refseg.core.noise import add_noise, alphas_cumprod, make_noise
-    from refseg.core.transforms import image_to_tensor, load_image
-
     image_row = int(cache.index["image_row"][row])
     image_id = int(cache.index["image_id"][row])
     extraction = cache.extraction_record["extraction"]
@@ -178,7 +176,7 @@ def noise_strip(backbone, cache, row: int, noise_ts, image_path, path) -> Path:
 
 def pca_rgb(feature: np.ndarray) -> np.ndarray:
     """(C, H, W) -> (H, W, 3) in [0, 1]: the first three principal components of the pixels' features."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # deferred: scikit-learn is slow to import and only this view needs it
 
     c, h, w = feature.shape
     pixels = feature.reshape(c, h * w).T.astype(np.float32)
@@ -195,9 +193,6 @@ def pca_rgb(feature: np.ndarray) -> np.ndarray:
 def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """An attention map over an image: `heat` (h, w) normalised to [0, 1], upsampled (bilinear) to the
     image's (H, W, 3) in [0, 1], coloured with magma and alpha-blended where it is high."""
-    import torch
-    import torch.nn.functional as F
-
     heat = heat.astype(np.float32)
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
@@ -256,11 +251,6 @@ def overlay_grid(records: list[dict], cache, image_path_of, path, title: str, k:
 
     `records`: [{"row", "pred" (bool S×S), "iou"}]; `image_path_of(image_id)` gives the file.
     """
-    from PIL import ImageDraw
-
-    from refseg.core.transforms import load_image
-    from refseg.heads.overlays import font, legend, overlay_image
-
     ranked = sorted(records, key=lambda r: (-r["iou"], r["row"]))
     best, worst = ranked[:k], sorted(ranked[k:], key=lambda r: (r["iou"], r["row"]))[:k]
     size = cache.spec.image_size

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from refseg.backbones.loading import Backbone, load_backbone
+from refseg.core.cli import warn
 from refseg.core.errors import DataError, ModelError
 from refseg.core.noise import add_noise, alphas_cumprod, make_noise
 from refseg.core.precision import ieee_float32
@@ -35,6 +36,7 @@ from refseg.extract.pipeline import batch_invariant
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast
 from refseg.heads.evaluate import load_head
+from refseg.heads.overlays import overlay_image, save_png
 from refseg.heads.scoring import logits_to_mask
 
 # what refseg-extract stores latents, embeddings and features as (--cache-dtype; cache/layout.py CACHE_DTYPES)
@@ -199,8 +201,6 @@ def _predict_batch(loaded: LoadedRun, capture: UNetCapture, pairs, first: int, s
 
 def _warn_truncated(loaded: LoadedRun, pairs) -> None:
     """One warning line per sentence longer than the run's token length (it is cut, as extraction cuts it)."""
-    from refseg.core.cli import warn
-
     length = int(loaded.extraction["token_length"])
     for n, (image, text) in enumerate(pairs, 1):
         count = len(loaded.backbone.tokenizer(text, truncation=False, verbose=False)["input_ids"])
@@ -226,8 +226,6 @@ def _original_size(path) -> tuple[int, int]:
 # ---- files ----------------------------------------------------------------------------------------
 def write_predictions(predictions: list[Prediction], out, settings: dict) -> Path:
     """OUT/NNN_mask.png (0/255, original size), OUT/NNN_overlay.png, and OUT/predictions.json."""
-    from refseg.heads.overlays import overlay_image, save_png
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -34,7 +34,12 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from refseg.backbones.families.unet import tokenizer_sha256
+from refseg.backbones.tokenizer_vocab import build_tokenizer
+from refseg.cache.reader import Cache, open_cache
 from refseg.core.errors import CacheError, ModelError, RefsegError
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05, 0.10, ..., 0.95
@@ -62,14 +67,12 @@ def load_tokenizer(backbone: dict):
         raise ModelError(f"the attention probe reads CLIP tokens (families sd, sd2, sdxl); the cache's backbone "
                          f"{model!r} is family {family!r}")
     if model == "tiny-synth" or kind in ("tiny", "tiny-synth") or model.startswith("tiny"):
-        from refseg.backbones.tokenizer_vocab import build_tokenizer
-
         tokenizer = build_tokenizer()
     else:
         source = (backbone.get("model_config") if kind == "file" else model) or ""
         folder = Path(source) / "tokenizer" if source else None
         try:
-            from transformers import CLIPTokenizer
+            from transformers import CLIPTokenizer  # deferred: transformers is slow to import; tiny models skip it
 
             if folder is not None and folder.is_dir():
                 tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -82,8 +85,6 @@ def load_tokenizer(backbone: dict):
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     recorded = backbone.get("tokenizer_sha256")
     if recorded:
-        from refseg.backbones.families.unet import tokenizer_sha256
-
         if tokenizer_sha256(tokenizer) != recorded:
             raise ModelError(f"the tokenizer found for {model!r} is not the one the cache was extracted with "
                              "(tokenizer_sha256 differs)")
@@ -117,9 +118,6 @@ def content_tokens(tokenizer, input_ids, attention_mask) -> np.ndarray:
 # ---- the measures -------------------------------------------------------------------------------
 
 def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(maps.astype(np.float32))[:, None]
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
 
@@ -176,8 +174,6 @@ def probe_attention(cache, noise_ts=None, threshold: float | None = None, tokeni
     their chances are fractions in [0, 1]. `threshold` fixes the mIoU threshold (default: the best of
     `THRESHOLDS`, an upper bound). CacheError when the cache has no attention tensors or lacks a level;
     ModelError when its tokenizer cannot be loaded."""
-    from refseg.cache.reader import Cache, open_cache
-
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if cache.extraction_record["extraction"].get("prompt", "sentence") != "sentence":
         prompt = cache.extraction_record["extraction"]["prompt"]

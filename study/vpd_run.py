@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import refseg.core
 from refseg.backbones.loading import load_backbone
 from refseg.backbones.vpd_import import write_vpd_backbone
 from refseg.core.errors import ModelError, RunError
@@ -81,8 +82,6 @@ def vpd_extraction_config(model: str, image_size: int, token_length: int, dtype:
 def _write_run(run: Path, head, spec, settings: dict, checkpoint, base_model: str) -> None:
     """config.json with the keys `refseg-eval --run` reads (as heads/train_setup.py writes them), and
     head.safetensors; no best.safetensors (`--checkpoint best` falls back to it)."""
-    import refseg.core
-
     run.mkdir(parents=True, exist_ok=True)  # import_vpd checked that OUT was new or empty
     settings = {"backbone": settings["backbone"], "extraction": settings["extraction"], "dataset": None}
     config = {
