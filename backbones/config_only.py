@@ -56,6 +56,7 @@ def config_folder(model: str, model_config: str | None) -> str | None:
 def _cached_hub_folder(repo_id: str) -> str | None:
     """The local Hugging Face cache's snapshot of `repo_id` (never the network), or None."""
     try:
+        # deferred: heavy, and only a model whose configs are on the machine needs it
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id, local_files_only=True)
@@ -78,6 +79,7 @@ def _component(folder: str, name: str):
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if "_diffusers_version" in config:  # a diffusers model: built empty, its config holds every default
+        # deferred: heavy, and only a model whose configs are on the machine needs it
         import diffusers
 
         with torch.device("meta"):

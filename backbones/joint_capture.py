@@ -42,6 +42,7 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def _rope(x: torch.Tensor, rotary, rows: slice) -> torch.Tensor:
     """FLUX's rotary embedding on (B, S, heads, head_dim) for joint-sequence positions `rows`."""
+    # deferred: diffusers is heavy and the family registry imports this module
     from diffusers.models.embeddings import apply_rotary_emb
 
     cos, sin = rotary

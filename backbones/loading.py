@@ -259,6 +259,7 @@ def _offline() -> bool:
 def _quiet():
     """Silence diffusers/transformers while loading: their progress bars and advice (install
     accelerate, torchvision...) are noise in a tool whose output is its own progress bar."""
+    # deferred: heavy, and config_only and the plan import this module without loading a model
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -311,6 +312,7 @@ def _load_folder(path: str, dtype: torch.dtype) -> tuple[Family, dict]:
 
 
 def _hub_components(repo_id: str, dtype: torch.dtype, local_files_only: bool) -> tuple[Family, dict]:
+    # deferred: heavy, and config_only and the plan import this module without loading a model
     from diffusers import DiffusionPipeline
 
     try:
@@ -350,6 +352,7 @@ def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     missing config.json. One TCP connection to HF_ENDPOINT (or to the HTTPS proxy, when one is set)
     says it at once; the name lookup runs in a thread so a hanging resolver cannot stall it either.
     """
+    # deferred: heavy, and config_only and the plan import this module without loading a model
     from huggingface_hub import constants
 
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
@@ -406,6 +409,7 @@ def _checkpoint_family(path: str) -> Family:
 def _check_checkpoint_file(path: str) -> None:
     """Refuse a file that is not a checkpoint at all before diffusers looks for configs."""
     if path.endswith(".safetensors"):
+        # deferred: heavy, and config_only and the plan import this module without loading a model
         from safetensors import safe_open
 
         try:

@@ -33,6 +33,7 @@ def unigram_vocab(words=None) -> list[tuple[str, float]]:
 
 def build_t5_tokenizer(words=None, model_max_length: int = 512):
     """A `transformers` T5 tokenizer (fast) over the local vocabulary, built in memory."""
+    # deferred: heavy, and the family registry imports this module
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 

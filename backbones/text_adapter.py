@@ -3,7 +3,7 @@
 VPD (`vpd/models.py` `TextAdapterRefer`, `refer/models_refer/model.py`) trains an MLP (Linear, GELU,
 Linear) and a per-channel scale `gamma` with the UNet. A backbone folder carries them as an optional
 part, `text_adapter/` (`adapter.safetensors` + `config.json`), beside the diffusers components; a
-folder without it loads exactly as before (no adapter, nothing added to the identity).
+folder without it loads as a plain diffusers folder (no adapter, nothing added to the identity).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class TextAdapter(nn.Module):
 
 
 def save_text_adapter(adapter: TextAdapter, backbone_folder) -> Path:
+    # deferred: only a folder with a text adapter needs it
     from safetensors.torch import save_file
 
     folder = Path(backbone_folder) / FOLDER
@@ -52,6 +53,7 @@ def load_text_adapter(backbone_folder) -> TextAdapter | None:
     folder = Path(backbone_folder) / FOLDER
     if not folder.exists():
         return None
+    # deferred: only a folder with a text adapter needs it
     from safetensors.torch import load_file
 
     try:

@@ -73,6 +73,7 @@ def build_sd_parts(seed: int, tokenizer, unet_config: dict, text_config: dict, s
     """A random SD-topology backbone (this file's VAE; `unet_config`, a CLIP text encoder of `text_config`):
     each component built right after `torch.manual_seed` (seed, seed + 1, seed + 2), so the same seed
     gives the same weights, byte for byte. Shared by `tiny` and `tiny-sd2`."""
+    # deferred: heavy, and the family registry imports this module
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

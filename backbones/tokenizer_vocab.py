@@ -21,9 +21,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # The whole-word tokens, frozen as written: the vocabulary's size and every token id follow from
 # this list, and they decide the tiny backbones' text-encoder weights, so every tiny cache's
-# fingerprint. It is the synthetic world's word list as it was when they were made; a word added
-# there later still tokenizes (in pieces), and tests/test_synthetic.py fails until it is added here
-# on purpose (which makes new tiny weights).
+# fingerprint. It is the word list the tiny weights were made with, not read from the synthetic
+# world: a word the world adds still tokenizes (in pieces), and tests/test_synthetic.py fails until
+# it is added here on purpose (which makes new tiny weights).
 WORDS = (
     "a", "above", "and", "at", "below", "big", "blue", "bottom", "circle", "diamond", "green", "in", "left",
     "middle", "next", "of", "on", "one", "orange", "purple", "red", "right", "shape", "small", "square", "star",
@@ -87,6 +87,7 @@ def build_vocab(words=None) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_tokenizer(words=None, model_max_length: int = 77):
     """A `transformers.CLIPTokenizer` over the local vocabulary (built in memory)."""
+    # deferred: transformers is heavy and the family registry imports this module
     from transformers import CLIPTokenizer
 
     vocab, merges = build_vocab(words)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 from refseg.backbones.loading import Backbone, load_backbone, save_backbone
 from refseg.backbones.safe_checkpoint import read_checkpoint, saved_args
@@ -104,8 +105,6 @@ def _missing_keys(state: dict) -> list[str]:
 
 def build_backbone(ck: VPDCheckpoint, base: Backbone) -> tuple[Backbone, TextAdapter]:
     """`base` with VPD's UNet and VAE encoder loaded into it (in place), and VPD's adapter."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
     unet_state = convert_ldm_unet_checkpoint(ck.unet, dict(base.unet.config))
     _load_into(base.unet, unet_state, "UNet", strict=True)
     vae_state = convert_ldm_vae_checkpoint(ck.vae, dict(base.vae.config))

@@ -210,6 +210,7 @@ def applied(runtime: RuntimeSettings):
     threads = runtime.threads or default_threads()
     restore = None
     if "torch" in sys.modules:
+        # only when the command has imported it already (it is heavy)
         import torch
 
         restore = torch.get_num_threads()
@@ -229,6 +230,7 @@ def applied(runtime: RuntimeSettings):
             else:
                 os.environ[key] = value
         if restore is not None:
+            # only when the command has imported it already (it is heavy)
             import torch
 
             torch.set_num_threads(restore)

@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from refseg.core.cli import user_errors
-from refseg.core.paths import check_output_path
 from refseg.core.errors import DataError
+from refseg.core.paths import check_output_path
+from refseg.core.refer import ReferDataset
+from refseg.core.synthetic import DATASET_NAME, existing_dataset, generate
 
 
 @click.group(name="refseg-data")
@@ -32,8 +34,6 @@ def synth(out: Path, images: int, seed: int, image_size: int, overwrite: bool):
 
     Then: refseg-data info --data-root OUT --dataset refcoco-synth
     """
-    from refseg.core.synthetic import DATASET_NAME, existing_dataset, generate
-
     check_output_path(out / DATASET_NAME, "the dataset")
     found = existing_dataset(out)
     if found and not overwrite:
@@ -64,7 +64,6 @@ def info(data_root: Path, dataset: str, split_by: str, image_root: Path | None):
 
 
 def _load(data_root, dataset, split_by, image_root):
-    from refseg.core.refer import ReferDataset
 
     return ReferDataset(data_root, dataset, split_by=split_by, image_root=image_root)
 

@@ -157,7 +157,7 @@ class NoiseInput:
     sigma: float | None = None
 
     def to_attrs(self) -> dict:
-        """The noise group's attributes (`noise_t` and `timestep` as stores before them had them)."""
+        """The noise group's attributes (`noise_t` and `timestep` too, the two every store's readers know)."""
         attrs = {"noise_t": self.level, "timestep": self.model_timestep, "kind": self.kind, "snr": self.snr,
                  "model_timestep": self.model_timestep, "given": "t" if self.t is not None else "sigma"}
         attrs["alpha_bar" if self.kind == DDPM else "sigma"] = self.alpha_bar if self.kind == DDPM else self.sigma
@@ -232,9 +232,9 @@ def _single(t: int, abar: torch.Tensor) -> torch.Tensor:
 
 
 def recorded_noise(attrs: dict, backbone_settings: dict) -> dict:
-    """A noise group's ᾱ/σ, SNR, model timestep and kind: as recorded, or for a group written before they
-    were (DDPM, SD-family) computed from the store's recorded scheduler settings; keys "not recorded"
-    where neither is possible."""
+    """A noise group's ᾱ/σ, SNR, model timestep and kind: as recorded, or for a group that records only
+    `noise_t` and `timestep` (DDPM, SD-family) computed from the store's recorded scheduler settings;
+    keys "not recorded" where neither is possible."""
     if "kind" in attrs:
         return {k: attrs.get(k) for k in ("kind", "alpha_bar", "sigma", "snr", "model_timestep", "given")
                 if k in attrs}

@@ -87,6 +87,7 @@ class SDXLFamily(UNetFamily):
         return 1024
 
     def text_encoder_class(self, name: str):
+        # deferred: diffusers and transformers are heavy and the family registry is imported without them
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         return CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel

@@ -51,6 +51,7 @@ def build_clip(config: dict, tokenizer, cls_name: str):
 
 def build_t5(tokenizer, **overrides):
     """A random T5 encoder (`TINY_T5_CONFIG` with `overrides`) sized to `tokenizer` (the tiny models)."""
+    # deferred: heavy (see the module doc)
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -60,6 +61,7 @@ def build_t5(tokenizer, **overrides):
 
 def scheduler_config(**config) -> dict:
     """A FlowMatchEulerDiscreteScheduler config as `load_config` returns it (with its class name)."""
+    # deferred: heavy (see the module doc)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     cfg = {k: v for k, v in FlowMatchEulerDiscreteScheduler(**config).config.items() if not k.startswith("_")}
@@ -99,6 +101,7 @@ class TransformerFamily(Family):
 
     # ---- loading and saving ----------------------------------------------------------------------
     def load(self, source: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+        # deferred: heavy (see the module doc)
         import diffusers
         import transformers
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -125,6 +128,7 @@ class TransformerFamily(Family):
     def load_single_file(self, path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
         """The pipeline class's `from_single_file`: a whole original checkpoint, or the transformer alone
         (FLUX's flux1-dev.safetensors) with the other components from `--model-config`."""
+        # deferred: heavy (see the module doc)
         import diffusers
 
         pipeline = getattr(diffusers, self.pipeline_class)
@@ -141,6 +145,7 @@ class TransformerFamily(Family):
         return parts
 
     def save(self, components: dict, folder) -> None:
+        # deferred: heavy (see the module doc)
         import diffusers
 
         folder = Path(folder)

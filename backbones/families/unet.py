@@ -86,6 +86,7 @@ class UNetFamily(Family):
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self, source: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+        # deferred: heavy (see the module doc)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTokenizer
 
@@ -113,11 +114,13 @@ class UNetFamily(Family):
         return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)
 
     def text_encoder_class(self, name: str):
+        # deferred: heavy (see the module doc)
         from transformers import CLIPTextModel
 
         return CLIPTextModel
 
     def load_single_file(self, path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
+        # deferred: heavy (see the module doc)
         import diffusers
 
         pipeline = getattr(diffusers, self.pipeline_class)
@@ -135,6 +138,7 @@ class UNetFamily(Family):
         return parts
 
     def save(self, components: dict, folder) -> None:
+        # deferred: heavy (see the module doc)
         import diffusers
 
         folder = Path(folder)
