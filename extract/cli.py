@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 
 import click
-from refseg.core.cli import dataclass_options, fail, say, user_errors, warn
+from refseg.core.cli import Resumable, fail, say, user_errors, warn
+from refseg.core.options import dataclass_options
 from refseg.extract.config import PRESETS, ExtractionConfig, with_preset
+
+ON_INTERRUPT = Resumable("the shards written so far are kept in {out}")  # what Ctrl-C keeps
 
 SIZE_NOTE = (
     "Disk: Stable Diffusion 1.5 at 512 px with 40 tokens stores about 4.8 MB per sample per noise level "

@@ -1,6 +1,6 @@
 """The settings of one extraction run: each field once, with its default and its `refseg-extract` help.
 
-`extract/cli.py` generates its options from these fields (`refseg.core.cli.dataclass_options`), so
+`extract/cli.py` generates its options from these fields (`refseg.core.options.dataclass_options`), so
 a default is written here and nowhere else. No torch here: `refseg-extract --help` stays instant.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import click
 
-from refseg.core.cli import cli, fail
+from refseg.core.cli import fail
+from refseg.core.options import cli
 from refseg.core.errors import RefsegError
 
 MAX_NOISE_GROUP = 9999  # tNNNN: four digits (cache/layout.py)

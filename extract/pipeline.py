@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from refseg.backbones.loading import Backbone, load_backbone
 from refseg.cache.fingerprint import dataset_sha256
 from refseg.cache.writer import CacheWriter
-from refseg.core.cli import describe_os_error, is_path_error
+from refseg.core.os_errors import describe_os_error, is_path_error
 from refseg.core.paths import check_output_path
 from refseg.core.errors import CacheError, CacheWriteError, DataError, NonFiniteError
 from refseg.core.feature_spec import FeatureSpec

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from refseg.core.cli import current_runtime, dataclass_options, user_errors
+from refseg.core.cli import current_runtime, user_errors
+from refseg.core.options import dataclass_options
 from refseg.heads.compare import format_markdown, run_comparison, write_table
 from refseg.heads.settings import CompareSettings
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from refseg.core.cli import current_runtime, dataclass_options, say, user_errors
+from refseg.core.cli import current_runtime, say, user_errors
+from refseg.core.options import dataclass_options
 from refseg.core.metrics import format_table
 from refseg.heads.evaluate import evaluate_run
 from refseg.heads.settings import EvalSettings

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from refseg.core.cli import current_runtime, dataclass_options, say, user_errors
+from refseg.core.cli import Resumable, current_runtime, say, user_errors
+from refseg.core.options import dataclass_options
 from refseg.heads.distributed import Ranks
 from refseg.heads.settings import SweepSettings
 from refseg.heads.sweep import SUMMARY_MD, run_sweep_settings
 from refseg.heads.sweep_grid import RUNS
+
+ON_INTERRUPT = Resumable("the heads' completed epochs are kept under {out}")  # what Ctrl-C keeps
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

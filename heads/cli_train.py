@@ -7,11 +7,14 @@ import json
 import click
 
 from refseg.cache.store import Coverage
-from refseg.core.cli import current_runtime, dataclass_options, user_errors
+from refseg.core.cli import Resumable, current_runtime, user_errors
 from refseg.core.metrics import format_table
+from refseg.core.options import dataclass_options
 from refseg.heads.distributed import Ranks
 from refseg.heads.settings import TrainSettings
 from refseg.heads.train import run_training
+
+ON_INTERRUPT = Resumable("the epochs completed so far are kept in {out}", "--resume")  # what Ctrl-C keeps
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

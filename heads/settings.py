@@ -1,7 +1,7 @@
 """The settings of training, evaluation, sweeps and comparisons: one source for every default of the
 Python API (`train`, `evaluate`, `predict`, `run_sweep`, `compare`) and of the commands
 (`refseg-train-head`, `refseg-eval`, `refseg-sweep`, `refseg-compare`), whose options are generated
-from these fields (`refseg.core.cli.dataclass_options`)."""
+from these fields (`refseg.core.options.dataclass_options`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import cli
+from refseg.core.options import cli
 from refseg.core.errors import RefsegError
 from refseg.core.paths import check_writable
 from refseg.heads import run_dir

@@ -1,17 +1,21 @@
-"""Shared command-line plumbing: what every refseg command does the same way.
+"""The command wrapper: what every refseg command does the same way (`user_errors`).
 
-- User errors become one line on stderr and exit 2 (`fail`, `user_errors`).
-- Ctrl-C prints what was kept and how to go on, and exits 130; SIGTERM the same, exit 143 (`user_errors`).
+- User errors become one line on stderr and exit 2 (`fail`, `user_errors`); an OSError says whether
+  the path or the disk is at fault (`refseg.core.os_errors`).
+- Ctrl-C prints what was kept and how to go on, and exits 130; SIGTERM the same, exit 143. What a
+  command keeps is its module's `ON_INTERRUPT` (a `Resumable`); a command without one keeps nothing.
 - `--threads N` and `--quiet` exist on every command (`user_errors` adds them; `RuntimeSettings`).
-- Options are generated from a settings dataclass (`dataclass_options`, `cli`).
+- Progress lines and warnings go to stderr (`say`, `warn`).
+
+A command's options are generated from its settings dataclass by `refseg.core.options`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
+import importlib
 import inspect
 import os
 import shlex
@@ -21,7 +25,10 @@ import threading
 from dataclasses import dataclass, field
 
 import click
+
 from refseg.core.errors import RefsegError
+from refseg.core.options import cli, dataclass_options
+from refseg.core.os_errors import describe_os_error, is_path_error
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
@@ -67,94 +74,6 @@ def say(message: str, enabled: bool | None = None) -> None:
     that stdout holds a command's results alone. `enabled` None: the running command's --quiet decides."""
     if current_runtime().progress if enabled is None else enabled:
         click.echo(" ".join(str(message).split()), err=True)
-
-
-# ---- OS errors, said in the user's terms ---------------------------------------------------------
-# A bad path or a missing permission is fixed by choosing another path; a full or failing disk by
-# freeing space or repairing it. The errno says which, and the advice must match it.
-PATH_ERRNOS = {
-    errno.ENOTDIR: "a part of the path is a file, not a folder",
-    errno.EISDIR: "it is a folder",
-    errno.ENOENT: "no such file or folder",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-    errno.ENAMETOOLONG: "file name too long",
-    errno.ELOOP: "too many levels of symbolic links",
-    errno.EEXIST: "it exists already",
-}
-
-
-def is_path_error(exc: OSError) -> bool:
-    """Whether `exc` comes from the path itself (bad, forbidden, read-only), not from the disk's state."""
-    return exc.errno in PATH_ERRNOS
-
-
-def describe_os_error(exc: OSError) -> str:
-    """`exc` in one line: its cause in words, its errno name, the file it names."""
-    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
-    cause = PATH_ERRNOS.get(exc.errno) or " ".join(str(exc.strerror or exc).split())
-    where = f" ({exc.filename})" if exc.filename else ""
-    return f"{cause}{' [' + code + ']' if code else ''}{where}"
-
-
-# ---- options generated from a dataclass ---------------------------------------------------------
-# One source for each default: a command's settings are a dataclass's fields, and its click options
-# are generated from them, so a default or a help text is written once (at the field).
-
-
-def cli(help: str = "", *, flag: str | None = None, type=None, multiple: bool = False,
-        show_default=True) -> dict:
-    """Field metadata saying how the field appears on the command line.
-
-        batch_size: int = field(default=4, metadata=cli("Samples per forward pass."))
-
-    `flag` overrides the option's name (default `--field-name`); `type` is a click type (default
-    from the annotation: int, float, str, bool; `X | None` allows None); `multiple` repeats it;
-    `show_default` may be a string, shown instead of the value (for a default that is computed).
-    """
-    return {"cli": {"help": help, "flag": flag, "type": type, "multiple": multiple, "show_default": show_default}}
-
-
-_SCALARS = {"int": int, "float": float, "str": str}
-
-
-def _click_type(annotation) -> type | None:
-    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    name = name.replace(" | None", "").replace("None | ", "").strip()
-    return _SCALARS.get(name)
-
-
-def dataclass_options(cls, *, skip=()):
-    """Decorate a click command with one option per field of dataclass `cls` (except `skip`).
-
-    A field without a default is a required option; a bool field is an `--x/--no-x` switch (an
-    `is_flag` when its default is False and `flag` names one spelling). The command receives each
-    value under the field's name, so `cls(**{f: opts[f] ...})` builds the settings.
-    """
-
-    def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name in skip:
-                continue
-            meta = f.metadata.get("cli", {})
-            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-            kwargs = {"help": meta.get("help", ""), "show_default": meta.get("show_default", True)}
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                kwargs.update(required=True, show_default=False)
-            else:
-                kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            is_bool = _click_type(f.type) is None and str(f.type).startswith("bool")
-            if is_bool and meta.get("flag"):
-                fn = click.option(flag, f.name, is_flag=True, **kwargs)(fn)
-            elif is_bool:
-                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kwargs)(fn)
-            else:
-                kind = meta.get("type") or _click_type(f.type)
-                fn = click.option(flag, f.name, type=kind, multiple=meta.get("multiple", False), **kwargs)(fn)
-        return fn
-
-    return decorate
 
 
 # ---- the options every command has ---------------------------------------------------------------
@@ -261,14 +180,14 @@ _SHARED_NAMES = tuple(f.name for f in dataclasses.fields(RuntimeSettings))
 
 
 # ---- Ctrl-C -------------------------------------------------------------------------------------
-# What a command keeps when it is interrupted, and how to go on (by the module of its command body).
-# Commands not listed keep nothing of use. "rerun": the same command resumes; else the argument to add.
-RESUMABLE = {
-    "refseg.extract.cli": ("the shards written so far are kept in {out}", "rerun"),
-    "refseg.heads.cli_train": ("the epochs completed so far are kept in {out}", "--resume"),
-    "refseg.heads.cli_sweep": ("the heads' completed epochs are kept under {out}", "rerun"),
-    "refseg.study.cli": ("the caches and runs finished so far are kept under {out}", "rerun"),
-}
+@dataclass(frozen=True)
+class Resumable:
+    """What a command keeps when it is interrupted, and how to go on: the `ON_INTERRUPT` of the module
+    holding its command body. `kept` may name `{out}` (the --out given); `how` is "rerun" (the same
+    command resumes) or the option to add (e.g. "--resume"). A module without one keeps nothing of use."""
+
+    kept: str
+    how: str = "rerun"
 
 
 def command_line(ctx: click.Context, extra: str | None = None) -> str:
@@ -312,14 +231,15 @@ def _as_words(param: click.Parameter, value) -> list[str]:
 
 
 def interrupted_message(module: str, options: dict, ctx: click.Context | None) -> str:
-    """What `user_errors` prints on Ctrl-C: what was kept, and the command that goes on from there."""
-    if module not in RESUMABLE:
+    """What `user_errors` prints on Ctrl-C: what was kept (the `ON_INTERRUPT` of `module`, the command
+    body's), and the command that goes on from there."""
+    resumable = vars(importlib.import_module(module)).get("ON_INTERRUPT")
+    if resumable is None:
         return "interrupted: nothing was kept"
-    kept, how = RESUMABLE[module]
     out = options.get("out") or "the output"
-    extra = None if how == "rerun" else how
+    extra = None if resumable.how == "rerun" else resumable.how
     again = command_line(ctx, extra) if ctx else "the same command" + (f" with {extra}" if extra else "")
-    return f"interrupted: {kept.format(out=out)}; to resume, run: {again}"
+    return f"interrupted: {resumable.kept.format(out=out)}; to resume, run: {again}"
 
 
 # ---- the command body ---------------------------------------------------------------------------

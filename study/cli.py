@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import dataclass_options, user_errors
+from refseg.core.cli import Resumable, user_errors
+from refseg.core.options import dataclass_options
 from refseg.study.demo_config import NOT_OPTIONS, DemoConfig
+
+ON_INTERRUPT = Resumable("the caches and runs finished so far are kept under {out}")  # what Ctrl-C keeps
 
 
 @click.group(help="Studies over the whole pipeline (the demo: the report's Table 4 noise ablation, with seeds).")

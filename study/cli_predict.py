@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import click
 
-from refseg.core.cli import cli, dataclass_options, fail, user_errors
+from refseg.core.cli import fail, user_errors
+from refseg.core.options import cli, dataclass_options
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import cli, dataclass_options, user_errors
+from refseg.core.cli import user_errors
+from refseg.core.options import cli, dataclass_options
 
 
 @dataclass(kw_only=True)

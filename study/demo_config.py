@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import cli
+from refseg.core.options import cli
 from refseg.core.errors import RefsegError
 from refseg.extract.config import ExtractionConfig
 

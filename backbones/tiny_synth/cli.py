@@ -7,7 +7,8 @@ import sys
 import click
 import torch
 
-from refseg.core.cli import dataclass_options, user_errors
+from refseg.core.cli import user_errors
+from refseg.core.options import dataclass_options
 from refseg.backbones.tiny_synth.config import TrainConfig
 from refseg.backbones.tiny_synth.train_ground import GroundConfig
 
