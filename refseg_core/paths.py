@@ -34,7 +34,7 @@ def check_output_path(path, what: str, flag: str = "--out") -> None:
     Catches the common bad paths (a file where the folder or one of its parents should be, a folder
     without write permission, a read-only file system) by looking, not by writing: nothing is created
     here. Whatever this cannot foresee is still said in the same terms when the write fails
-    (`describe_os_error`, `user_errors`).
+    (`refseg.core.os_errors.describe_os_error`, `user_errors`).
     """
     path = os.fspath(path)
     if "://" in path and not path.startswith("file://"):
