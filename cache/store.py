@@ -1,9 +1,10 @@
 """`Store`: what the reader (`Cache`) and the writer (`CacheWriter`) share about an opened store.
 
 The root attributes are parsed here, once, into typed fields: format version, fingerprint, the
-extraction record (the backbone, extraction and dataset dicts), spec, sample selection, shard size and codec. Every one of them is written when the
-store is created (`CacheWriter._create`), so none has a default. The sample index is read and the
-per-sample data arrays are opened once; noise groups are looked up on demand.
+extraction record (the backbone, extraction and dataset dicts), spec, sample selection, shard size
+and codec. Every one of them is written when the store is created (`CacheWriter._create`), so none
+has a default. The sample index is read and the per-sample data arrays are opened once; noise groups
+are looked up on demand.
 
 Data is read through the store's engine (cache/engine.py) and named alike for the reader and the
 writer (`latents`, `embeddings`, `pooled`, `attention_mask`, `input_ids`, `gt`). A chunk that is
