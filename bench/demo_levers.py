@@ -78,21 +78,9 @@ def prepare(cfg, sentences: str = "all") -> tuple[dict, float]:
     return caches, time.perf_counter() - start
 
 
-def cells_of(rows: list[dict], runs_dir: Path, val_cache: Path, text_blind: bool) -> list[dict]:
-    from refseg.study.demo import runs_by_cell
-
-    runs = runs_by_cell(runs_dir)
-    cells = []
-    for row in rows:
-        key = (row["head"], int(row["noise_t"]), text_blind)
-        stds = {k: float("nan") if row[k] == "" else float(row[k]) for k in row if k.endswith("_std")}
-        cells.append(dict(row, **stds, noise_t=int(row["noise_t"]), text_blind=text_blind, val_cache=str(val_cache),
-                          runs=[str(p) for p in runs.get(key, [])]))
-    return cells
-
-
 def measure(cfg, caches: dict, lever: str, work: Path) -> dict:
     from refseg.heads.sweep import run_sweep
+    from refseg.study.demo import cells_of
     from refseg.study.errors import error_split
     from refseg.study.references import every_object_samples, scores
 

@@ -130,16 +130,22 @@ def sweep(cfg: DemoConfig, caches: dict, out: Path, heads, *, text_blind: bool) 
     runs of each row under "runs" (paths, by seed)."""
     rows = run_sweep(cfg.grid(heads, text_blind), caches["train"], caches["val"], out, data_seed=cfg.seed,
                      progress=cfg.progress, threads=cfg.threads, processes=cpu_processes(cfg))
-    runs = runs_by_cell(out / "runs")
+    cells = cells_of(rows, out / "runs", caches["val"], text_blind)
+    order = {(h, t): k for k, (h, t) in enumerate(itertools.product(cfg.heads, cfg.noise_ts))}
+    return sorted(cells, key=lambda c: order[(c["head"], c["noise_t"])])
+
+
+def cells_of(rows: list[dict], runs_dir: Path, val_cache: Path, text_blind: bool) -> list[dict]:
+    """A sweep's summary rows as the study's cells: each std a float (NaN for one seed, which the summary
+    leaves empty), T an int, and the runs of each (head, T) under "runs" (paths, by seed)."""
+    runs = runs_by_cell(runs_dir)
     cells = []
     for row in rows:
         key = (row["head"], int(row["noise_t"]), text_blind)
-        stds = {k: float("nan") if row[k] == "" else float(row[k]) for k in row if k.endswith("_std")}  # '': 1 seed
-        cells.append(dict(row, **stds, head=row["head"], noise_t=int(row["noise_t"]), text_blind=text_blind,
-                          val_cache=str(caches["val"]),
+        stds = {k: float("nan") if row[k] == "" else float(row[k]) for k in row if k.endswith("_std")}
+        cells.append(dict(row, **stds, noise_t=int(row["noise_t"]), text_blind=text_blind, val_cache=str(val_cache),
                           runs=[str(p) for p in runs.get(key, [])]))
-    order = {(h, t): k for k, (h, t) in enumerate(itertools.product(cfg.heads, cfg.noise_ts))}
-    return sorted(cells, key=lambda c: order[(c["head"], c["noise_t"])])
+    return cells
 
 
 def runs_by_cell(runs_dir: Path) -> dict[tuple, list[Path]]:
