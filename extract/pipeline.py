@@ -24,7 +24,6 @@ together before the UNet stage, which needs every latent its samples use.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from refseg.backbones.loading import Backbone, load_backbone
 from refseg.cache.fingerprint import dataset_sha256
 from refseg.cache.writer import CacheWriter
+from refseg.core.cli import say
 from refseg.core.os_errors import describe_os_error, is_path_error
 from refseg.core.paths import check_output_path
 from refseg.core.errors import CacheError, CacheWriteError, DataError, NonFiniteError
@@ -204,9 +204,9 @@ class Extraction:
                     continue  # something was computed here: look again
             if time.monotonic() > deadline:
                 raise self._waited_too_long(images, texts)
-            if not said and self.cfg.progress:
-                tqdm.write(f"waiting for other processes to store {len(images)} image shards and {len(texts)} "
-                           "sentence shards ...", file=sys.stderr)
+            if not said:
+                say(f"waiting for other processes to store {len(images)} image shards and {len(texts)} "
+                    "sentence shards ...", enabled=self.cfg.progress)
                 said = True
             time.sleep(WAIT_POLL_SECONDS)
 
