@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from refseg.cache import FeatureDataset
 from refseg.cache.fingerprint import check_dataset_unchanged
+from refseg.core.cli import warn
 from refseg.core.device import resolve_device
 from refseg.core.errors import CacheMismatchError, RefsegError, RunError
 from refseg.core.feature_spec import FeatureSpec
@@ -235,7 +235,7 @@ def _union_masks(refer, index):
 
 def _warn(caveats: list[Caveat]) -> None:
     for caveat in caveats:
-        print(f"warning: {caveat.message}", file=sys.stderr, flush=True)
+        warn(caveat.message)
 
 
 def _check_outputs(s: EvalSettings) -> None:

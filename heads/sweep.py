@@ -52,13 +52,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from refseg.core.cli import say
+from refseg.core.cli import say, warn
 from refseg.core.device import resolve_device
 from refseg.core.errors import RefsegError, RunWriteError
 from refseg.core.memory import available_memory
@@ -140,8 +139,8 @@ def run_sweep_settings(s: SweepSettings, *, progress: bool = True, threads: int 
         ranks.stop()
         torch.set_num_threads(restore)
     if failed:  # said, not raised: the other heads' results stand
-        print(f"warning: {len(failed)} of {len(jobs)} heads diverged and stopped early ({', '.join(failed)}); the "
-              "summary leaves them out", file=sys.stderr, flush=True)
+        warn(f"{len(failed)} of {len(jobs)} heads diverged and stopped early ({', '.join(failed)}); the summary "
+             "leaves them out")
     return rows
 
 

@@ -22,11 +22,11 @@ each batch to every head of the state: one head for `refseg-train-head`, K for a
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
 
+from refseg.core.cli import warn
 from refseg.core.errors import RunError, RunWriteError
 from refseg.heads import run_dir
 from refseg.heads.batches import autocast, batch_to_device
@@ -82,7 +82,7 @@ def run_epochs(state: TrainState, keep_going: bool = False) -> None:
                     raise
                 head.failed = str(exc)
                 head.release()
-                print(f"warning: {head.failed}", file=sys.stderr, flush=True)
+                warn(head.failed)
 
 
 def train_epoch(state: TrainState, heads: list[HeadState], epoch: int) -> list[dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import refseg.core
 from refseg.cache import FeatureDataset, open_cache
 from refseg.cache.store import Coverage
+from refseg.core.cli import warn
 from refseg.core.device import resolve_device
 from refseg.core.errors import CacheError, RefsegError, RunError
 from refseg.core.memory import available_memory
@@ -308,8 +308,8 @@ def _finished(cache, path: Path, s: TrainSettings, what: str, limit: int | None)
 def _warn_incomplete(s: TrainSettings, parts: list[tuple[str, Samples | None]]) -> None:
     for what, part in parts:
         if part is not None and not part.coverage.complete:
-            print(f"warning: {what} {part.path} is incomplete at T={s.noise_t}: using {part.coverage.describe()} "
-                  "(--allow-incomplete; recorded in config.json)", file=sys.stderr, flush=True)
+            warn(f"{what} {part.path} is incomplete at T={s.noise_t}: using {part.coverage.describe()} "
+                 "(--allow-incomplete; recorded in config.json)")
 
 
 def build_for_training(s: TrainSettings, head_args: dict, spec):
