@@ -45,7 +45,6 @@ ACCEPTED_FORMS = (
     "a single .safetensors/.ckpt file (with --model-config DIR offline), 'tiny' or 'tiny-synth', "
     "or a family's tiny random model ('tiny-sd2', 'tiny-sdxl', ...)"
 )
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # SD1.x's; each family lists its own
 TINY_SYNTH_DIR = Path(__file__).parent / "assets" / "tiny-synth"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PROBE_SECONDS = 5.0  # how long a connection to the hub may take to open before it counts as unreachable

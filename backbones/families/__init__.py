@@ -5,12 +5,8 @@ from __future__ import annotations
 from refseg.backbones.families import flux, sd, sd2, sd3, sdxl
 from refseg.backbones.families.base import Family, NoiseInput, TextConditioning, read_model_index
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    FAMILIES[family.name] = family
-    return family
+# by name, in detection order (`family_for_index` asks each in turn): SD1.x's pipeline class first
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (sd, sd2, sdxl, sd3, flux)}
 
 
 def tiny_names() -> dict[str, Family]:
@@ -26,8 +22,5 @@ def family_for_index(model_index: dict) -> Family | None:
     return None
 
 
-for _builtin in (sd, sd2, sdxl, sd3, flux):  # in detection order: SD1.x's pipeline class first
-    register(_builtin.FAMILY)
-
 __all__ = ["FAMILIES", "Family", "NoiseInput", "TextConditioning", "family_for_index", "read_model_index",
-           "register", "tiny_names"]
+           "tiny_names"]
