@@ -10,7 +10,8 @@ Hugging Face cache already and a quick connection to the hub opens (else it fail
 so, instead of retrying for half a minute); whatever cannot be found is a `ModelError` listing
 these forms.
 
-Imported by `extract` only (it pulls in diffusers and transformers), never by `refseg_core/__init__`.
+Imported by `extract` and `study`, never by `refseg.core` or `heads`; diffusers and transformers are
+imported only when a model is loaded or saved, so planning (`config_only`) can import this module first.
 """
 
 from __future__ import annotations
