@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 from _heads_util import train_val_caches
 from click.testing import CliRunner
+from torch.utils.data import DataLoader
 
 from refseg.cache import FeatureDataset, open_cache
 from refseg.core.metrics import format_table
-from refseg.heads import build_head, compare, evaluate, run_dir, train
+from refseg.heads import batches, build_head, compare, evaluate, run_dir, train
 from refseg.heads.cli_eval import main as eval_main
 from refseg.heads.scoring import score
 from refseg.heads.sweep import run_sweep
@@ -58,6 +61,24 @@ def test_trainings_logged_val_metrics_are_refseg_evals(caches, tmp_path, head, b
           optimizer="adam", preload=True, progress=False)
     assert [r["val"]["n"] for r in run_dir.read_metrics(run)] == [20, 20, 20]
     _assert_logged_equals_eval(run, val_cache, tmp_path)
+
+
+def test_validation_reads_the_val_set_in_refseg_evals_batches(caches, tmp_path, monkeypatch):
+    """On the CPU a head's logits differ in their last bits with the batch they are computed in (a
+    pixel at a margin of 1e-8 can flip): validation batches the val set as refseg-eval does, not as
+    training batches the training set."""
+    train_cache, val_cache = caches
+    made = []
+
+    def recording(dataset, **kwargs):
+        made.append((Path(dataset.path).name, kwargs.get("batch_size")))
+        return DataLoader(dataset, **kwargs)
+
+    monkeypatch.setattr(batches, "DataLoader", recording)
+    train(train_cache, T, "linear", tmp_path / "run", val_cache=val_cache, epochs=1, batch_size=24, lr=1e-3,
+          optimizer="adam", preload=True, progress=False)
+    evaluate(tmp_path / "run", val_cache, device="cpu")
+    assert made == [("train.zarr", None), ("val.zarr", 16), ("val.zarr", 16)]  # (training: its batch sampler)
 
 
 @pytest.fixture(scope="module")
