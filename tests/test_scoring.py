@@ -33,7 +33,7 @@ def _eval_cli(run, cache, checkpoint, tmp_path) -> tuple[dict, str]:
     """refseg-eval's JSON summary and its printed table line for `run`'s `checkpoint` on `cache`."""
     out = tmp_path / f"{run.name}-{checkpoint}.json"
     result = CliRunner().invoke(eval_main, ["--run", str(run), "--cache", str(cache), "--checkpoint", checkpoint,
-                                            "--json", str(out), "--device", "cpu", "--quiet", "--threads", "1"])
+                                            "--json", str(out), "--quiet", "--threads", "1"])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if line.startswith(f"| T={T} |"))
     return json.loads(out.read_text())["summary"], row
