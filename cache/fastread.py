@@ -7,7 +7,9 @@ floor are measured by bench/read.py (BENCHMARKS.md, "Cache reads").
 
 It applies only where the bytes on disk are the array's bytes: a local store, a sharded array with
 one row per inner chunk, inner codecs = little-endian `bytes` (+ `crc32c`, format 2) with no
-compression (the store's codec is `none`), the shard index at the end, encoded `bytes` (+ `crc32c`).
+compression (the store's codec is `none`) or zstd alone (format 3's GT masks: the row's frame is read,
+its CRC checked, then decompressed straight into the output), the shard index at the end, encoded
+`bytes` (+ `crc32c`).
 `ShardRowReader.for_array` returns None for anything else, and `Cache` then reads through the engine
 (cache/engine.py): same values either way (tested). The engine (tensorstore) reads one row at a time
 at a third of this reader's speed (bench/write.py, BENCHMARKS.md "Data engine"), which is why this
@@ -35,7 +37,8 @@ from collections import OrderedDict
 
 import google_crc32c  # zarr's own dependency for its crc32c codec
 import numpy as np
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+from numcodecs import Zstd  # what zarr's zstd codec decodes with
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from refseg.cache.layout import is_local, local_path
 from refseg.core.errors import CacheError, DamagedCacheError
@@ -57,9 +60,9 @@ class ShardFiles:
         self._lock = threading.Lock()
 
     def read(self, path: str, chunks_per_shard: int, has_crc: bool, chunk: int, out: np.ndarray,
-             chunk_crc: bool = False) -> bool:
+             chunk_crc: bool = False, zstd: bool = False) -> bool:
         """Fill `out` with inner chunk `chunk` of the shard file at `path`; with `chunk_crc` the chunk
-        ends in its CRC-32C, which is checked (format 2).
+        ends in its CRC-32C, which is checked (format 2); with `zstd` the chunk is a zstd frame.
 
         False (out untouched) when the shard file or the chunk does not exist: the caller decides what
         that means. DamagedCacheError on a chunk that fails its checksum, CacheError on a torn or
@@ -77,18 +80,30 @@ class ShardFiles:
             offset, nbytes = index[chunk]
             if offset == EMPTY and nbytes == EMPTY:
                 return False
-            expected = out.nbytes + (4 if chunk_crc else 0)
-            if nbytes != expected:
-                raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {expected} "
-                                 f"(a compressed or foreign shard?)")
-            crc = bytearray(4)
-            buffers = [memoryview(out).cast("B"), crc] if chunk_crc else [memoryview(out).cast("B")]
-            got = os.preadv(fd, buffers, offset)
-            if got != nbytes:
-                raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
+            if zstd:
+                frame = os.pread(fd, nbytes, offset)
+            else:
+                crc = self._read_plain(fd, path, chunk, offset, nbytes, out, chunk_crc)
+        if zstd:
+            return _decode_frame(frame, nbytes, path, chunk, out, chunk_crc)
         if chunk_crc and np.uint32(google_crc32c.value(out.reshape(-1).view(np.uint8))).tobytes() != bytes(crc):
             raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
         return True
+
+    @staticmethod
+    def _read_plain(fd: int, path: str, chunk: int, offset: int, nbytes: int, out: np.ndarray,
+                    chunk_crc: bool) -> bytearray:
+        """An uncompressed chunk straight into `out` with one preadv; its CRC-32C's bytes (or none)."""
+        expected = out.nbytes + (4 if chunk_crc else 0)
+        if nbytes != expected:
+            raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {expected} "
+                             f"(a compressed or foreign shard?)")
+        crc = bytearray(4)
+        buffers = [memoryview(out).cast("B"), crc] if chunk_crc else [memoryview(out).cast("B")]
+        got = os.preadv(fd, buffers, offset)
+        if got != nbytes:
+            raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
+        return crc
 
     def _open(self, path: str, n: int, has_crc: bool):
         try:
@@ -122,6 +137,25 @@ class ShardFiles:
             pass
 
 
+def _decode_frame(frame: bytes, nbytes: int, path: str, chunk: int, out: np.ndarray, chunk_crc: bool) -> bool:
+    """A zstd chunk's bytes (then its CRC-32C with `chunk_crc`) decoded into `out`."""
+    if len(frame) != nbytes:
+        raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
+    if chunk_crc:
+        frame, crc = frame[:-4], frame[-4:]
+        if np.uint32(google_crc32c.value(frame)).tobytes() != crc:
+            raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
+    try:
+        decoded = Zstd().decode(frame, out=out.reshape(-1).view(np.uint8))
+    except Exception as exc:  # a frame that passed its CRC but is not the row: written by something else
+        raise CacheError(f"shard file {path}: chunk {chunk} does not decode as a zstd frame of this array's rows "
+                         f"({exc})") from exc
+    if np.asarray(decoded).nbytes != out.nbytes:
+        raise CacheError(f"shard file {path}: chunk {chunk} decodes to {np.asarray(decoded).nbytes} bytes, "
+                         f"expected {out.nbytes}")
+    return True
+
+
 def _read_index(fd: int, path: str, n: int, has_crc: bool) -> list[tuple[int, int]]:
     size = os.fstat(fd).st_size
     index_bytes = 16 * n + (4 if has_crc else 0)
@@ -143,12 +177,14 @@ class ShardRowReader:
     `reader.rows(rows)` -> several rows stacked, each read straight into its place in the output."""
 
     def __init__(self, folder: str, key_of, row_shape: tuple, dtype: np.dtype, rows_per_shard: int,
-                 n_rows: int, fill_value, has_crc: bool, files: ShardFiles, chunk_crc: bool = False):
+                 n_rows: int, fill_value, has_crc: bool, files: ShardFiles, chunk_crc: bool = False,
+                 zstd: bool = False):
         self.folder, self._key_of = folder, key_of
         self.row_shape, self.dtype = row_shape, dtype
         self.rows_per_shard, self.n_rows = rows_per_shard, n_rows
         self.fill_value, self.has_crc, self.files = fill_value, has_crc, files
         self.chunk_crc = chunk_crc  # format 2: each row's chunk ends in its CRC-32C, and every chunk exists
+        self.zstd = zstd  # each row's chunk is a zstd frame
         self._paths: dict[int, str] = {}  # shard number -> file path
 
     @classmethod
@@ -167,7 +203,10 @@ class ShardRowReader:
         row_shape = tuple(meta.shape[1:])
         if tuple(sharding.chunk_shape) != (1, *row_shape):
             return None
-        inner = sharding.codecs
+        inner = list(sharding.codecs)
+        zstd = len(inner) > 1 and isinstance(inner[1], ZstdCodec)
+        if zstd:
+            del inner[1]  # a zstd frame per row (format 3's GT masks), decoded by _decode_frame
         if not isinstance(inner[0], BytesCodec) or len(inner) > 2 or not all(isinstance(c, Crc32cCodec) for c in inner[1:]):
             return None
         index_codecs = sharding.index_codecs
@@ -186,7 +225,7 @@ class ShardRowReader:
         zeros = (0,) * len(row_shape)
         return cls(folder, lambda s: meta.encode_chunk_key((s, *zeros)), row_shape, dtype,
                    int(meta.chunk_grid.chunk_shape[0]), int(meta.shape[0]), meta.fill_value,
-                   len(index_codecs) == 2, files, chunk_crc=len(inner) == 2)
+                   len(index_codecs) == 2, files, chunk_crc=len(inner) == 2, zstd=zstd)
 
     def row(self, r: int) -> np.ndarray:
         out = np.empty(self.row_shape, dtype=self.dtype)
@@ -215,8 +254,11 @@ class ShardRowReader:
         path = self._paths.get(shard)
         if path is None:
             path = self._paths[shard] = os.path.join(self.folder, self._key_of(shard))
-        if self.files.read(path, self.rows_per_shard, self.has_crc, chunk, out, self.chunk_crc):
-            return
+        try:
+            if self.files.read(path, self.rows_per_shard, self.has_crc, chunk, out, self.chunk_crc, self.zstd):
+                return
+        except DamagedCacheError as exc:  # the row, so that the store names its sample
+            raise DamagedCacheError(str(exc), rows=[r], detail=exc.detail) from None
         if self.chunk_crc:  # format 2 writes every chunk: absence is damage, not the fill value
             what = "chunk missing from its shard" if os.path.exists(path) else "chunk file missing"
             raise DamagedCacheError(f"{what} ({path})", rows=[r], detail=f"{what} ({path})", missing=True)

@@ -38,8 +38,12 @@ from refseg.cache.quantize import scale_name
 from refseg.core.errors import CacheError, CacheNotFoundError, IncompleteCacheError, NewerFormatError
 from refseg.core.feature_spec import FeatureSpec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKSUM_FORMAT = 2  # the first format whose chunks all carry a CRC-32C and are all written
+# The first format whose GT masks are zstd-compressed whatever the store's codec: a binary mask shrinks
+# ~270x (a 512x512 mask: 256 KiB -> ~1 KiB), which is most of a no-sentence store's base (README's disk table)
+COMPRESSED_MASKS_FORMAT = 3
+MASKS_CODEC = "zstd"
 # SD1.5 at 512 px: 16 x FeatureSpec.bytes_per_sample() ≈ 78 MB of features per shard (shard sizes
 # compared in BENCHMARKS.md, "Cache reads")
 DEFAULT_SHARD_SIZE = 16
@@ -195,12 +199,14 @@ class ArrayLayout:
     dims: tuple[str, ...]  # Zarr v3 dimension names (xarray needs them)
     per_row: bool  # one row per chunk, `shard_size` rows per shard; else one chunk
     compressible: bool = False  # the big float16 arrays, which take the store's codec
+    own_codec: str | None = None  # a codec this array has whatever the store's (the GT masks, format 3)
 
 
 def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int,
                 float_dtype: str = DEFAULT_CACHE_DTYPE, text_shape: tuple[int, int] | None = None,
-                pooled_dim: int | None = None) -> list[ArrayLayout]:
-    """Every array outside the noise groups, in creation order (`float_dtype`: latents and embeddings).
+                pooled_dim: int | None = None, format_version: int = FORMAT_VERSION) -> list[ArrayLayout]:
+    """Every array outside the noise groups, in creation order (`float_dtype`: latents and embeddings)
+    of a store of `format_version`.
 
     `text_shape`: (context length Lc, width D) of the stored text embedding, (token length, text_dim)
     unless the family's context is longer (SD3: CLIP + T5 tokens); `pooled_dim`: add text/pooled.
@@ -223,7 +229,8 @@ def base_arrays(spec: FeatureSpec, n_samples: int, n_images: int,
         ArrayLayout("text/embedding", (n, Lc, D), float_dtype, ("sample", "context_token", "text_dim")
                     if Lc != L else ("sample", "token", "text_dim"), True, compressible=True),
         *pooled,
-        ArrayLayout("masks/gt", (n, S, S), "uint8", ("sample", "y", "x"), True),
+        ArrayLayout("masks/gt", (n, S, S), "uint8", ("sample", "y", "x"), True,
+                    own_codec=MASKS_CODEC if int(format_version) >= COMPRESSED_MASKS_FORMAT else None),
     ]
 
 
@@ -275,6 +282,11 @@ def compressors_for(codec: str, itemsize: int = 2, checksums: bool = True):
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
+def array_codec(layout: ArrayLayout, store_codec: str) -> str:
+    """The codec `layout` is stored with in a store of codec `store_codec`."""
+    return layout.own_codec or (store_codec if layout.compressible else "none")
+
+
 def create_array(group, layout: ArrayLayout, name: str, shard_size: int, codec: str, checksums: bool = True):
     """Create `layout` as `group[name]` (no data written); `checksums`: format 2's CRC-32C per chunk."""
     shape = layout.shape
@@ -287,7 +299,7 @@ def create_array(group, layout: ArrayLayout, name: str, shard_size: int, codec: 
     return group.create_array(
         name, shape=shape, dtype=str if layout.dtype == "string" else layout.dtype,
         chunks=chunks, shards=shards, fill_value="" if layout.dtype == "string" else 0,
-        compressors=compressors_for(codec if layout.compressible else "none", itemsize, checksums),
+        compressors=compressors_for(array_codec(layout, codec), itemsize, checksums),
         dimension_names=layout.dims, config=WRITE_EVERY_CHUNK,
     )
 

@@ -4,7 +4,9 @@
 
 A planned size is the arrays' values at their storage type, plus what each chunk carries in a format-2
 store (its CRC-32C, its 16-byte entry in its shard's index), plus the metadata files. For a compressed
-store (`--codec zstd|blosc`) it is an upper bound: the values as if they did not compress.
+store (`--codec zstd|blosc`) it is an upper bound: the values as if they did not compress. The GT
+masks (zstd in every format-3 store) are planned at 1/MASKS_RATIO of their values: an estimate, not a
+bound (bench/mask_bytes.py measures 1/280-1/850 on the synthetic set's masks and on polygons, 1/126 at worst).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from refseg.core.feature_spec import FeatureSpec
 
 METADATA_BYTES = 1_000  # a zarr.json of one array or group (measured: 830 B on average)
 ROOT_METADATA_BYTES = 5_000  # the root's attributes: settings, spec, sample selection
+MASKS_RATIO = 32  # planned compression of a binary GT mask: 4x under the worst bench/mask_bytes.py measured
 
 
 def array_bytes(layout: ArrayLayout, shard_size: int, checksums: bool = True, text_bytes: int = 0) -> int:
@@ -30,6 +33,8 @@ def array_bytes(layout: ArrayLayout, shard_size: int, checksums: bool = True, te
         chunks = 1
     else:
         values = math.prod(layout.shape) * np.dtype(layout.dtype).itemsize
+        if layout.own_codec:  # the GT masks: binary, compressed whatever the store's codec
+            values //= MASKS_RATIO
         chunks = rows if layout.per_row else 1
     overhead = chunks * (4 if checksums else 0)
     if layout.per_row:

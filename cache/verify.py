@@ -67,7 +67,7 @@ def expected_arrays(root: zarr.Group) -> Expected:
     n = int(attrs["samples"]["n"])
     m = _image_count(root)
     text = {k: (tuple(v) if isinstance(v, list) else v) for k, v in attrs.get(TEXT_LAYOUT_ATTR, {}).items()}
-    layouts = {a.path: a for a in base_arrays(spec, n, m, float_dtype, **text)}
+    layouts = {a.path: a for a in base_arrays(spec, n, m, float_dtype, **text, format_version=attrs[FORMAT_ATTR])}
     flags = {"images/done": (m, "image"), "text/done": (n, "sample")}
     for name, group in sorted(root.groups()):
         if parse_noise_group(name) is not None:

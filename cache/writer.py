@@ -134,7 +134,8 @@ class CacheWriter(Store):
         # the latents' and embeddings' type, as Store.float_dtype reads it (int8 stores: float16)
         float_dtype = storage_dtypes(payload["extraction"].get("cache_dtype", DEFAULT_CACHE_DTYPE))[1]
         samples, images = store.samples, store.images
-        for layout in base_arrays(store.spec, len(samples), len(images), float_dtype, **store.text_layout):
+        for layout in base_arrays(store.spec, len(samples), len(images), float_dtype, **store.text_layout,
+                                  format_version=FORMAT_VERSION):
             group, name = layout.path.split("/")
             arrays[layout.path] = create_array(root[group], layout, name, shard_size, store.codec)
         create_flags(root["images"], "done", len(images), shard_size, dim="image")

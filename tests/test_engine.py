@@ -107,3 +107,30 @@ def test_a_full_disk_is_said_by_its_errno_and_file(small_disk):
     message = str(CacheWriteError.from_os_error(str(engine_root), err.value))
     assert "No space left on device (ENOSPC) at " in message
     assert not [f for f in os.listdir(small_disk / "c.zarr" / "a" / "c") if f.endswith(".__lock")]
+
+
+def test_format_3_compresses_the_masks_and_a_format_2_store_still_reads_and_verifies(tmp_path, monkeypatch):
+    """Format 3 stores the GT masks as zstd frames (README's disk table); format-2 stores keep raw masks."""
+    from refseg.cache.verify import verify
+
+    contents = write_store(tmp_path / "new.zarr", "tensorstore")
+    with monkeypatch.context() as m:
+        m.setattr("refseg.cache.writer.FORMAT_VERSION", 2)
+        write_store(tmp_path / "old.zarr", "tensorstore")
+
+    def mask_codecs(name):
+        codecs = zarr.open_group(str(tmp_path / name), mode="r")["masks/gt"].metadata.codecs[0].codecs
+        return [type(c).__name__ for c in codecs]
+
+    assert mask_codecs("new.zarr") == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
+    assert mask_codecs("old.zarr") == ["BytesCodec", "Crc32cCodec"]
+    new, old = open_cache(tmp_path / "new.zarr"), open_cache(tmp_path / "old.zarr")
+    assert (new.format_version, old.format_version) == (3, 2) and new.fingerprint == old.fingerprint
+    rows = slice(0, new.n_samples)
+    assert np.array_equal(new.gt(rows), contents["gt"]) and np.array_equal(old.gt(rows), contents["gt"])
+
+    def folder_bytes(path):
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    assert folder_bytes(tmp_path / "new.zarr" / "masks") < folder_bytes(tmp_path / "old.zarr" / "masks")
+    assert verify(str(tmp_path / "new.zarr")) == [] and verify(str(tmp_path / "old.zarr")) == []

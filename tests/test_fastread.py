@@ -59,12 +59,12 @@ def test_every_row_equals_zarrs_including_unwritten_chunks_and_shards(tmp_path):
 
 def test_compressed_arrays_fall_back_to_zarr_and_read_the_same(tmp_path):
     path = tmp_path / "z.zarr"
-    contents = _store(path, codec="zstd")
+    contents = _store(path, codec="blosc")
     root = zarr.open_group(path, mode="r")
     files = ShardFiles()
-    assert ShardRowReader.for_array(root["t0000/s8"], files) is None  # zstd-compressed chunks
+    assert ShardRowReader.for_array(root["t0000/s8"], files) is None  # blosc-compressed chunks
     assert ShardRowReader.for_array(root["text/embedding"], files) is None
-    assert ShardRowReader.for_array(root["masks/gt"], files) is not None  # never compressed
+    assert ShardRowReader.for_array(root["masks/gt"], files) is not None  # zstd whatever the store's codec
     assert ShardRowReader.for_array(root["index/sent_id"], files) is None  # not sharded per row
     ds = FeatureDataset(path, 0)
     for i in range(len(ds)):
@@ -126,3 +126,28 @@ def test_several_rows_at_once_equal_zarrs(tmp_path, rows):
     assert _same(direct.gt(rows), contents["gt"][rows])
     # stepped slices are zarr's business; they still read right
     assert _same(direct.embeddings(slice(0, 9, 2)), contents["embedding"][0:9:2])
+
+
+def test_zstd_chunks_are_read_directly_with_the_same_values(tmp_path):
+    """A zstd store's rows (and every format-3 store's GT masks) are decoded from their frames here, not by zarr."""
+    path = tmp_path / "z.zarr"
+    _store(path, codec="zstd", zero_rows=(2,))
+    direct, through_zarr = open_cache(path), open_cache(path, direct_reads=False)
+    for r in range(direct.n_samples):
+        assert all(_same(a, b) for a, b in zip(direct.read(0, r).values(), through_zarr.read(0, r).values()))
+        for read in PER_ROW_READS:
+            assert _same(getattr(direct, read)(r), getattr(through_zarr, read)(r)), (read, r)
+    assert direct._row_readers and all(r is not None for r in direct._row_readers.values())
+
+
+def test_a_damaged_zstd_frame_is_named_not_decoded(tmp_path):
+    from refseg.core.errors import DamagedCacheError
+
+    path = tmp_path / "c.zarr"
+    _store(path)
+    shard = path / "masks" / "gt" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[20] ^= 0xFF  # inside row 0's frame (a few hundred bytes), far from the index at the end
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DamagedCacheError, match=r"masks/gt rows? 0\b.*checksum mismatch"):
+        open_cache(path).gt(0)
