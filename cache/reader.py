@@ -212,7 +212,7 @@ class Cache(Store):
             f"refseg cache {self.path}",
             f"  format {self.format_version}, fingerprint {self.fingerprint}, shard size {self.shard_size}, "
             f"codec {self.codec}",
-            "  checksums: " + ("CRC-32C on every chunk (format 2)" if self.checksums else
+            "  checksums: " + ("CRC-32C on every chunk (format 2 and later)" if self.checksums else
                                "none on the data, only on shard indexes (format 1: a lost chunk reads as zeros; "
                                "extract again to get checksums)"),
             f"  {self.n_samples} samples (sentences), {self.n_images} images; "

@@ -130,7 +130,7 @@ def test_command_line_and_plain_zarr(synth_root, tmp_path):
     assert again.stderr.strip().splitlines()[-1] == f"wrote {out}: `refseg-cache info {out}` says what it holds"
     root = zarr.open_group(str(out), mode="r")  # no refseg involved
     assert root["t0005/s16"].shape[0] == 6 and root["t0005/done"][:].all()
-    assert root.attrs["refseg_cache"] == 2 and root["t0000"].attrs["noise_t"] == 0  # format 2: checksums
+    assert root.attrs["refseg_cache"] == 3 and root["t0000"].attrs["noise_t"] == 0  # format 3: checksums, zstd masks
 
     # a different setting on the same store: refused with one line, exit 2, the store untouched
     before = store_files(out)

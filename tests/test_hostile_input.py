@@ -24,7 +24,7 @@ from _fault_util import run
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from refseg.cache import open_cache
+from refseg.cache import FORMAT_VERSION, open_cache
 from refseg.extract.cli import main
 from refseg.extract.pipeline import ExtractionConfig, run_extraction
 from refseg.core.errors import DataError
@@ -248,11 +248,11 @@ def test_store_from_a_newer_refseg_is_refused_untouched(cli, tmp_path):
     root = write_dataset(tmp_path / "data", {"a.png": rgb(0)})
     out = tmp_path / "C.zarr"
     newer = zarr.open_group(str(out), mode="w")
-    newer.attrs.put({"refseg_cache": 3, "fingerprint": "from-the-future"})
+    newer.attrs.put({"refseg_cache": FORMAT_VERSION + 1, "fingerprint": "from-the-future"})
     newer.create_array("features", shape=(4,), dtype="float16")[:] = 1
     before = store_files(out)
     code, _, stderr = cli(cli_args(root, out))
-    assert code == 2 and "written by a newer refseg (format 3); upgrade refseg" in one_line(stderr)
+    assert code == 2 and f"written by a newer refseg (format {FORMAT_VERSION + 1}); upgrade refseg" in one_line(stderr)
     assert store_files(out) == before
 
 

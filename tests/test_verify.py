@@ -132,7 +132,7 @@ def test_eval_and_training_refuse_a_damaged_store_in_one_line(synth_root, extrac
 
 def test_info_says_whether_a_store_has_checksums(extraction_reference):
     info = open_cache(extraction_reference).describe()
-    assert "checksums: CRC-32C on every chunk (format 2)" in info
+    assert "checksums: CRC-32C on every chunk (format 2 and later)" in info
 
 
 def test_lock_debris_of_a_killed_engine_write_is_removed_on_resume(synth_root, extraction_reference, tmp_path):
