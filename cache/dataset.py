@@ -163,6 +163,50 @@ class FeatureDataset(torch.utils.data.Dataset):
             item["text_mask"] = torch.from_numpy(mask)
         return item
 
+    def __getitems__(self, indices) -> "CollatedItems":
+        """The items `indices`, read as one batch: each tensor's rows straight into one (n, ...) array.
+        A DataLoader asks for this; refseg's (`heads.batches.make_loader`) takes the batch as read, any
+        other stacks the items as usual. The same values as `self[i]` for each i."""
+        positions = np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = self.rows[positions]  # IndexError past the end, as for one item
+        if self._data is not None:
+            features = {name: self._data[name][positions] for name in self.names}
+            gt = self._data["gt"][positions]
+            if self.text:
+                embedding, mask = self._data["text_embedding"][positions], self._data["text_mask"][positions]
+        else:
+            cache = self._open()
+            features = {name: cache.read_rows(self.noise_t, rows, name) for name in self.names}
+            gt = cache.gt(rows)
+            if self.text:
+                embedding, mask = cache.embeddings(rows), cache.attention_mask(rows).astype(bool)
+        batch = {"features": {name: torch.from_numpy(a) for name, a in features.items()},
+                 "gt": torch.from_numpy(gt), "row": torch.from_numpy(rows.copy())}
+        if self.text:
+            batch["text_embedding"] = torch.from_numpy(embedding)
+            batch["text_mask"] = torch.from_numpy(mask)
+        return CollatedItems(batch)
+
     def __repr__(self) -> str:
         return (f"FeatureDataset({self.path!r}, T={self.noise_t}, {len(self)} samples, names={self.names}"
                 f"{', preloaded' if self._data is not None else ''})")
+
+
+class CollatedItems(list):
+    """One batch's items, each a view into the batch, with the batch itself as `.batch` (collated as
+    torch's `default_collate` would): `default_collate` stacks the items like any list of items, and
+    `refseg.heads.batches.collate_items` takes `.batch` without that copy (half of what reading costs
+    from the page cache: BENCHMARKS.md, "Cache reads")."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+        super().__init__(_item_of(batch, k) for k in range(len(batch["row"])))
+
+
+def _item_of(batch: dict, k: int) -> dict:
+    item = {"features": {name: t[k] for name, t in batch["features"].items()}, "gt": batch["gt"][k],
+            "row": int(batch["row"][k])}
+    for key in ("text_embedding", "text_mask"):
+        if key in batch:
+            item[key] = batch[key][k]
+    return item

@@ -5,16 +5,24 @@ removal of the sentence."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
+
+from refseg.cache.dataset import CollatedItems
+
+
+def collate_items(items):
+    """The batch FeatureDataset read whole (`CollatedItems.batch`) as it is; other items stacked as torch's
+    `default_collate` does."""
+    return items.batch if isinstance(items, CollatedItems) else default_collate(items)
 
 
 def make_loader(dataset, batch_size: int | None, device: torch.device, *, sampler=None, batch_sampler=None,
                 workers: int = 0) -> DataLoader:
     if batch_sampler is not None:  # it makes the batches: DataLoader takes no batch_size then
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_items,
                           pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                      collate_fn=collate_items, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
 def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = False):

@@ -136,3 +136,36 @@ def test_preload_refuses_more_than_available_ram(filled, monkeypatch):
     monkeypatch.setattr(refseg.cache.dataset, "available_memory", lambda: 1000)
     with pytest.raises(CacheError, match=r"needs 0.00 GB of RAM but 0.00 GB is available"):
         FeatureDataset(path, 500, preload=True)
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_a_batch_read_whole_equals_the_items_stacked_and_refseg_takes_it_without_a_copy(filled, preload):
+    """FeatureDataset.__getitems__ reads a batch whole: a plain DataLoader stacks its items as usual, refseg's
+    loader (heads.batches.make_loader) takes the batch as read; the same values and types either way."""
+    from torch.utils.data import default_collate
+
+    from refseg.cache.dataset import CollatedItems
+    from refseg.heads.batches import collate_items, make_loader
+
+    path, contents = filled
+    ds = FeatureDataset(path, 500, rows=[7, 2, 2, 5, 0, 8], preload=preload)
+    order = [4, 0, 3, 1, 5, 2]  # shuffled, a row twice
+    items = ds.__getitems__(order[:4])
+    assert isinstance(items, CollatedItems) and len(items) == 4
+    for k, item in enumerate(items):
+        assert item["row"] == ds.rows[order[k]]
+        _check_item(item, contents, 500)
+    stacked = default_collate(list(items))
+    taken = collate_items(items)
+    assert taken is items.batch  # no copy
+    for key in ("gt", "row", "text_embedding", "text_mask"):
+        assert taken[key].dtype == stacked[key].dtype and torch.equal(taken[key], stacked[key]), key
+    assert all(torch.equal(taken["features"][n], stacked["features"][n]) for n in stacked["features"])
+
+    cpu = torch.device("cpu")
+    ours = list(make_loader(ds, 4, cpu, sampler=order))
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=4, sampler=order))
+    assert [b["row"].tolist() for b in ours] == [b["row"].tolist() for b in plain] == [[0, 7, 5, 2], [8, 2]]
+    for a, b in zip(ours, plain):
+        assert torch.equal(a["gt"], b["gt"]) and torch.equal(a["text_embedding"], b["text_embedding"])
+        assert all(torch.equal(a["features"][n], b["features"][n]) for n in b["features"])
