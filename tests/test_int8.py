@@ -105,3 +105,21 @@ def test_a_damaged_scale_is_found_like_any_chunk(stores, tmp_path):
         open_cache(store).read_rows(5, slice(0, 4), "s16")
     found = CliRunner().invoke(cache_cli, ["verify", str(store)])
     assert found.exit_code == 2 and f"damaged: t0005/{scale_name('s16')}" in found.output
+
+
+@pytest.mark.parametrize("shape", [(3, 70, 64, 64), (2, 5, 300, 301), (0, 4, 2, 2), (16, 3, 2)])
+def test_dequantizing_block_by_block_gives_the_whole_products_values(shape, monkeypatch):
+    """Blocks of channels (DEQUANTIZE_BLOCK values; one smaller than a channel too) round each value as
+    one float32 product of the whole array, rounded to float16 / kept float32, does."""
+    import refseg.cache.quantize as quantize_module
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, size=shape, dtype=np.int8)
+    scale = rng.random(shape[:-2], dtype=np.float32) * 3
+    whole = codes.astype(np.float32) * scale[..., None, None]
+    for block in (quantize_module.DEQUANTIZE_BLOCK, 1000):
+        monkeypatch.setattr(quantize_module, "DEQUANTIZE_BLOCK", block)
+        for dtype in (np.float16, np.float32):
+            got = dequantize(codes, scale, dtype)
+            assert got.dtype == dtype and got.shape == shape
+            assert got.tobytes() == whole.astype(dtype).tobytes()
