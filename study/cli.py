@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import Resumable, user_errors
+from refseg.core.cli import Resumable, say, user_errors
 from refseg.core.options import dataclass_options
 from refseg.study.demo_config import NOT_OPTIONS, DemoConfig
 
@@ -29,4 +29,4 @@ def demo(quiet, **settings):
     cfg = DemoConfig(**settings, progress=not quiet)
     result = run_demo(cfg)
     click.echo(f"\nmodel: {result['model']}; timings (s): {json.dumps(cfg.timings)}")
-    click.echo(f"wrote {', '.join(sorted(p.name for p in result['files'].values()))} under {Path(cfg.out)}")
+    say(f"wrote {', '.join(sorted(p.name for p in result['files'].values()))} under {Path(cfg.out)}", enabled=not quiet)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from refseg.core.cli import fail, user_errors
+from refseg.core.cli import fail, say, user_errors
 from refseg.core.options import cli, dataclass_options
 
 
@@ -53,4 +53,4 @@ def main(**options):
     path = write_predictions(predictions, s.out, settings_record(loaded, s.model, s.run))
     for p in predictions:
         click.echo(f"{p.image}: {p.text!r} -> {int(p.mask_original.sum())} px")
-    click.echo(f"wrote {path}")
+    say(f"wrote {path}")

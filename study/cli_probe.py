@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from refseg.core.cli import user_errors
+from refseg.core.cli import say, user_errors
 from refseg.core.options import cli, dataclass_options
 
 
@@ -46,4 +46,4 @@ def attention(**options):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
-            click.echo(f"wrote {path}", err=True)
+            say(f"wrote {path}")

@@ -140,6 +140,9 @@ def test_cli_writes_the_table_and_csv(tmp_path, tokenizer):
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("noise_t,tensor,stride,pointing") and len(lines) == 3
     assert lines[1].startswith("0,attn_s8,8,1.0,")
+    assert result.stderr.splitlines() == [f"wrote {out}", f"wrote {csv}"]  # DESIGN §9: on stderr, what it wrote
+    quiet = CliRunner().invoke(main, ["attention", "--cache", str(path), "--out", str(out), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == result.stdout
 
 
 def test_one_line_errors(tmp_path, tokenizer):

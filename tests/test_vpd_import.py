@@ -182,6 +182,9 @@ def test_predict_cli_reads_pairs_csv(imported, pairs, tmp_path):
     result = CliRunner().invoke(main, ["--model", str(out / "model"), "--run", str(out / "run"), "--device", "cpu",
                                        "--pairs", str(csv_file), "--out", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
+    # DESIGN §9: stdout holds the predictions, stderr's last line names what was written (none with --quiet)
+    assert "wrote" not in result.stdout and len(result.stdout.splitlines()) == len(pairs)
+    assert result.stderr.splitlines()[-1] == f"wrote {tmp_path / 'p' / 'predictions.json'}"
     assert len(json.loads((tmp_path / "p" / "predictions.json").read_text())["predictions"]) == len(pairs)
 
 
