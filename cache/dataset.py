@@ -195,8 +195,8 @@ class FeatureDataset(torch.utils.data.Dataset):
 class CollatedItems(list):
     """One batch's items, each a view into the batch, with the batch itself as `.batch` (collated as
     torch's `default_collate` would): `default_collate` stacks the items like any list of items, and
-    `refseg.heads.batches.collate_items` takes `.batch` without that copy (half of what reading costs
-    from the page cache: BENCHMARKS.md, "Cache reads")."""
+    `refseg.heads.batches.collate_items` takes `.batch` without that copy of the whole batch (the training
+    loader's reads from the page cache went from 15-22% to 37-41% of a sequential read: BENCHMARKS.md)."""
 
     def __init__(self, batch: dict):
         self.batch = batch
