@@ -10,7 +10,7 @@ import zarr
 
 from refseg.cache.fastread import ShardFiles, ShardRowReader
 from refseg.cache.quantize import dequantize, scale_name
-from refseg.cache.layout import SETTINGS_KEYS, is_local, local_path, noise_group_name, open_root, store_nbytes
+from refseg.cache.layout import COMPRESSED_MASKS_FORMAT, SETTINGS_KEYS, is_local, local_path, noise_group_name, open_root, store_nbytes
 from refseg.cache.store import Coverage, Store
 from refseg.core.errors import CacheError, DamagedCacheError
 
@@ -215,6 +215,8 @@ class Cache(Store):
             "  checksums: " + ("CRC-32C on every chunk (format 2 and later)" if self.checksums else
                                "none on the data, only on shard indexes (format 1: a lost chunk reads as zeros; "
                                "extract again to get checksums)"),
+            "  GT masks: " + ("zstd-compressed (format 3 and later)" if self.format_version >= COMPRESSED_MASKS_FORMAT
+                              else "uncompressed (format 2 and earlier)"),
             f"  {self.n_samples} samples (sentences), {self.n_images} images; "
             f"latents done {int(self.images_done().sum())}/{self.n_images}, "
             f"text done {int(self.text_done().sum())}/{self.n_samples}",

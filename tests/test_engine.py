@@ -126,6 +126,8 @@ def test_format_3_compresses_the_masks_and_a_format_2_store_still_reads_and_veri
     assert mask_codecs("old.zarr") == ["BytesCodec", "Crc32cCodec"]
     new, old = open_cache(tmp_path / "new.zarr"), open_cache(tmp_path / "old.zarr")
     assert (new.format_version, old.format_version) == (3, 2) and new.fingerprint == old.fingerprint
+    assert "GT masks: zstd-compressed (format 3 and later)" in new.describe()
+    assert "GT masks: uncompressed (format 2 and earlier)" in old.describe()
     rows = slice(0, new.n_samples)
     assert np.array_equal(new.gt(rows), contents["gt"]) and np.array_equal(old.gt(rows), contents["gt"])
 
