@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SCALES = {
-    # 4000 images: 2800 train images (~10,000 sentences, the first 3000 used; the demo trains on 2,370 from 420 images), 400 val images (~2,200
-    # sentences, 6.6x the demo's 335: the seeds' spread should then dominate the sampling)
+    # 4000 images: 2800 train images (~10,000 sentences, the first 3000 used; the demo trains on 2,370 from
+    # 420 images), 400 val images (~2,200 sentences, 6.6x the demo's 335: the seeds' spread should then
+    # dominate the sampling)
     "gpu": dict(images=4000, train_samples=3000, epochs=10, seeds=3, batch_size=32, hidden=32),
     "tiny": dict(images=24, train_samples=40, epochs=1, seeds=2, batch_size=8, hidden=8, image_size=64),
 }
