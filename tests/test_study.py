@@ -16,21 +16,12 @@ from refseg.study.stats import bootstrap_std, interval, paired_bootstrap_std, ve
 
 
 def _every_object(out):
-    from pycocotools import mask as mask_utils
-
     from refseg.cache import open_cache
 
-    data = json.loads((out / "data" / "refcoco-synth" / "instances.json").read_text())
-    images = {img["id"]: img for img in data["images"]}
     cache = open_cache(out / "cache" / "val.zarr")
     inter = union = 0
     ious = []
-    for row, image_id in enumerate(cache.index["image_id"]):
-        img = images[int(image_id)]
-        every = np.zeros((img["height"], img["width"]), bool)
-        for ann in (a for a in data["annotations"] if a["image_id"] == int(image_id)):
-            parts = mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], img["height"], img["width"]))
-            every |= parts.sum(axis=2) == 1
+    for row, every in _every_object_masks(out, cache).items():
         gt = cache.gt([row])[0] != 0
         assert gt.shape == every.shape  # the demo's images are drawn at the cache's size
         i, u = int((every & gt).sum()), int((every | gt).sum())
