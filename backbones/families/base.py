@@ -192,6 +192,25 @@ class Family:
         raise ModelError(f"cannot load {path!r}: single-file checkpoints are not supported for family {self.name}; "
                          "use a diffusers folder or hub id")
 
+    def _from_single_file(self, path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool,
+                          denoiser: str, what: str, **extra) -> dict:
+        """`load_single_file` through the pipeline class's `from_single_file`: the denoiser (`denoiser`),
+        VAE, text encoders and tokenizers, and the scheduler's config; one ModelError naming `what` the
+        file was read as when diffusers cannot load it."""
+        import diffusers  # deferred: heavy, and a family module is imported without it
+
+        pipeline = getattr(diffusers, self.pipeline_class)
+        try:
+            pipe = pipeline.from_single_file(path, config=model_config, local_files_only=local_files_only,
+                                             torch_dtype=dtype, **extra)
+        except Exception as exc:  # diffusers raises anything from OSError to KeyError on a bad file
+            hint = "" if model_config else (" (without --model-config the component configs come from the Hugging "
+                                            "Face hub or its local cache; offline, pass --model-config DIR)")
+            raise ModelError(f"cannot load model {path!r} as {what}: {first_line(exc)}{hint}") from None
+        parts = {name: getattr(pipe, name) for name in (denoiser, "vae", *self.text_encoders, *self.tokenizers)}
+        parts["scheduler_config"] = dict(pipe.scheduler.config)
+        return parts
+
     def save(self, components: dict, folder) -> None:
         """Write the components as a diffusers folder with model_index.json (loads back with `load`)."""
         raise NotImplementedError

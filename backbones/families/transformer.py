@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from refseg.backbones.families.base import (Family, TextConditioning, first_line, jsonable, load_component,
+from refseg.backbones.families.base import (Family, TextConditioning, jsonable, load_component,
                                             load_weights)
 from refseg.backbones.joint_capture import DEFAULT_CHUNK, JointCapture
 from refseg.core.errors import ModelError
@@ -128,21 +128,8 @@ class TransformerFamily(Family):
     def load_single_file(self, path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
         """The pipeline class's `from_single_file`: a whole original checkpoint, or the transformer alone
         (FLUX's flux1-dev.safetensors) with the other components from `--model-config`."""
-        # deferred: heavy (see the module doc)
-        import diffusers
-
-        pipeline = getattr(diffusers, self.pipeline_class)
-        try:
-            pipe = pipeline.from_single_file(path, config=model_config, local_files_only=local_files_only,
-                                             torch_dtype=dtype)
-        except Exception as exc:  # diffusers raises anything from OSError to KeyError on a bad file
-            hint = "" if model_config else (" (without --model-config the component configs come from the Hugging "
-                                            "Face hub or its local cache; offline, pass --model-config DIR)")
-            raise ModelError(f"cannot load model {path!r} as a single-file {self.name} checkpoint: "
-                             f"{first_line(exc)}{hint}") from None
-        parts = {name: getattr(pipe, name) for name in ("transformer", "vae", *self.text_encoders, *self.tokenizers)}
-        parts["scheduler_config"] = dict(pipe.scheduler.config)
-        return parts
+        return self._from_single_file(path, model_config, dtype, local_files_only, "transformer",
+                                      f"a single-file {self.name} checkpoint")
 
     def save(self, components: dict, folder) -> None:
         # deferred: heavy (see the module doc)

@@ -120,22 +120,10 @@ class UNetFamily(Family):
         return CLIPTextModel
 
     def load_single_file(self, path: str, model_config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
-        # deferred: heavy (see the module doc)
-        import diffusers
-
-        pipeline = getattr(diffusers, self.pipeline_class)
         extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
             if self.pipeline_class == "StableDiffusionPipeline" else {}
-        try:
-            pipe = pipeline.from_single_file(path, config=model_config, local_files_only=local_files_only,
-                                             torch_dtype=dtype, **extra)
-        except Exception as exc:  # diffusers raises anything from OSError to KeyError on a bad file
-            hint = "" if model_config else (" (without --model-config the component configs come from the Hugging "
-                                            "Face hub or its local cache; offline, pass --model-config DIR)")
-            raise ModelError(f"cannot load model {path!r} as a single-file checkpoint: {first_line(exc)}{hint}") from None
-        parts = {name: getattr(pipe, name) for name in ("unet", "vae", *self.text_encoders, *self.tokenizers)}
-        parts["scheduler_config"] = dict(pipe.scheduler.config)
-        return parts
+        return self._from_single_file(path, model_config, dtype, local_files_only, "unet", "a single-file checkpoint",
+                                      **extra)
 
     def save(self, components: dict, folder) -> None:
         # deferred: heavy (see the module doc)
