@@ -142,26 +142,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i) -> dict:
-        i = int(i)
-        row = int(self.rows[i])  # IndexError past the end, as a sequence should
-        if self._data is not None:
-            j = i if i >= 0 else len(self.rows) + i
-            features = {name: self._data[name][j] for name in self.names}
-            gt = self._data["gt"][j]
-            if self.text:
-                embedding, mask = self._data["text_embedding"][j], self._data["text_mask"][j]
-        else:
-            cache = self._open()
-            features = cache.read(self.noise_t, row, self.names)
-            gt = cache.gt(row)
-            if self.text:
-                embedding, mask = cache.embeddings(row), cache.attention_mask(row).astype(bool)
-        item = {"features": {name: torch.from_numpy(a) for name, a in features.items()},
-                "gt": torch.from_numpy(gt), "row": row}
-        if self.text:
-            item["text_embedding"] = torch.from_numpy(embedding)
-            item["text_mask"] = torch.from_numpy(mask)
-        return item
+        """One item: a batch of one, read as `__getitems__` reads batches (IndexError past the end)."""
+        return self.__getitems__([int(i)])[0]
 
     def __getitems__(self, indices) -> "CollatedItems":
         """The items `indices`, read as one batch: each tensor's rows straight into one (n, ...) array.
