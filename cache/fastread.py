@@ -43,6 +43,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from refseg.cache.layout import is_local, local_path
 from refseg.core.errors import CacheError, DamagedCacheError
 
+_ZSTD = Zstd()  # stateless: decodes any frame, whatever level wrote it
 EMPTY = 2**64 - 1  # zarr's marker for an inner chunk with no bytes in the shard
 DEFAULT_OPEN_FILES = 64  # per Cache (per DataLoader worker): shuffled reads rarely revisit a shard
 
@@ -146,7 +147,7 @@ def _decode_frame(frame: bytes, nbytes: int, path: str, chunk: int, out: np.ndar
         if np.uint32(google_crc32c.value(frame)).tobytes() != crc:
             raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
     try:
-        decoded = Zstd().decode(frame, out=out.reshape(-1).view(np.uint8))
+        decoded = _ZSTD.decode(frame, out=out.reshape(-1).view(np.uint8))
     except Exception as exc:  # a frame that passed its CRC but is not the row: written by something else
         raise CacheError(f"shard file {path}: chunk {chunk} does not decode as a zstd frame of this array's rows "
                          f"({exc})") from exc
