@@ -40,6 +40,7 @@ setup(
         "matplotlib",
         "pyyaml",  # refseg-sweep's GRID.yaml (yaml.safe_load only)
         "tensorstore>=0.1.86",  # the store's data engine (cache/engine.py; docs/DESIGN.md §6 says why)
+        "crc32c>=2.4",  # checksums of direct shard reads (cache/fastread.py): releases the GIL; docs/DESIGN.md §6
     ],
     # moto[server] + s3fs: the object-store tests run against moto's S3 server on 127.0.0.1 (tests/test_s3.py).
     # s3fs has a lower bound: without it pip settles moto's newest boto3 with a 2020 s3fs (0.4) that reads

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from refseg.cache.batch_buffers import BatchBuffers
 from refseg.cache.reader import Cache, open_cache
 from refseg.core.errors import CacheError
 from refseg.core.memory import available_memory
@@ -40,6 +41,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.names = self._check_names(cache, names)
         self.rows = self._select_rows(cache, self.noise_t, rows)
         self._cache: Cache | None = None
+        self._buffers: BatchBuffers | None = None  # this process's batch arrays, reused once dropped
         self._pid: int | None = None
         self._data: dict[str, np.ndarray] | None = None
         if preload:
@@ -127,13 +129,16 @@ class FeatureDataset(torch.utils.data.Dataset):
     # ---- lazy, per-process store --------------------------------------------------------------
     def _open(self) -> Cache:
         if self._cache is None or self._pid != os.getpid():
-            self._cache = open_cache(self.path, direct_reads=self.direct_reads)
+            # a DataLoader worker reads one row at a time: the workers are the parallel readers then
+            in_worker = torch.utils.data.get_worker_info() is not None
+            self._cache = open_cache(self.path, direct_reads=self.direct_reads, read_threads=1 if in_worker else None)
+            self._buffers = BatchBuffers()  # a forked worker's copy of the parent's would be paged in anew
             self._pid = os.getpid()
         return self._cache
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = None  # no zarr object travels to a worker; it opens its own
+        state["_cache"] = state["_buffers"] = None  # no zarr object travels to a worker; it opens its own
         state["_pid"] = None
         return state
 
@@ -156,14 +161,17 @@ class FeatureDataset(torch.utils.data.Dataset):
             gt = self._data["gt"][positions]
             if self.text:
                 embedding, mask = self._data["text_embedding"][positions], self._data["text_mask"][positions]
+            features = {name: torch.from_numpy(a) for name, a in features.items()}
         else:
-            cache = self._open()
-            features = {name: cache.read_rows(self.noise_t, rows, name) for name in self.names}
+            cache, buffers = self._open(), self._buffers
+            features = {}
+            for name in self.names:
+                out, features[name] = buffers.take((len(rows), *self.spec[name].shape), cache.float_dtype)
+                cache.read_rows(self.noise_t, rows, name, out=out)
             gt = cache.gt(rows)
             if self.text:
                 embedding, mask = cache.embeddings(rows), cache.attention_mask(rows).astype(bool)
-        batch = {"features": {name: torch.from_numpy(a) for name, a in features.items()},
-                 "gt": torch.from_numpy(gt), "row": torch.from_numpy(rows.copy())}
+        batch = {"features": features, "gt": torch.from_numpy(gt), "row": torch.from_numpy(rows.copy())}
         if self.text:
             batch["text_embedding"] = torch.from_numpy(embedding)
             batch["text_mask"] = torch.from_numpy(mask)

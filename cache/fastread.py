@@ -34,9 +34,10 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
-import google_crc32c  # zarr's own dependency for its crc32c codec
 import numpy as np
+from crc32c import crc32c  # releases the GIL, and twice google_crc32c's speed here (docs/DESIGN.md §6)
 from numcodecs import Zstd  # what zarr's zstd codec decodes with
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
@@ -46,19 +47,37 @@ from refseg.core.errors import CacheError, DamagedCacheError
 _ZSTD = Zstd()  # stateless: decodes any frame, whatever level wrote it
 EMPTY = 2**64 - 1  # zarr's marker for an inner chunk with no bytes in the shard
 DEFAULT_OPEN_FILES = 64  # per Cache (per DataLoader worker): shuffled reads rarely revisit a shard
+# Rows read at once per Cache: a copy from the page cache and its checksum keep one core busy, and the
+# second core doubles the loader's speed on a 2-core machine (bench/read.py); more rarely pays
+DEFAULT_READ_THREADS = min(4, os.cpu_count() or 1)
+PARALLEL_ROW_BYTES = 512 * 1024  # smaller rows are read in turn: a thread's hand-off costs more than it saves
+
+
+class _OpenShard:
+    """One open shard file: its descriptor, its decoded index, and how many reads are using it now."""
+
+    __slots__ = ("fd", "index", "readers", "evicted")
+
+    def __init__(self, fd: int, index: list):
+        self.fd, self.index, self.readers, self.evicted = fd, index, 0, False
 
 
 class ShardFiles:
-    """An LRU of open shard files, each with its decoded index ([(offset, nbytes)] per inner chunk).
+    """An LRU of open shard files, each with its decoded index ([(offset, nbytes)] per inner chunk), and
+    the threads that read rows from them (`map`).
 
-    Thread-safe: `read` holds the lock while it reads, so a file is never closed under a reader
-    (threads then share one reader at a time; the DataLoader's workers are processes, each with its own).
+    Thread-safe: the lock guards the LRU only, and reads run outside it, in parallel. A file evicted while
+    a read uses it is closed when that read ends, so a descriptor is never closed (and its number reused
+    for another file) under a reader. The DataLoader's workers are processes, each with its own.
     """
 
-    def __init__(self, capacity: int = DEFAULT_OPEN_FILES):
+    def __init__(self, capacity: int = DEFAULT_OPEN_FILES, threads: int | None = None):
         self.capacity = max(1, int(capacity))
-        self._files: OrderedDict[str, tuple[int, list]] = OrderedDict()
+        self.threads = DEFAULT_READ_THREADS if threads is None else max(1, int(threads))
+        self._files: OrderedDict[str, _OpenShard] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
 
     def read(self, path: str, chunks_per_shard: int, has_crc: bool, chunk: int, out: np.ndarray,
              chunk_crc: bool = False, zstd: bool = False) -> bool:
@@ -69,44 +88,66 @@ class ShardFiles:
         that means. DamagedCacheError on a chunk that fails its checksum, CacheError on a torn or
         corrupt file.
         """
-        with self._lock:
-            entry = self._files.get(path)
-            if entry is None:
-                entry = self._open(path, chunks_per_shard, has_crc)
-                if entry is None:
-                    return False
-            else:
-                self._files.move_to_end(path)
-            fd, index = entry
-            offset, nbytes = index[chunk]
+        shard = self._acquire(path, chunks_per_shard, has_crc)
+        if shard is None:
+            return False
+        try:
+            offset, nbytes = shard.index[chunk]
             if offset == EMPTY and nbytes == EMPTY:
                 return False
             if zstd:
-                frame = os.pread(fd, nbytes, offset)
+                return _decode_frame(os.pread(shard.fd, nbytes, offset), nbytes, path, chunk, out, chunk_crc)
+            _read_plain(shard.fd, path, chunk, offset, nbytes, out, chunk_crc)
+            return True
+        finally:
+            self._release(shard)
+
+    def map(self, read, items) -> None:
+        """`read(item)` for every item, on this process's read threads; once all have ended, the first
+        failure in the items' order is raised (the same error whatever the threads' timing)."""
+        items = list(items)
+        if self.threads == 1 or len(items) < 2:
+            for item in items:
+                read(item)
+            return
+        futures = [self._executor().submit(read, item) for item in items]
+        try:
+            errors = [future.exception() for future in futures]  # waits for each
+        except BaseException:  # Ctrl-C while waiting: no read still queued writes into the caller's array later
+            for future in futures:
+                future.cancel()
+            raise
+        first = next((error for error in errors if error is not None), None)
+        if first is not None:
+            raise first
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # a forked child inherits the parent's pool object but none of its threads: a task given to it
+        # would never run
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="refseg-shard-read")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _acquire(self, path: str, n: int, has_crc: bool) -> _OpenShard | None:
+        with self._lock:
+            shard = self._files.get(path)
+            if shard is None:
+                shard = self._open(path, n, has_crc)
+                if shard is None:
+                    return None
             else:
-                crc = self._read_plain(fd, path, chunk, offset, nbytes, out, chunk_crc)
-        if zstd:
-            return _decode_frame(frame, nbytes, path, chunk, out, chunk_crc)
-        if chunk_crc and np.uint32(google_crc32c.value(out.reshape(-1).view(np.uint8))).tobytes() != bytes(crc):
-            raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
-        return True
+                self._files.move_to_end(path)
+            shard.readers += 1
+            return shard
 
-    @staticmethod
-    def _read_plain(fd: int, path: str, chunk: int, offset: int, nbytes: int, out: np.ndarray,
-                    chunk_crc: bool) -> bytearray:
-        """An uncompressed chunk straight into `out` with one preadv; its CRC-32C's bytes (or none)."""
-        expected = out.nbytes + (4 if chunk_crc else 0)
-        if nbytes != expected:
-            raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {expected} "
-                             f"(a compressed or foreign shard?)")
-        crc = bytearray(4)
-        buffers = [memoryview(out).cast("B"), crc] if chunk_crc else [memoryview(out).cast("B")]
-        got = os.preadv(fd, buffers, offset)
-        if got != nbytes:
-            raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
-        return crc
+    def _release(self, shard: _OpenShard) -> None:
+        with self._lock:
+            shard.readers -= 1
+            if shard.evicted and shard.readers == 0:
+                os.close(shard.fd)
 
-    def _open(self, path: str, n: int, has_crc: bool):
+    def _open(self, path: str, n: int, has_crc: bool) -> _OpenShard | None:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -116,17 +157,21 @@ class ShardFiles:
         except BaseException:
             os.close(fd)
             raise
-        self._files[path] = (fd, index)
+        shard = self._files[path] = _OpenShard(fd, index)
         while len(self._files) > self.capacity:
-            _, (old, _) = self._files.popitem(last=False)
-            os.close(old)
-        return fd, index
+            self._evict(self._files.popitem(last=False)[1])
+        return shard
+
+    @staticmethod
+    def _evict(shard: _OpenShard) -> None:
+        shard.evicted = True
+        if shard.readers == 0:  # else the last read using it closes it (_release)
+            os.close(shard.fd)
 
     def close(self) -> None:
         with self._lock:
             while self._files:
-                _, (fd, _) = self._files.popitem()
-                os.close(fd)
+                self._evict(self._files.popitem()[1])
 
     def __len__(self) -> int:
         return len(self._files)
@@ -138,13 +183,28 @@ class ShardFiles:
             pass
 
 
+def _read_plain(fd: int, path: str, chunk: int, offset: int, nbytes: int, out: np.ndarray, chunk_crc: bool) -> None:
+    """An uncompressed chunk straight into `out` with one preadv; with `chunk_crc`, its CRC-32C checked."""
+    expected = out.nbytes + (4 if chunk_crc else 0)
+    if nbytes != expected:
+        raise CacheError(f"shard file {path}: chunk {chunk} holds {nbytes} bytes, expected {expected} "
+                         f"(a compressed or foreign shard?)")
+    crc = bytearray(4)
+    data = memoryview(out).cast("B")
+    got = os.preadv(fd, [data, crc] if chunk_crc else [data], offset)
+    if got != nbytes:
+        raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
+    if chunk_crc and crc32c(data) != int.from_bytes(crc, "little"):
+        raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
+
+
 def _decode_frame(frame: bytes, nbytes: int, path: str, chunk: int, out: np.ndarray, chunk_crc: bool) -> bool:
     """A zstd chunk's bytes (then its CRC-32C with `chunk_crc`) decoded into `out`."""
     if len(frame) != nbytes:
         raise CacheError(f"shard file {path} is truncated: chunk {chunk} ends past the end of the file")
     if chunk_crc:
         frame, crc = frame[:-4], frame[-4:]
-        if np.uint32(google_crc32c.value(frame)).tobytes() != crc:
+        if crc32c(frame) != int.from_bytes(crc, "little"):
             raise DamagedCacheError(f"checksum mismatch ({path})", detail=f"checksum mismatch ({path})")
     try:
         decoded = _ZSTD.decode(frame, out=out.reshape(-1).view(np.uint8))
@@ -164,7 +224,7 @@ def _read_index(fd: int, path: str, n: int, has_crc: bool) -> list[tuple[int, in
         raise CacheError(f"shard file {path} is truncated ({size} bytes, shorter than its index)")
     raw = os.pread(fd, index_bytes, size - index_bytes)
     if has_crc:
-        if np.uint32(google_crc32c.value(raw[:16 * n])).tobytes() != raw[16 * n:]:
+        if crc32c(raw[:16 * n]) != int.from_bytes(raw[16 * n:], "little"):
             raise CacheError(f"shard file {path} is corrupt: its index fails its CRC-32C check")
     index = [tuple(pair) for pair in np.frombuffer(raw[:16 * n], dtype="<u8").reshape(n, 2).tolist()]
     ends = [offset + nbytes for offset, nbytes in index if offset != EMPTY]
@@ -233,17 +293,26 @@ class ShardRowReader:
         self.read_into(r, out)
         return out
 
-    def rows(self, rows) -> np.ndarray:
-        """Rows by slice (step 1) or a sequence of ints, stacked: (n, *row_shape)."""
+    def rows(self, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows by slice (step 1) or a sequence of ints, stacked: (n, *row_shape); into `out` when given
+        (C-contiguous, that shape and this dtype)."""
         if isinstance(rows, slice):
             start, stop, step = rows.indices(self.n_rows)
             if step != 1:
                 raise ValueError(f"row slices must have step 1, got {rows!r}")
             rows = range(start, max(start, stop))
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
-        for i, r in enumerate(rows):
-            self.read_into(int(r), out[i])
+        if out is None:
+            out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        elif out.shape != (len(rows), *self.row_shape) or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {(len(rows), *self.row_shape)}, "
+                             f"got {out.dtype} {out.shape}")
+        jobs = enumerate(rows.tolist())
+        if out[:1].nbytes >= PARALLEL_ROW_BYTES:
+            self.files.map(lambda i_r: self.read_into(i_r[1], out[i_r[0]]), jobs)
+        else:
+            for i, r in jobs:
+                self.read_into(r, out[i])
         return out
 
     def read_into(self, r: int, out: np.ndarray) -> None:

@@ -35,7 +35,7 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 DEQUANTIZE_BLOCK = 1 << 18
 
 
-def dequantize(codes: np.ndarray, scale: np.ndarray, dtype=np.float16) -> np.ndarray:
+def dequantize(codes: np.ndarray, scale: np.ndarray, dtype=np.float16, out: np.ndarray | None = None) -> np.ndarray:
     """`codes * scale` per channel, computed in float32 and rounded to `dtype`: (..., C, H, W) codes with
     (..., C) scales. Through torch (its casts are vectorised; numpy's float16 cast is not), a block of
     channels at a time (DEQUANTIZE_BLOCK): the same values as one whole-array product, what a training
@@ -46,12 +46,14 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, dtype=np.float16) -> np.nda
     plane = int(np.prod(codes.shape[-2:]))
     channels = torch.from_numpy(codes).reshape(-1, plane)  # one row per (sample, channel)
     scales = torch.from_numpy(np.ascontiguousarray(scale, np.float32)).reshape(-1, 1)
-    out = torch.empty(channels.shape, dtype=getattr(torch, np.dtype(dtype).name))
+    if out is None:
+        out = np.empty(codes.shape, dtype=dtype)
+    values = torch.from_numpy(out).view(channels.shape)  # C-contiguous `out` of codes' shape, dtype `dtype`
     rows = max(1, DEQUANTIZE_BLOCK // max(1, plane))
     scratch = torch.empty((min(rows, channels.shape[0]), plane), dtype=torch.float32)
     for start in range(0, channels.shape[0], rows):
         part = scratch[:min(rows, channels.shape[0] - start)]
         part.copy_(channels[start:start + rows])
         part.mul_(scales[start:start + rows])
-        out[start:start + rows].copy_(part)
-    return out.reshape(codes.shape).numpy()
+        values[start:start + rows].copy_(part)
+    return out

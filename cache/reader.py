@@ -11,20 +11,21 @@ import zarr
 from refseg.cache.fastread import ShardFiles, ShardRowReader
 from refseg.cache.quantize import dequantize, scale_name
 from refseg.cache.layout import COMPRESSED_MASKS_FORMAT, SETTINGS_KEYS, is_local, local_path, noise_group_name, open_root, store_nbytes
-from refseg.cache.store import Coverage, Store
+from refseg.cache.store import Coverage, Store, into_array
 from refseg.core.errors import CacheError, DamagedCacheError
 
 
-def open_cache(path, direct_reads: bool = True) -> "Cache":
+def open_cache(path, direct_reads: bool = True, read_threads: int | None = None) -> "Cache":
     """Open the store at `path` read-only. CacheError if it is missing, not a refseg cache, or newer.
 
     `direct_reads`: read rows of local uncompressed arrays straight from their shard files
     (cache/fastread.py; the same values and the same checks, faster than the engine one row at a
     time: BENCHMARKS.md, "Cache reads"); False reads everything through the engine (cache/engine.py).
+    `read_threads`: how many rows those direct reads fetch at once (default: fastread.DEFAULT_READ_THREADS).
     """
     path = os.fspath(path)
     _refuse_what_is_not_a_store(path)
-    return Cache(path, open_root(path, mode="r"), direct_reads=direct_reads)
+    return Cache(path, open_root(path, mode="r"), direct_reads=direct_reads, read_threads=read_threads)
 
 
 def _refuse_what_is_not_a_store(path: str) -> None:
@@ -64,12 +65,12 @@ def _is_run_config(path: str) -> bool:
 class Cache(Store):
     """A refseg cache store opened for reading. Arrays are opened once and read on demand."""
 
-    def __init__(self, path: str, root: zarr.Group, direct_reads: bool = True):
+    def __init__(self, path: str, root: zarr.Group, direct_reads: bool = True, read_threads: int | None = None):
         super().__init__(path, root)
         self._texts: list[str] | None = None
         self._levels: dict[int, zarr.Group] = {}
         self._level_arrays: dict[tuple[int, str], zarr.Array] = {}
-        self._shard_files = ShardFiles() if direct_reads else None
+        self._shard_files = ShardFiles(threads=read_threads) if direct_reads else None
         self._row_readers: dict[int, ShardRowReader | None] = {}  # by id of the zarr array (kept open here)
 
     # ---- what is in it ------------------------------------------------------------------------
@@ -162,18 +163,19 @@ class Cache(Store):
         return self.flags("text/done")
 
     # ---- data ---------------------------------------------------------------------------------
-    def _read_rows(self, array: zarr.Array, key: str, rows) -> np.ndarray:
-        """Rows read directly from the shard files when the array allows it, else through the engine."""
+    def _read_rows(self, array: zarr.Array, key: str, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows read directly from the shard files when the array allows it, else through the engine;
+        into `out` when given."""
         reader = None
         if self._shard_files is not None:
             if id(array) not in self._row_readers:
                 self._row_readers[id(array)] = ShardRowReader.for_array(array, self._shard_files)
             reader = self._row_readers[id(array)]
         if reader is None or (isinstance(rows, slice) and rows.step not in (None, 1)):
-            return self.engine.read_rows(key, rows)
+            return into_array(out, self.engine.read_rows(key, rows))
         if isinstance(rows, (int, np.integer)):
-            return reader.row(rows)
-        return reader.rows(rows)
+            return into_array(out, reader.row(rows))
+        return reader.rows(rows, out)
 
     def read(self, t, row: int, names=None) -> dict[str, np.ndarray]:
         """One sample's tensors at noise level `t` (float16, (C,H,W) each). Rows not done read as zeros."""
@@ -183,17 +185,18 @@ class Cache(Store):
         names = self.spec.names if names is None else names
         return {name: self._tensor(t, name, row) for name in names}
 
-    def read_rows(self, t, rows, name: str) -> np.ndarray:
-        """One tensor for several rows: (n, C, H, W) float16 (float32 in a --cache-dtype fp32 store)."""
-        return self._tensor(t, name, rows)
+    def read_rows(self, t, rows, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor for several rows: (n, C, H, W) float16 (float32 in a --cache-dtype fp32 store); read
+        into `out` when given (C-contiguous, that shape and dtype: what FeatureDataset reuses, batch_buffers.py)."""
+        return self._tensor(t, name, rows, out)
 
-    def _tensor(self, t, name: str, rows) -> np.ndarray:
+    def _tensor(self, t, name: str, rows, out: np.ndarray | None = None) -> np.ndarray:
         rows = self._level_rows(t, rows)
-        values = self._take(self._array(t, name), rows)
         if not self.quantized:
-            return values
+            return self._take(self._array(t, name), rows, out)
         # int8 codes times their per-channel scales, in float16 (cache/quantize.py)
-        return dequantize(values, self._take(self._array(t, scale_name(name)), rows), self.float_dtype)
+        codes = self._take(self._array(t, name), rows)
+        return dequantize(codes, self._take(self._array(t, scale_name(name)), rows), self.float_dtype, out=out)
 
     @property
     def bad(self) -> list[dict]:

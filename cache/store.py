@@ -220,11 +220,12 @@ class Store:
             return self.flags(key)[rows]
         return self._take(array, rows)
 
-    def _take(self, array: zarr.Array, rows) -> np.ndarray:
-        """Rows of one per-row array through the engine; damage is said with the samples' ids."""
+    def _take(self, array: zarr.Array, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of one per-row array through the engine (into `out` when given: an array of their shape and
+        dtype); damage is said with the samples' ids."""
         key = array_key(array)
         try:
-            return self._read_rows(array, key, rows)
+            return self._read_rows(array, key, rows, out)
         except DamagedCacheError as exc:
             if not exc.missing:
                 raise self.damage_error(exc.array or key, exc) from None
@@ -232,7 +233,9 @@ class Store:
         # docs say; a finished row's absent chunk is damage. Read row by row to tell which (and name them all).
         wanted = np.arange(array.shape[0])[rows]
         finished = self._finished(key, wanted)
-        out = np.zeros((*np.shape(wanted), *array.shape[1:]), dtype=array.dtype)
+        if out is None:
+            out = np.empty((*np.shape(wanted), *array.shape[1:]), dtype=array.dtype)
+        out[...] = 0
         damaged, first_damage = [], None
         for i in np.flatnonzero(np.atleast_1d(finished)):
             r = int(np.atleast_1d(wanted)[i])
@@ -256,8 +259,8 @@ class Store:
         finished = np.logical_or.reduce([self.flags(f) for f in flags])
         return np.atleast_1d(finished[rows])
 
-    def _read_rows(self, array: zarr.Array, key: str, rows) -> np.ndarray:
-        return self.engine.read_rows(key, rows)
+    def _read_rows(self, array: zarr.Array, key: str, rows, out: np.ndarray | None = None) -> np.ndarray:
+        return into_array(out, self.engine.read_rows(key, rows))
 
     def _read_whole(self, key: str) -> np.ndarray:
         try:
@@ -303,3 +306,11 @@ def _has_array(root: zarr.Group, key: str) -> bool:
         return isinstance(root[key], zarr.Array)
     except KeyError:
         return False
+
+
+def into_array(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """`values`, or `out` holding them when an output array was given."""
+    if out is None:
+        return values
+    out[...] = values
+    return out

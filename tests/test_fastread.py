@@ -151,3 +151,87 @@ def test_a_damaged_zstd_frame_is_named_not_decoded(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(DamagedCacheError, match=r"masks/gt rows? 0\b.*checksum mismatch"):
         open_cache(path).gt(0)
+
+
+# ---- rows read by several threads (ShardFiles.map) ----------------------------------------------------
+@pytest.fixture
+def every_row_in_parallel(monkeypatch):
+    """The tiny stores' rows are bytes long: read every one of them on the threads."""
+    import refseg.cache.fastread
+
+    monkeypatch.setattr(refseg.cache.fastread, "PARALLEL_ROW_BYTES", 0)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_rows_read_by_threads_equal_those_read_in_turn_even_with_one_open_file(tmp_path, every_row_in_parallel,
+                                                                             threads):
+    """Threads share the LRU: with room for one open file, every read evicts a file another thread may be
+    reading; each still reads its own file's bytes, and no descriptor is left open."""
+    path = tmp_path / "c.zarr"
+    contents = _store(path, zero_rows=(4,), feature_shards=2)
+    in_turn, parallel = open_cache(path, read_threads=1), open_cache(path, read_threads=threads)
+    parallel._shard_files = files = ShardFiles(capacity=1, threads=threads)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    rows = [8, 1, 5, 0, 7, 2, 6, 3, 4, 1, 8, 0] * 3
+    for _ in range(5):
+        for name in parallel.spec.names:
+            assert _same(parallel.read_rows(0, rows, name), in_turn.read_rows(0, rows, name)), name
+        assert _same(parallel.gt(rows), contents["gt"][rows])
+    assert _same(parallel.read_rows(0, rows, "s8")[1:8], contents[("t", 0)]["s8"][rows[1:8]])  # row 8: no file
+    assert len(files) <= 1
+    files.close()
+    assert len(files) == 0 and len(os.listdir("/proc/self/fd")) == fds_before + len(in_turn._shard_files)
+
+
+def test_of_two_damaged_rows_read_by_threads_the_first_asked_for_is_named(tmp_path, every_row_in_parallel):
+    """Two damaged rows in one read: whichever thread fails first, the error names the one asked for first."""
+    from refseg.core.errors import DamagedCacheError
+
+    path = tmp_path / "c.zarr"
+    _store(path)
+    for shard, row_in_shard in ((0, 1), (1, 2)):  # rows 1 and 6 (shard size 4)
+        file = _shard_file(path, "t0000/s8", shard)
+        data = bytearray(file.read_bytes())
+        data[row_in_shard * (8 * 4 * 4 * 2 + 4) + 7] ^= 0x01  # inside that row's bytes
+        file.write_bytes(bytes(data))
+    cache = open_cache(path, read_threads=4)
+    for _ in range(10):
+        with pytest.raises(DamagedCacheError, match=r"t0000/s8 rows? 6\b.*checksum mismatch"):
+            cache.read_rows(0, [7, 6, 0, 2], "s8")
+        with pytest.raises(DamagedCacheError, match=r"t0000/s8 rows? 1\b.*checksum mismatch"):
+            cache.read_rows(0, [7, 1, 6, 2], "s8")
+    assert _same(cache.read_rows(0, [0, 2, 3], "s8"), open_cache(path, direct_reads=False).read_rows(0, [0, 2, 3], "s8"))
+
+
+def test_a_forked_child_reads_with_threads_of_its_own(tmp_path, every_row_in_parallel):
+    """The parent's read threads do not exist in a forked child; the child starts its own instead of
+    queueing work for threads that never run (a hang)."""
+    import multiprocessing
+
+    path = tmp_path / "c.zarr"
+    contents = _store(path)
+    cache = open_cache(path, read_threads=2)
+    assert _same(cache.read_rows(0, [3, 1, 2], "s16"), contents[("t", 0)]["s16"][[3, 1, 2]])  # the pool started
+    context = multiprocessing.get_context("fork")  # a forked Process's target and arguments are not pickled
+    results = context.Queue()
+    child = context.Process(target=lambda: results.put(cache.read_rows(0, [5, 0, 7], "s16")))
+    child.start()
+    try:
+        got = results.get(timeout=60)  # a hang fails here
+    finally:
+        child.join(10)
+        child.kill()
+    assert _same(got, contents[("t", 0)]["s16"][[5, 0, 7]])
+
+
+def test_rows_into_a_given_array(tmp_path):
+    path = tmp_path / "c.zarr"
+    contents = _store(path)
+    direct, through_zarr = open_cache(path), open_cache(path, direct_reads=False)
+    for cache in (direct, through_zarr):
+        out = np.full((3, 8, 4, 4), 7, np.float16)
+        assert cache.read_rows(0, [6, 0, 2], "s8", out=out) is out
+        assert _same(out, contents[("t", 0)]["s8"][[6, 0, 2]])
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous float16 array of shape \(3, 8, 4, 4\), "
+                                         r"got float32 \(3, 8, 4, 4\)"):
+        direct.read_rows(0, [6, 0, 2], "s8", out=np.empty((3, 8, 4, 4), np.float32))

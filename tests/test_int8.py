@@ -123,3 +123,5 @@ def test_dequantizing_block_by_block_gives_the_whole_products_values(shape, monk
             got = dequantize(codes, scale, dtype)
             assert got.dtype == dtype and got.shape == shape
             assert got.tobytes() == whole.astype(dtype).tobytes()
+            out = np.full(shape, 9, dtype)  # what FeatureDataset passes: a reused batch array
+            assert dequantize(codes, scale, dtype, out=out) is out and out.tobytes() == got.tobytes()

@@ -1,0 +1,87 @@
+"""FeatureDataset's batch arrays (cache/batch_buffers.py): reused once dropped, never while anything holds
+them; shared memory in a DataLoader worker."""
+
+import numpy as np
+import pytest
+import torch
+from _cache_util import filled_store
+
+from refseg.cache import FeatureDataset
+from refseg.cache.batch_buffers import POOLED_PER_SHAPE, BatchBuffers
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    path, contents, _ = filled_store(tmp_path_factory.mktemp("cache") / "c.zarr")
+    return path, contents
+
+
+def _check(batch, contents, t=500):
+    for name, value in batch["features"].items():
+        assert torch.equal(value, torch.from_numpy(contents[("t", t)][name][batch["row"].numpy()])), name
+
+
+def test_batches_kept_are_never_written_into(filled):
+    """More batches alive than the pool holds: each keeps its own values."""
+    path, contents = filled
+    ds = FeatureDataset(path, 500)
+    orders = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [8, 0, 4], [2, 2, 7], [5, 1, 3], [4, 6, 0]]
+    assert len(orders) > POOLED_PER_SHAPE
+    kept = [ds.__getitems__(order).batch for order in orders]
+    for batch in kept:
+        _check(batch, contents)
+    pointers = {batch["features"]["s8"].data_ptr() for batch in kept}
+    assert len(pointers) == len(orders)
+
+
+def test_an_item_or_a_view_kept_keeps_its_batch(filled):
+    path, contents = filled
+    ds = FeatureDataset(path, 500)
+    item = ds.__getitems__([1, 2, 3])[1]  # the batch and the other items are dropped; this view is not
+    plane = ds.__getitems__([4, 5, 6]).batch["features"]["s8"][0, 3]
+    for order in ([6, 7, 8], [0, 5, 8], [3, 3, 3]) * 3:
+        _check(ds.__getitems__(order).batch, contents)
+    assert torch.equal(item["features"]["s8"], torch.from_numpy(contents[("t", 500)]["s8"][2]))
+    assert torch.equal(plane, torch.from_numpy(contents[("t", 500)]["s8"][4, 3]))
+
+
+def test_a_dropped_batch_is_read_into_again(filled):
+    path, contents = filled
+    ds = FeatureDataset(path, 500)
+    first = ds.__getitems__([0, 1, 2]).batch
+    pointer = first["features"]["s16"].data_ptr()
+    del first
+    again = ds.__getitems__([5, 6, 7]).batch
+    assert again["features"]["s16"].data_ptr() == pointer
+    _check(again, contents)
+    other_size = ds.__getitems__([5, 6]).batch  # another batch size: arrays of its own
+    assert other_size["features"]["s16"].data_ptr() != pointer
+    _check(other_size, contents)
+
+
+def test_in_a_dataloader_worker_the_arrays_are_new_shared_memory(monkeypatch):
+    buffers = BatchBuffers()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    for _ in range(3):
+        array, tensor = buffers.take((2, 3, 5), np.float16)
+        assert tensor.is_shared() and tensor.dtype == torch.float16 and tensor.shape == (2, 3, 5)
+        array[...] = 1.5  # the array is the tensor's memory
+        assert torch.equal(tensor, torch.full((2, 3, 5), 1.5, dtype=torch.float16))
+        del array, tensor
+    assert not buffers._pools  # never pooled: the main process may still hold any of them
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_training_loader_over_many_epochs_gives_the_stored_values(filled, workers):
+    from refseg.heads.batches import make_loader
+
+    path, contents = filled
+    ds = FeatureDataset(path, 500)
+    order = [8, 3, 0, 5, 1, 7, 2, 6, 4]
+    loader = make_loader(ds, 2, torch.device("cpu"), sampler=order, workers=workers)
+    for _ in range(3):
+        rows = []
+        for batch in loader:
+            _check(batch, contents)
+            rows += batch["row"].tolist()
+        assert rows == order
