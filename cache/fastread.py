@@ -34,7 +34,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 from crc32c import crc32c  # releases the GIL, and twice google_crc32c's speed here (docs/DESIGN.md §6)
@@ -49,7 +49,8 @@ EMPTY = 2**64 - 1  # zarr's marker for an inner chunk with no bytes in the shard
 DEFAULT_OPEN_FILES = 64  # per Cache (per DataLoader worker): shuffled reads rarely revisit a shard
 # Rows read at once per Cache: a copy from the page cache and its checksum keep one core busy, and the
 # second core doubles the loader's speed on a 2-core machine (bench/read.py); more rarely pays
-DEFAULT_READ_THREADS = min(4, os.cpu_count() or 1)
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+DEFAULT_READ_THREADS = min(4, _CORES)
 PARALLEL_ROW_BYTES = 512 * 1024  # smaller rows are read in turn: a thread's hand-off costs more than it saves
 
 
@@ -113,9 +114,10 @@ class ShardFiles:
         futures = [self._executor().submit(read, item) for item in items]
         try:
             errors = [future.exception() for future in futures]  # waits for each
-        except BaseException:  # Ctrl-C while waiting: no read still queued writes into the caller's array later
+        except BaseException:  # Ctrl-C while waiting: no read writes into the caller's array after this returns
             for future in futures:
                 future.cancel()
+            wait(futures)  # those already running (a row each) end first
             raise
         first = next((error for error in errors if error is not None), None)
         if first is not None:
@@ -169,9 +171,13 @@ class ShardFiles:
             os.close(shard.fd)
 
     def close(self) -> None:
+        """Close every file no read is using (the others when their reads end) and stop the read threads."""
         with self._lock:
             while self._files:
                 self._evict(self._files.popitem()[1])
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.shutdown(wait=False)  # a read that follows starts new ones
+            self._pool = None
 
     def __len__(self) -> int:
         return len(self._files)

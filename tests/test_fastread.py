@@ -235,3 +235,26 @@ def test_rows_into_a_given_array(tmp_path):
     with pytest.raises(ValueError, match=r"out must be a C-contiguous float16 array of shape \(3, 8, 4, 4\), "
                                          r"got float32 \(3, 8, 4, 4\)"):
         direct.read_rows(0, [6, 0, 2], "s8", out=np.empty((3, 8, 4, 4), np.float32))
+
+
+def test_ctrl_c_during_threaded_reads_returns_only_once_the_running_reads_end():
+    """Reads still queued are dropped; those already running end before the interrupt reaches the caller,
+    so none writes into a batch array after the caller has moved on (FeatureDataset reuses them)."""
+    import signal
+    import threading
+    import time
+
+    files = ShardFiles(threads=2)
+    started, ended = set(), set()
+
+    def slow_read(item):
+        started.add(item)
+        time.sleep(0.4)
+        ended.add(item)
+
+    threading.Timer(0.1, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        files.map(slow_read, range(6))
+    assert started == ended == {0, 1}  # the two running reads ended; the four queued never started
+    files.map(slow_read, [7, 8])  # the threads serve the next read
+    assert ended == {0, 1, 7, 8}
