@@ -22,6 +22,9 @@ and every chunk is written: a chunk marked absent (2**64-1, 2**64-1) or a shard 
 exist is damage (`DamagedCacheError`). In a format-1 store such a chunk held only the fill value
 (zarr does not write those) and reads as it.
 
+A batch's rows of PARALLEL_ROW_BYTES and more are read on a few threads (`ShardFiles.map`): a copy
+from the page cache and its checksum each keep a core busy, and both release the GIL.
+
 Open shard files are kept, with their index, in a small LRU (`ShardFiles`): the index read with a
 file always describes that very file, so a shard replaced later (files are written by rename) is
 never read through a stale index. FeatureDataset reads only rows whose `done` flag is set, and the
@@ -37,7 +40,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
-from crc32c import crc32c  # releases the GIL, and twice google_crc32c's speed here (docs/DESIGN.md §6)
+from crc32c import crc32c  # releases the GIL, and 1.4-2x google_crc32c's speed here (docs/DESIGN.md §6)
 from numcodecs import Zstd  # what zarr's zstd codec decodes with
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
