@@ -17,6 +17,7 @@ it when the worker reads its next batch (a weak reference cannot see across proc
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -26,24 +27,27 @@ POOLED_PER_SHAPE = 4  # batches of one shape alive at once in a training loop: t
 
 
 class BatchBuffers:
-    """`take(shape, dtype)` -> (array to read into, the tensor over it to hand out)."""
+    """`take(shape, dtype)` -> (array to read into, the tensor over it to hand out). Thread-safe: threads
+    reading items of one dataset at once never get the same array."""
 
     def __init__(self, per_shape: int = POOLED_PER_SHAPE):
         self.per_shape = int(per_shape)
         self._pools: dict[tuple, list[list]] = {}  # (shape, dtype) -> [[array, weakref to its handed-out view]]
+        self._lock = threading.Lock()
 
     def take(self, shape: tuple, dtype) -> tuple[np.ndarray, torch.Tensor]:
         dtype = np.dtype(dtype)
         if torch.utils.data.get_worker_info() is not None:
             return _shared(shape, dtype)
-        pool = self._pools.setdefault((tuple(shape), dtype.str), [])
-        slot = next((s for s in pool if s[1]() is None), None)
-        if slot is None:
-            slot = [np.empty(shape, dtype), None]
-            if len(pool) < self.per_shape:
-                pool.append(slot)  # else: every pooled array is held, and this one is not kept
-        view = slot[0].view()
-        slot[1] = weakref.ref(view)
+        with self._lock:  # a free slot is claimed (its weak reference set) before another thread looks
+            pool = self._pools.setdefault((tuple(shape), dtype.str), [])
+            slot = next((s for s in pool if s[1]() is None), None)
+            if slot is None:
+                slot = [np.empty(shape, dtype), None]
+                if len(pool) < self.per_shape:
+                    pool.append(slot)  # else: every pooled array is held, and this one is not kept
+            view = slot[0].view()
+            slot[1] = weakref.ref(view)
         return view, torch.from_numpy(view)
 
 

@@ -71,7 +71,7 @@ class Cache(Store):
         self._levels: dict[int, zarr.Group] = {}
         self._level_arrays: dict[tuple[int, str], zarr.Array] = {}
         self._shard_files = ShardFiles(threads=read_threads) if direct_reads else None
-        self._row_readers: dict[int, ShardRowReader | None] = {}  # by id of the zarr array (kept open here)
+        self._row_readers: dict[str, ShardRowReader | None] = {}  # by array key ("t0005/s8")
 
     # ---- what is in it ------------------------------------------------------------------------
     @property
@@ -96,7 +96,7 @@ class Cache(Store):
                 levels = self.noise_levels
                 have = f"it has T={', '.join(map(str, levels))}" if levels else "it has no noise levels yet"
                 raise CacheError(f"noise level T={t} is not in cache {self.path} ({have})")
-            self._levels[t] = group
+            self._levels.setdefault(t, group)
         return self._levels[t]
 
     def _array(self, t: int, name: str) -> zarr.Array:
@@ -110,7 +110,7 @@ class Cache(Store):
                     raise DamagedCacheError(f"cache {self.path} is damaged: {key} has no metadata (zarr.json); run "
                                             f"`refseg-cache verify {self.path} --repair`", array=key)
                 raise CacheError(f"tensor {name!r} is not in cache {self.path} (it has {', '.join(self.spec.names)})")
-            self._level_arrays[key] = group[name]
+            self._level_arrays.setdefault(key, group[name])  # two threads opening it keep the same one
         return self._level_arrays[key]
 
     def timestep(self, t) -> int | float:
@@ -168,9 +168,11 @@ class Cache(Store):
         into `out` when given."""
         reader = None
         if self._shard_files is not None:
-            if id(array) not in self._row_readers:
-                self._row_readers[id(array)] = ShardRowReader.for_array(array, self._shard_files)
-            reader = self._row_readers[id(array)]
+            # by the array's key, not id(array): under threads a zarr.Array made twice is dropped once, and
+            # its id may then name another array
+            if key not in self._row_readers:
+                self._row_readers.setdefault(key, ShardRowReader.for_array(array, self._shard_files))
+            reader = self._row_readers[key]
         if reader is None or (isinstance(rows, slice) and rows.step not in (None, 1)):
             return into_array(out, self.engine.read_rows(key, rows))
         if isinstance(rows, (int, np.integer)):

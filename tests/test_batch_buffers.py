@@ -1,6 +1,8 @@
 """FeatureDataset's batch arrays (cache/batch_buffers.py): reused once dropped, never while anything holds
 them; shared memory in a DataLoader worker."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,38 @@ def test_a_training_loader_over_many_epochs_gives_the_stored_values(filled, work
             _check(batch, contents)
             rows += batch["row"].tolist()
         assert rows == order
+
+
+def test_threads_reading_one_dataset_at_once_get_their_own_arrays(filled, monkeypatch):
+    """A thread-based loader (or a user's pool) calls the dataset from several threads: each batch still
+    holds its own rows' values while others are read."""
+    import types
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    import refseg.cache.batch_buffers as batch_buffers
+
+    def slow_ref(obj):  # widen the window between finding a free array and marking it taken
+        time.sleep(0.001)
+        return weakref.ref(obj)
+
+    monkeypatch.setattr(batch_buffers, "weakref", types.SimpleNamespace(ref=slow_ref))
+    path, contents = filled
+    ds = FeatureDataset(path, 500)
+    orders = [[k % 9, (k + 4) % 9, (k + 7) % 9] for k in range(200)]
+
+    def read_and_check(order):
+        batch = ds.__getitems__(order).batch
+        for _ in range(3):  # other threads take and drop arrays meanwhile
+            _check(batch, contents)
+        return batch["row"].tolist()
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: races show
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(read_and_check, orders)) == orders
+    finally:
+        sys.setswitchinterval(interval)
