@@ -2,7 +2,7 @@
 
 Why: a training batch of SD1.5 features is ~40 MB. Read into new arrays, every batch pays the kernel
 for fresh pages (a page fault and zeroing per 4 KiB) and the checksum then reads memory no cache holds;
-read into the arrays of a batch already dropped, it pays neither. That is a quarter of the loader's time
+read into the arrays of a batch already dropped, it pays neither. That was a fifth of the loader's time
 on a page-cache-warm store (bench/read.py, BENCHMARKS.md "Cache reads").
 
 A batch's tensors are handed out as `torch.from_numpy(view)`, `view` a fresh ndarray over the pooled
