@@ -28,16 +28,18 @@ POOLED_PER_SHAPE = 4  # batches of one shape alive at once in a training loop: t
 
 class BatchBuffers:
     """`take(shape, dtype)` -> (array to read into, the tensor over it to hand out). Thread-safe: threads
-    reading items of one dataset at once never get the same array."""
+    reading items of one dataset at once never get the same array. `shared`: the process is a DataLoader
+    worker (new shared memory every time, nothing pooled)."""
 
-    def __init__(self, per_shape: int = POOLED_PER_SHAPE):
+    def __init__(self, shared: bool = False, per_shape: int = POOLED_PER_SHAPE):
+        self.shared = bool(shared)
         self.per_shape = int(per_shape)
         self._pools: dict[tuple, list[list]] = {}  # (shape, dtype) -> [[array, weakref to its handed-out view]]
         self._lock = threading.Lock()
 
     def take(self, shape: tuple, dtype) -> tuple[np.ndarray, torch.Tensor]:
         dtype = np.dtype(dtype)
-        if torch.utils.data.get_worker_info() is not None:
+        if self.shared:
             return _shared(shape, dtype)
         with self._lock:  # a free slot is claimed (its weak reference set) before another thread looks
             pool = self._pools.setdefault((tuple(shape), dtype.str), [])
@@ -53,7 +55,6 @@ class BatchBuffers:
 
 def _shared(shape: tuple, dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:
     """A new array in torch shared memory (what torch's `default_collate` stacks into in a worker)."""
-    dtype = np.dtype(dtype)
     torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
     tensor = torch.empty(0, dtype=torch_dtype).set_(storage, 0, tuple(shape))

@@ -132,7 +132,7 @@ class FeatureDataset(torch.utils.data.Dataset):
             # a DataLoader worker reads one row at a time: the workers are the parallel readers then
             in_worker = torch.utils.data.get_worker_info() is not None
             self._cache = open_cache(self.path, direct_reads=self.direct_reads, read_threads=1 if in_worker else None)
-            self._buffers = BatchBuffers()  # a forked worker's copy of the parent's would be paged in anew
+            self._buffers = BatchBuffers(shared=in_worker)  # never the parent's: a forked copy is paged in anew
             self._pid = os.getpid()
         return self._cache
 

@@ -61,16 +61,20 @@ def test_a_dropped_batch_is_read_into_again(filled):
     _check(other_size, contents)
 
 
-def test_in_a_dataloader_worker_the_arrays_are_new_shared_memory(monkeypatch):
-    buffers = BatchBuffers()
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
-    for _ in range(3):
-        array, tensor = buffers.take((2, 3, 5), np.float16)
-        assert tensor.is_shared() and tensor.dtype == torch.float16 and tensor.shape == (2, 3, 5)
-        array[...] = 1.5  # the array is the tensor's memory
-        assert torch.equal(tensor, torch.full((2, 3, 5), 1.5, dtype=torch.float16))
-        del array, tensor
-    assert not buffers._pools  # never pooled: the main process may still hold any of them
+def test_in_a_dataloader_worker_a_batch_is_new_shared_memory_read_by_one_thread(filled, monkeypatch):
+    path, contents = filled
+    ds = FeatureDataset(path, 500)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a worker process
+    for order in ([0, 1, 2], [3, 4, 5], [0, 1, 2]):
+        batch = ds.__getitems__(order).batch
+        assert all(t.is_shared() for t in batch["features"].values())
+        _check(batch, contents)
+        del batch
+    assert ds._cache._shard_files.threads == 1  # the workers are the parallel readers
+    assert not ds._buffers._pools  # never pooled: the main process may still hold any of them
+    array, tensor = BatchBuffers(shared=True).take((2, 3, 5), np.float16)
+    array[...] = 1.5  # the array is the tensor's memory
+    assert tensor.is_shared() and torch.equal(tensor, torch.full((2, 3, 5), 1.5, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
