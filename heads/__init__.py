@@ -12,7 +12,7 @@ from refseg.heads.base import Head
 from refseg.heads.registry import HEADS, build_head, register_head
 
 # The built-in heads: importing their modules registers them, here and only here.
-from refseg.heads import film, film_up, linear, simple_pyramid, vpd  # noqa: F401  isort:skip
+from refseg.heads import film, film_attend, film_up, linear, simple_pyramid, vpd  # noqa: F401  isort:skip
 
 from refseg.heads.evaluate import evaluate, predict
 from refseg.heads.train import train

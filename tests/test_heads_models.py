@@ -48,7 +48,7 @@ def _args(name):
 
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
-@pytest.mark.parametrize("head", ["vpd", "linear", "film"])
+@pytest.mark.parametrize("head", ["vpd", "linear", "film", "film_attend"])
 def test_output_shape_follows_the_spec(head, spec_name):
     spec = SPECS[spec_name]
     model = build_head(head, spec, **_args(head))
@@ -131,5 +131,5 @@ def test_registry_adds_a_head_in_one_class():
         assert model.head_name == "test-constant" and model.head_args == {"value": 2.0}
     finally:
         HEADS.pop("test-constant")
-    with pytest.raises(ValueError, match="unknown head 'nope'.*film, film_up, linear, pyramid, vpd"):
+    with pytest.raises(ValueError, match="unknown head 'nope'.*film, film_attend, film_up, linear, pyramid, vpd"):
         build_head("nope", SPECS["3 levels 32px"])
