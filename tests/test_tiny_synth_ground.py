@@ -1,5 +1,6 @@
 """tiny-synth stage C: which tokens are tied to which object, the run's determinism, and the shipped model's grounding."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -84,6 +85,19 @@ def test_stage_c_is_deterministic_and_resumable(tmp_path, tiny_base, monkeypatch
     out_vae, base_vae = load_parts(tmp_path / "out")["vae"], load_parts(tiny_base)["vae"]
     for (k, a), (_, b) in zip(out_vae.state_dict().items(), base_vae.state_dict().items()):
         assert torch.equal(a, b.half().float()), k
+
+
+def test_a_continued_stage_c_keeps_the_earlier_runs_record(tmp_path, tiny_base):
+    """Grounding a grounded model again (the shipped model is two stage C runs): training.json names both."""
+    torch.set_num_threads(1)
+    first = ground(SMALL, tiny_base, tmp_path / "w1", tmp_path / "once", log=lambda m: None, held_out=0)
+    again = dataclasses.replace(SMALL, seed=1)
+    second = ground(again, tmp_path / "once", tmp_path / "w2", tmp_path / "twice", log=lambda m: None, held_out=0)
+    assert second["base"]["weights_sha256"] != first["base"]["weights_sha256"]
+    record = json.loads((tmp_path / "twice" / "training.json").read_text())
+    assert record["grounding"]["config"]["seed"] == 1
+    assert record["grounding"]["weights_sha256_fp32"] == second["weights_sha256_fp32"]
+    assert [r["weights_sha256_fp32"] for r in record["earlier_grounding"]] == [first["weights_sha256_fp32"]]
 
 
 def test_shipped_tiny_synth_points_at_the_named_object():

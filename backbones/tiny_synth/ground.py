@@ -173,9 +173,13 @@ def _export(parts: dict, base, out, summary: dict) -> None:
 
 
 def _previous_training(base) -> dict | None:
+    """The base's training.json, its own grounding run (when the base was grounded already: a continued
+    stage C) appended to `earlier_grounding`, so the exported record names every run that made it."""
     path = Path(base) / "training.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    record.pop("grounding", None)
+    grounding = record.pop("grounding", None)
+    if grounding is not None:
+        record["earlier_grounding"] = [*record.get("earlier_grounding", []), grounding]
     return record
