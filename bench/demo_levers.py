@@ -31,6 +31,9 @@ LEVERS = {
     "film_up_coords": {"head": ["film_up"], "coords": True},
     "film_up_attn": {"head": ["film_up"], "attn_text": 8},
     "film_up_both": {"head": ["film_up"], "coords": True, "attn_text": 8},
+    "film_attend": {"head": ["film_attend"]},
+    "film_attend_3": {"head": ["film_attend"], "levels": 3},
+    "film_attend_e12": {"head": ["film_attend"], "epochs": 12},
     "epochs12": {"epochs": 12},
     "lr3e-3": {"lr": 3e-3},
     "lr3e-4": {"lr": 3e-4},
@@ -51,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default="auto",
+                   help="the backbone (a diffusers folder: a retrained tiny-synth); caches are kept apart by its folder name")
     p.add_argument("--sentences", choices=["all", "first"], default="all",
                    help="first: one sentence per train ref, so the train samples come from more images (val whole)")
     return p.parse_args(argv)
@@ -105,14 +110,15 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     work = Path(args.work) / (f"images{args.images}-train{args.train_samples}-size{args.image_size}"
-                              + ("-first" if args.sentences == "first" else ""))
+                              + ("-first" if args.sentences == "first" else "")
+                              + ("" if args.model == "auto" else f"-model-{Path(args.model).name}"))
     cfg = DemoConfig(out=str(work / "demo"), images=args.images, train_samples=args.train_samples,
                      image_size=args.image_size, noise_ts=(0,), seeds=args.seeds, epochs=args.epochs,
-                     threads=args.threads, progress=False, device="cpu")
+                     threads=args.threads, progress=False, device="cpu", model=args.model)
     caches, prepared_s = prepare(cfg, args.sentences)
     for lever in args.lever or ["base"]:
         result = measure(cfg, caches, lever, work)
-        result.update(images=args.images, sentences=args.sentences, train_samples=args.train_samples, image_size=args.image_size,
+        result.update(model=args.model, images=args.images, sentences=args.sentences, train_samples=args.train_samples, image_size=args.image_size,
                       seeds=args.seeds, epochs=cfg.epochs if "epochs" not in LEVERS[lever] else LEVERS[lever]["epochs"],
                       prepare_s=round(prepared_s, 1))
         line = json.dumps(result, default=str)
