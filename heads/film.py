@@ -46,7 +46,11 @@ class FiLMHead(VPDHead):
 
     def forward(self, features, text_embedding=None, text_mask=None) -> torch.Tensor:
         if text_embedding is None:
-            raise ValueError("the film head needs text_embedding (and text_mask) from the cache")
+            raise ValueError(f"the {self.head_name} head needs text_embedding (and text_mask) from the cache")
+        return self.decode(features, self.modulation(text_embedding, text_mask))
+
+    def modulation(self, text_embedding: torch.Tensor, text_mask: torch.Tensor | None):
+        """`modulate(i, x)` for `decode`: fusion block i's output scaled and shifted by the sentence."""
         pooled = pool_text(text_embedding.float(), text_mask)
         gb = self.film(pooled).view(pooled.shape[0], len(self.blocks), 2, self.hidden)
         gamma, beta = 1.0 + gb[:, :, 0], gb[:, :, 1]
@@ -54,4 +58,4 @@ class FiLMHead(VPDHead):
         def modulate(i, x):
             return x * gamma[:, i, :, None, None].to(x.dtype) + beta[:, i, :, None, None].to(x.dtype)
 
-        return self.decode(features, modulate)
+        return modulate

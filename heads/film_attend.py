@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from refseg.core.feature_spec import FeatureSpec
-from refseg.heads.film import FiLMHead, pool_text
+from refseg.heads.film import FiLMHead
 from refseg.heads.registry import register_head
 
 
@@ -79,15 +79,13 @@ class FiLMAttendHead(FiLMHead):
         self.attend = nn.ModuleList([CellsAndWords(hidden, spec.text_dim, heads)
                                      for _ in range(min(levels, len(self.blocks)))])
 
-    def forward(self, features, text_embedding=None, text_mask=None) -> torch.Tensor:
-        if text_embedding is None:
-            raise ValueError("the film_attend head needs text_embedding (and text_mask) from the cache")
-        pooled = pool_text(text_embedding.float(), text_mask)
-        gb = self.film(pooled).view(pooled.shape[0], len(self.blocks), 2, self.hidden)
-        gamma, beta = 1.0 + gb[:, :, 0], gb[:, :, 1]
+    def modulation(self, text_embedding: torch.Tensor, text_mask: torch.Tensor | None):
+        """film's scale and shift, then (on the first `levels` blocks) the cells reading the words."""
+        film = super().modulation(text_embedding, text_mask)
+        text = text_embedding.float()
 
         def modulate(i, x):
-            x = x * gamma[:, i, :, None, None].to(x.dtype) + beta[:, i, :, None, None].to(x.dtype)
-            return self.attend[i](x, text_embedding.float(), text_mask) if i < len(self.attend) else x
+            x = film(i, x)
+            return self.attend[i](x, text, text_mask) if i < len(self.attend) else x
 
-        return self.decode(features, modulate)
+        return modulate
