@@ -160,8 +160,8 @@ def _check_data(jobs: list[Job]) -> dict:
             continue
         try:
             train_setup.build_for_training(job.settings, job.head_args, opened[str(job.settings.cache)].spec)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RefsegError(f"run {job.name}: cannot build head {job.settings.head!r}: {exc}") from None
+        except RefsegError as exc:
+            raise RefsegError(f"run {job.name}: {exc}") from None
         built.add(kind)
     return {key: cache.spec for key, cache in opened.items()}
 

@@ -315,7 +315,10 @@ def _warn_incomplete(s: TrainSettings, parts: list[tuple[str, Samples | None]]) 
 def build_for_training(s: TrainSettings, head_args: dict, spec):
     """The head, text-blind with --text-blind: no attention maps (they are the sentence's), and
     zeros for the sentence (refseg.heads.batches.remove_sentence)."""
-    model = build_head(s.head, spec, **_head_args(s, head_args, spec))
+    try:
+        model = build_head(s.head, spec, **_head_args(s, head_args, spec))
+    except (ValueError, KeyError, TypeError) as exc:  # the head refuses its arguments or the cache's tensors
+        raise RefsegError(f"cannot build head {s.head!r}: {exc}") from None
     if s.text_blind:
         maps = [name for name in model.tensor_names if spec[name].kind == "attention"]
         if maps:

@@ -78,6 +78,14 @@ def test_cli_errors_are_one_line_exit_2(cli_caches, tmp_path):
     _one_line_error(CliRunner().invoke(train_main, [
         "--cache", str(cli_caches / "train.zarr"), "--noise-t", "7", "--head", "vpd", "--out", str(tmp_path / "r7")]),
         "noise level T=7 is not in cache")
+    # a head that refuses its arguments or the cache's tensors, and leaves no run folder behind
+    for head, hidden, message in (("film_attend", "30", "hidden (30) must be a multiple of heads (4)"),
+                                  ("pyramid", "8", "the pyramid head builds its levels from one stride")):
+        out = tmp_path / f"refused-{head}"
+        _one_line_error(CliRunner().invoke(train_main, [
+            "--cache", str(cli_caches / "train.zarr"), "--noise-t", "5", "--head", head, "--hidden", hidden,
+            "--out", str(out)]), f"cannot build head '{head}': {message}")
+        assert not out.exists()
     _one_line_error(evaluate("--cache", str(tmp_path / "nope.zarr")), "nope.zarr")
     _one_line_error(CliRunner().invoke(eval_main, ["--run", str(tmp_path / "nothing"), "--cache",
                                                    str(cli_caches / "val.zarr")]), "does not exist")
