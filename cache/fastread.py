@@ -37,7 +37,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from crc32c import crc32c  # releases the GIL, and 1.4-2x google_crc32c's speed here (docs/DESIGN.md §6)
@@ -64,6 +64,33 @@ class _OpenShard:
 
     def __init__(self, fd: int, index: list):
         self.fd, self.index, self.readers, self.evicted = fd, index, 0, False
+
+
+class _Reads:
+    """One `ShardFiles.map` call's reads, as its threads run them: `stop()` keeps every read not yet
+    started from starting, wherever the interrupt came (a future the caller never got included), and
+    returns once the running ones have ended."""
+
+    def __init__(self, read):
+        self.read, self.stopped, self.running = read, False, 0
+        self.changed = threading.Condition()
+
+    def __call__(self, item) -> None:
+        with self.changed:
+            if self.stopped:
+                return
+            self.running += 1
+        try:
+            self.read(item)
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.wait_for(lambda: self.running == 0)
 
 
 class ShardFiles:
@@ -114,13 +141,15 @@ class ShardFiles:
             for item in items:
                 read(item)
             return
-        futures = [self._executor().submit(read, item) for item in items]
+        executor, reads, futures = self._executor(), _Reads(read), []
         try:
+            for item in items:  # a Ctrl-C may come while the first reads run, even between submit and append
+                futures.append(executor.submit(reads, item))
             errors = [future.exception() for future in futures]  # waits for each
-        except BaseException:  # Ctrl-C while waiting: no read writes into the caller's array after this returns
+        except BaseException:  # Ctrl-C: no read writes into the caller's array after this returns
+            reads.stop()  # no read starts after this, and those running (a row each) end first
             for future in futures:
                 future.cancel()
-            wait(futures)  # those already running (a row each) end first
             raise
         first = next((error for error in errors if error is not None), None)
         if first is not None:

@@ -239,22 +239,40 @@ def test_rows_into_a_given_array(tmp_path):
 
 def test_ctrl_c_during_threaded_reads_returns_only_once_the_running_reads_end():
     """Reads still queued are dropped; those already running end before the interrupt reaches the caller,
-    so none writes into a batch array after the caller has moved on (FeatureDataset reuses them)."""
+    so none writes into a batch array after the caller has moved on (FeatureDataset reuses them).
+
+    No timer: the second read to start sends the SIGINT, and the running reads end only after the main
+    thread has taken it (a timed signal failed once on a loaded machine, arriving after the reads)."""
     import signal
     import threading
     import time
 
     files = ShardFiles(threads=2)
-    started, ended = set(), set()
+    started, ended, lock = set(), set(), threading.Lock()
+    taken = threading.Event()
+    main = threading.main_thread().ident
+
+    def on_sigint(signum, frame):
+        taken.set()
+        raise KeyboardInterrupt
 
     def slow_read(item):
-        started.add(item)
-        time.sleep(0.4)
+        with lock:
+            started.add(item)
+            both_running = len(started) == 2
+        if both_running:
+            signal.pthread_kill(main, signal.SIGINT)
+        taken.wait(60)
+        time.sleep(0.5)  # the main thread drops the queued reads meanwhile, then waits for these two
         ended.add(item)
 
-    threading.Timer(0.1, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        files.map(slow_read, range(6))
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            files.map(slow_read, range(6))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert taken.is_set()
     assert started == ended == {0, 1}  # the two running reads ended; the four queued never started
     files.map(slow_read, [7, 8])  # the threads serve the next read
     assert ended == {0, 1, 7, 8}
