@@ -182,6 +182,10 @@ def _show_value(key: str, value) -> str:
     return _show(value)
 
 
+# what `mismatch_message` ends with; a command without --overwrite (refseg-report demo) replaces it
+OVERWRITE_ADVICE = " (use --overwrite to replace it)"
+
+
 def mismatch_message(path: str, stored: dict, requested: dict, first: str | None = None) -> str:
     """One line naming each differing key path with both values (after `first`, the cause when known:
     a changed dataset).
@@ -202,4 +206,4 @@ def mismatch_message(path: str, stored: dict, requested: dict, first: str | None
         parts = ["its fingerprint attribute does not match its own settings"]
     if first:
         parts.insert(0, first)
-    return f"cache {path} was made with different settings: {'; '.join(parts)} (use --overwrite to replace it)"
+    return f"cache {path} was made with different settings: {'; '.join(parts)}{OVERWRITE_ADVICE}"

@@ -31,6 +31,8 @@ import torch
 
 from refseg.backbones.loading import load_backbone
 from refseg.cache import open_cache
+from refseg.cache.fingerprint import OVERWRITE_ADVICE
+from refseg.core.errors import CacheMismatchError
 from refseg.core.cli import say
 from refseg.core.paths import check_output_path
 from refseg.core.synthetic import generate
@@ -73,7 +75,12 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     # 2. the caches: each split at every T, and the no-sentence baseline's (the empty prompt)
     say(f"[2/5] extraction with --model {model} at T = {', '.join(map(str, cfg.noise_ts))}", enabled=cfg.progress)
-    caches = run_extractions(cfg, extractions, backbone)
+    try:
+        caches = run_extractions(cfg, extractions, backbone)
+    except CacheMismatchError as exc:  # say what this command can do about it: it has no --overwrite
+        raise CacheMismatchError(f"{str(exc).removesuffix(OVERWRITE_ADVICE)}: {out} holds a study of another "
+                                 "backbone or other settings (tiny-synth's weights change with refseg); "
+                                 "remove that folder or choose another --out") from None
     lap("extract")
 
     # 3. the zero-shot attention probe

@@ -4,12 +4,14 @@ turns the table into conclusions."""
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from refseg.core.errors import CacheMismatchError
 from refseg.study.demo import run_demo
 from refseg.study.demo_config import DemoConfig
 from refseg.study.stats import bootstrap_std, interval, paired_bootstrap_std, verdict
@@ -114,6 +116,26 @@ def test_demo_on_two_threads_gives_the_one_thread_caches_and_table(demo_on_one_t
     for run in (one / "sweep" / "runs").iterdir():
         assert (run / "head.safetensors").read_bytes() == (two / "sweep" / "runs" / run.name /
                                                            "head.safetensors").read_bytes(), run.name
+
+
+def test_a_study_folder_of_other_settings_is_refused_whole_with_this_command_s_advice(demo_on_one_thread, tmp_path):
+    """Rerunning the demo on a folder made with another backbone (tiny-synth's weights change between
+    versions) or other settings: one line that says what to do here (the demo has no --overwrite), and
+    nothing in the folder changes."""
+    one, _ = demo_on_one_thread
+    old = tmp_path / "old"
+    shutil.copytree(one, old)
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    cfg = DemoConfig(out=str(old), model="tiny", images=24, train_samples=40, image_size=64, epochs=1, hidden=8,
+                     seeds=2, batch_size=8, device="cpu", threads=1, progress=False, cache_dtype="fp32")
+    with pytest.raises(CacheMismatchError) as err:
+        run_demo(cfg)
+    message = str(err.value)
+    assert "extraction.cache_dtype is (absent) in the store but 'float32' now" in message and "\n" not in message
+    assert message.endswith(f"{old} holds a study of another backbone or other settings (tiny-synth's weights "
+                            "change with refseg); remove that folder or choose another --out")
+    assert "--overwrite" not in message
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
 
 
 def test_demo_writes_the_ablation_table_and_figures(demo_on_one_thread):
