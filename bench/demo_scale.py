@@ -73,8 +73,6 @@ def main(argv=None) -> None:
             "cells": [{k: c.get(k) for k in keep} for c in result["cells"]],
             "chance": study["chance"], "every_object": study["every_object"],
             "against_every_object": study["against_every_object"], "errors": study["errors"],
-            "every_object_on_grid": study["every_object_on_grid"],
-            "against_every_object_on_grid": study["against_every_object_on_grid"],
             "seed_std": study["seed_std"], "sampling_std": study["sampling_std"], "conclusions": study["lines"],
             "by_kind": study["by_kind"],
             "timings_s": cfg.timings, "wall_s": round(time.perf_counter() - start, 1)}, default=str), flush=True)

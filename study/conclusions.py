@@ -15,7 +15,7 @@ from refseg.heads.evaluate import evaluate
 from refseg.study.demo_config import DemoConfig
 from refseg.study.errors import error_split
 from refseg.study.references import (by_sentence_kind, chance_levels, compare_with_every_object,
-                                     every_object_samples, logit_grid, scores, sentence as reference_sentence)
+                                     every_object_samples, scores, sentence as reference_sentence)
 from refseg.study.stats import BOOTSTRAP_DRAWS, Z, bootstrap_std, interval, paired_bootstrap_std, verdict
 
 RULE = (f"Rule: A beats B when the difference of their mean val oIoU exceeds {Z:g} standard errors: "
@@ -34,8 +34,6 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
     chance = chance_levels(val_cache)
     every_object = every_object_samples(val_cache, out / "data")
     objects = scores(every_object)
-    grid = logit_grid(val_cache)
-    objects_on_grid = {**scores(every_object_samples(val_cache, out / "data", grid)), "grid": grid}
     scored = first_seed_samples(cells, val_cache, out / "per_sample", cfg.device)
 
     # 2. the rule, the best cell against the references, and every comparison the rule calls
@@ -57,11 +55,6 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
         against["no sentence"] = compare_with_every_object(best_blind, objects)
     lines += [reference_sentence(cell_name(best) if k == "best" else cell_name(best_blind), v)
               for k, v in against.items()]
-    # the same, drawn on the heads' logit grid: how much of the gap to every object is resolution
-    against_on_grid = {k: compare_with_every_object(cell, objects_on_grid)
-                       for k, cell in (("best", best), ("no sentence", best_blind)) if cell is not None}
-    lines += [reference_sentence(cell_name(best) if k == "best" else cell_name(best_blind), v, grid)
-              for k, v in against_on_grid.items()]
     kinds = None
     if best_blind is not None and cell_key(best) in scored and cell_key(best_blind) in scored:
         kinds = by_sentence_kind({cell_name(best): scored[cell_key(best)], "no sentence": scored[cell_key(best_blind)],
@@ -71,7 +64,6 @@ def conclusions(cells: list[dict], val_cache: Path, out: Path, cfg: DemoConfig) 
             "best_run": str(run) if run else None,
             "best_csv": str(out / "per_sample" / csv_name(best)), "chance": chance, "every_object": objects,
             "seed_std": seed_std, "against_every_object": against,
-            "every_object_on_grid": objects_on_grid, "against_every_object_on_grid": against_on_grid,
             "errors": error_split(cells, val_cache, out / "data", cfg.device),
             "sampling_std": sampling, "paired_sampling_std": paired,
             "rule": f"|mean_a - mean_b| > {Z:g}·sqrt(std_a²/n_a + std_b²/n_b + paired_sampling_std²)"}

@@ -2,9 +2,7 @@
 
 A head that segments should beat every object clearly on both (the sentence picks one object of the
 2–5); a head that reads no sentence can at best find every object, so its no-sentence baseline should
-land near it. Drawn on the finest features' grid (16×16 in the demo, where `vpd` and `film` draw their
-logits), every object is what such a head could draw at best at that resolution: the gap between the
-two references is resolution's, not grounding's. Each comparison is called against the cell's interval over seeds (`stats.interval`):
+land near it. Each comparison is called against the cell's interval over seeds (`stats.interval`):
 the reference is a fixed number, computed once from the dataset, so only the seeds' spread counts.
 """
 
@@ -13,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from refseg.cache import open_cache
 from refseg.core.metrics import RefSegMetrics
@@ -40,14 +36,11 @@ def compare_with_every_object(cell: dict, every_object: dict) -> dict:
     return {metric: against(cell, every_object, metric) for metric in METRICS}
 
 
-def sentence(name: str, comparison: dict, grid: int | None = None) -> str:
-    """'film T=0 against every object (the sentence unread): oIoU 29.9 vs 27.2 (+2.7, above), mIoU ...';
-    with `grid`, against every object drawn on the finest features' grid (`on_logit_grid`)."""
+def sentence(name: str, comparison: dict) -> str:
+    """'film T=0 against every object (the sentence unread): oIoU 29.9 vs 27.2 (+2.7, above), mIoU ...'"""
     parts = [f"{metric} {c['cell']:.1f} vs {c['reference']:.1f} ({c['difference']:+.1f}, {c['call']})"
              for metric, c in comparison.items()]
-    what = "every object (the sentence unread)" if grid is None else \
-        f"every object drawn on the finest features' {grid}×{grid} grid (vpd's and film's logits)"
-    return f"{name} against {what}: " + ", ".join(parts) + "."
+    return f"{name} against every object (the sentence unread): " + ", ".join(parts) + "."
 
 
 def chance_levels(val_cache: Path) -> dict:
@@ -62,13 +55,10 @@ def chance_levels(val_cache: Path) -> dict:
     return {"oIoU": 100 * fg / pixels, "mIoU": 100 * float(np.mean(share)), "n": n}
 
 
-def every_object_samples(val_cache: Path, data_root: Path, grid: int | None = None) -> dict[int, tuple[int, int]]:
+def every_object_samples(val_cache: Path, data_root: Path) -> dict[int, tuple[int, int]]:
     """sent_id -> (intersection, union) on val of predicting the union of every annotated object of the
     sentence's image (at the cache's mask size and rule), the sentence unread. A text-blind head can
-    learn that much; only the sentence can pick the one object out of the 2–5.
-
-    `grid`: that union as a head drawing logits on a grid × grid map would draw it at best
-    (`on_logit_grid`), so resolution is told apart from finding the objects."""
+    learn that much; only the sentence can pick the one object out of the 2–5."""
     cache = open_cache(val_cache)
     rule = cache.extraction_record["extraction"]["mask_rule"]
     refer = ReferDataset(str(data_root), cache.extraction_record["dataset"]["dataset"])
@@ -79,28 +69,11 @@ def every_object_samples(val_cache: Path, data_root: Path, grid: int | None = No
             every = np.zeros((size, size), bool)
             for ann_id in refer.image_annotations(int(image_id)):
                 every |= mask_to_size(refer.annotation_mask(ann_id, rule), size) != 0
-            by_image[int(image_id)] = every if grid is None else on_logit_grid(every, grid)
+            by_image[int(image_id)] = every
         every = by_image[int(image_id)]
         gt = cache.gt([row])[0] != 0
         out[int(sent_id)] = (int((every & gt).sum()), int((every | gt).sum()))
     return out
-
-
-def logit_grid(val_cache: Path) -> int:
-    """The side of the cache's finest tensors, where `vpd` and `film` draw their logits (16 for the
-    demo's 128-px UNet features; `film_up` draws at the image size)."""
-    spec = open_cache(val_cache).spec
-    return spec.image_size // min(t.stride for t in spec.tensors)
-
-
-def on_logit_grid(mask: np.ndarray, grid: int) -> np.ndarray:
-    """`mask` as the best logits on a grid × grid map draw it: each cell's share of the mask as its
-    foreground probability p, resized as the heads' logits are (`scoring.logits_to_mask`: bilinear,
-    align_corners=True) and foreground where p > 0.5 (logit 1 > logit 0 for logits (1 − p, p)).
-    In float64, so that ties at 0.5 stay ties."""
-    share = F.adaptive_avg_pool2d(torch.from_numpy(mask).double()[None, None], grid)
-    p = F.interpolate(share, size=mask.shape, mode="bilinear", align_corners=True)
-    return (p[0, 0] > 0.5).numpy()
 
 
 def scores(samples: dict[int, tuple[int, int]]) -> dict:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from refseg.study.errors import KINDS, classify, split, split_markdown
-from refseg.study.references import against, compare_with_every_object, on_logit_grid, sentence
+from refseg.study.references import against, compare_with_every_object, sentence
 
 
 def _box(y0, y1, x0, x1, size=16):
@@ -66,17 +66,3 @@ def test_a_cell_is_called_against_every_object_on_oiou_and_miou():
     assert against(_cell(27.5, 1.0, 0, 0), objects, "oIoU")["call"] == "not clearly different"  # [26.35, 28.65]
     assert sentence("film T=0", compared) == ("film T=0 against every object (the sentence unread): "
                                               "oIoU 29.9 vs 27.2 (+2.7, above), mIoU 30.3 vs 31.2 (-0.9, below).")
-
-
-def test_every_object_on_the_logit_grid_keeps_what_cells_can_draw():
-    # at the image size nothing changes; on a 4×4 grid of 4-px cells a 1-px line (a quarter of its
-    # cells) vanishes, a block of whole cells stays, up to the bilinear edge between cells
-    line, block = _box(0, 16, 5, 6), _box(0, 8, 0, 8)
-    assert np.array_equal(on_logit_grid(line, 16), line) and np.array_equal(on_logit_grid(block, 16), block)
-    assert not on_logit_grid(line, 4).any()
-    drawn = on_logit_grid(block, 4)
-    assert drawn[:6, :6].all() and not drawn[10:, :].any() and not drawn[:, 10:].any()
-    assert sentence("film T=0 no sentence", compare_with_every_object(_cell(20.7, 0.1, 21.5, 0.1), {
-        "oIoU": 21.8, "mIoU": 23.6}), grid=16) == (
-        "film T=0 no sentence against every object drawn on the finest features' 16×16 grid (vpd's and film's "
-        "logits): oIoU 20.7 vs 21.8 (-1.1, below), mIoU 21.5 vs 23.6 (-2.1, below).")

@@ -17,11 +17,7 @@ from refseg.study.demo_config import DemoConfig
 from refseg.study.stats import bootstrap_std, interval, paired_bootstrap_std, verdict
 
 
-def _every_object(out, grid=None):
-    """Every object's oIoU and mIoU on val; with `grid`, the union drawn on a grid × grid map first: each
-    cell's share of it (a block mean), resized bilinearly (align_corners=True), foreground above 0.5."""
-    import torch
-
+def _every_object(out):
     from refseg.cache import open_cache
 
     cache = open_cache(out / "cache" / "val.zarr")
@@ -30,12 +26,6 @@ def _every_object(out, grid=None):
     for row, every in _every_object_masks(out, cache).items():
         gt = cache.gt([row])[0] != 0
         assert gt.shape == every.shape  # the demo's images are drawn at the cache's size
-        if grid is not None:
-            size = every.shape[0]
-            share = every.reshape(grid, size // grid, grid, size // grid).mean(axis=(1, 3))  # float64
-            up = torch.nn.functional.interpolate(torch.tensor(share)[None, None], size=every.shape, mode="bilinear",
-                                                 align_corners=True)
-            every = up[0, 0].numpy() > 0.5
         i, u = int((every & gt).sum()), int((every | gt).sum())
         inter, union = inter + i, union + u
         ious.append(i / u)
@@ -184,22 +174,6 @@ def test_demo_writes_the_ablation_table_and_figures(demo_on_one_thread):
     assert study["chance"]["oIoU"] < study["every_object"]["oIoU"] < 100
     every = f"{study['every_object']['oIoU']:.1f}"
     assert f"predicting every object of the image, the sentence unread, gives {every}" in text
-    # every object drawn on the finest features' grid (stride 8): what a head drawing logits there could reach
-    from refseg.cache import open_cache
-
-    key = (study["best"]["head"], study["best"]["noise_t"])
-    best_cell, blind_cell = (next(c for c in saved["cells"] if (c["head"], c["noise_t"]) == key
-                                  and bool(c["text_blind"]) == blind) for blind in (False, True))
-    on_grid = study["every_object_on_grid"]
-    grid = on_grid.pop("grid")
-    assert grid == open_cache(out / "cache" / "val.zarr").spec.image_size // 8
-    assert on_grid == pytest.approx(_every_object(out, grid), abs=1e-6)
-    assert on_grid["oIoU"] < study["every_object"]["oIoU"]  # the world's objects are a few cells wide
-    for key, cell in (("best", best_cell), ("no sentence", blind_cell)):
-        c = study["against_every_object_on_grid"][key]["oIoU"]
-        assert c["reference"] == pytest.approx(on_grid["oIoU"]) and c["cell"] == cell["oIoU_mean"]
-        assert (f"against every object drawn on the finest features' {grid}×{grid} grid (vpd's and film's logits): "
-                f"oIoU {c['cell']:.1f} vs {c['reference']:.1f}") in text
     # by kind of sentence: the best cell, its no-sentence baseline and every object; the kinds add up to all
     kinds = table.split("### Val oIoU by kind of sentence (first seeds)")[1].split("##")[0].strip().splitlines()
     best_t = result["study"]["best"]["noise_t"]
