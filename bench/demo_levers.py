@@ -33,7 +33,6 @@ LEVERS = {
     "film_up_both": {"head": ["film_up"], "coords": True, "attn_text": 8},
     "film_attend": {"head": ["film_attend"]},
     "film_attend_3": {"head": ["film_attend"], "levels": 3},
-    "film_attend_e12": {"head": ["film_attend"], "epochs": 12},
     "epochs12": {"epochs": 12},
     "lr3e-3": {"lr": 3e-3},
     "lr3e-4": {"lr": 3e-4},
