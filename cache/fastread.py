@@ -133,11 +133,12 @@ class ShardFiles:
         finally:
             self._release(shard)
 
-    def map(self, read, items) -> None:
-        """`read(item)` for every item, on this process's read threads; once all have ended, the first
-        failure in the items' order is raised (the same error whatever the threads' timing)."""
+    def map(self, read, items, parallel: bool = True) -> None:
+        """`read(item)` for every item, on this process's read threads (in turn when not `parallel`);
+        once all have ended, the first failure in the items' order is raised (the same error whatever
+        the threads' timing)."""
         items = list(items)
-        if self.threads == 1 or len(items) < 2:
+        if not parallel or self.threads == 1 or len(items) < 2:
             for item in items:
                 read(item)
             return
@@ -345,12 +346,8 @@ class ShardRowReader:
         elif out.shape != (len(rows), *self.row_shape) or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {(len(rows), *self.row_shape)}, "
                              f"got {out.dtype} {out.shape}")
-        jobs = enumerate(rows.tolist())
-        if out[:1].nbytes >= PARALLEL_ROW_BYTES:
-            self.files.map(lambda i_r: self.read_into(i_r[1], out[i_r[0]]), jobs)
-        else:
-            for i, r in jobs:
-                self.read_into(r, out[i])
+        self.files.map(lambda i_r: self.read_into(i_r[1], out[i_r[0]]), enumerate(rows.tolist()),
+                       parallel=out[:1].nbytes >= PARALLEL_ROW_BYTES)
         return out
 
     def read_into(self, r: int, out: np.ndarray) -> None:
