@@ -32,8 +32,8 @@ import torch
 from refseg.backbones.loading import load_backbone
 from refseg.cache import open_cache
 from refseg.cache.fingerprint import OVERWRITE_ADVICE
-from refseg.core.errors import CacheMismatchError
 from refseg.core.cli import say
+from refseg.core.errors import CacheMismatchError
 from refseg.core.paths import check_output_path
 from refseg.core.synthetic import generate
 from refseg.heads.run_dir import read_config
